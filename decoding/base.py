@@ -1,0 +1,159 @@
+"""The one interface every decoding method implements, its typed output, and the registry.
+
+A method is a class with a nested ``Config`` dataclass. The runner only calls
+``decode(sources)``, which is ``prepare`` -> ``step`` until done -> ``finish``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from decoding.errors import FusemtError
+from decoding.vocab import utf8_pending
+
+
+@dataclass
+class TraceStep:
+    """One decoding step: the text piece it added and where it came from."""
+
+    piece: str  # the added text (partial UTF-8 bytes shown with backslash escapes)
+    piece_bytes: str  # hex of the raw bytes added; trace pieces concatenate to the raw output
+    ids: dict[str, list[int]]  # per model: the token ids it appended for this piece
+    logprob: dict[str, float | None]  # per model: log-probability of the choice (None: not scored)
+    origin: str  # "both" / "all", a model name, "lookup", or for speculative "draft"/"target"
+    end: bool = False  # the step chose an end token
+    extra: dict[str, Any] = field(default_factory=dict)  # method-specific (candidates, union size...)
+
+    def to_json(self) -> dict:
+        row = {"piece": self.piece, "piece_bytes": self.piece_bytes, "ids": self.ids, "logprob": self.logprob,
+               "origin": self.origin}
+        if self.end:
+            row["end"] = True
+        row.update(self.extra)
+        return row
+
+
+@dataclass
+class DecodeOutput:
+    text: str
+    n_new_tokens: int
+    trace: list[dict]
+    stats: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def show_bytes(data: bytes) -> str:
+    return data.decode("utf-8", errors="backslashreplace")
+
+
+def trace_step(data: bytes, **kwargs) -> TraceStep:
+    return TraceStep(piece=show_bytes(data), piece_bytes=data.hex(), **kwargs)
+
+
+def find_stop(data: bytes, stop_strings: list[str], start: int = 0) -> int | None:
+    """Byte offset of the earliest stop string in ``data`` (searching from ``start``), or None."""
+    hits = [i for s in stop_strings if s and (i := data.find(s.encode("utf-8"), max(start - len(s.encode()), 0))) >= 0]
+    return min(hits) if hits else None
+
+
+def finalize_text(data: bytes) -> str:
+    """The hypothesis: drop a character cut off at max_new_tokens, strip surrounding spaces."""
+    if utf8_pending(data):
+        cut = len(data) - 1
+        while cut > 0 and 0x80 <= data[cut] < 0xC0:
+            cut -= 1
+        data = data[:cut]
+    return data.decode("utf-8", errors="replace").strip()
+
+
+def clip_trace(steps: list[TraceStep], stop_strings: list[str]) -> tuple[list[TraceStep], bytes, str | None]:
+    """Cut the trace where a stop string starts; returns (steps, raw bytes, the stop that fired)."""
+    raw = b"".join(bytes.fromhex(s.piece_bytes) for s in steps)
+    cut = find_stop(raw, stop_strings)
+    if cut is None:
+        return steps, raw, None
+    stop = next(s for s in stop_strings if s and raw.startswith(s.encode("utf-8"), cut))
+    kept, offset = [], 0
+    for step in steps:
+        data = bytes.fromhex(step.piece_bytes)
+        if offset + len(data) > cut:
+            head = data[: cut - offset]
+            if head:
+                kept.append(TraceStep(piece=show_bytes(head), piece_bytes=head.hex(), ids=step.ids, logprob=step.logprob,
+                                      origin=step.origin, extra={**step.extra, "stop": stop}))
+            break
+        kept.append(step)
+        offset += len(data)
+    return kept, raw[:cut], stop
+
+
+class Decoder(ABC):
+    """A decoding method over one or more models (``LoadedModel``), behind prepare/step/finish."""
+
+    name: ClassVar[str]
+    min_models: ClassVar[int] = 1
+    max_models: ClassVar[int | None] = 1
+
+    @dataclass
+    class Config:
+        name: str = ""
+        max_new_tokens: int = 128
+
+    def __init__(self, cfg: "Decoder.Config", models: list, prompt, render_input_text: bool = False):
+        n = len(models)
+        if n < self.min_models or (self.max_models is not None and n > self.max_models):
+            want = f"{self.min_models}" if self.max_models == self.min_models else f"{self.min_models}..{self.max_models or 'N'}"
+            raise FusemtError(f"decoding={self.name} takes {want} model(s), got {n}: pick a matching models= config")
+        self.cfg = cfg
+        self.models = models
+        self.prompt = prompt
+        self.render_input_text = render_input_text
+
+    @abstractmethod
+    def prepare(self, sources: list[str]) -> Any:
+        """Render and encode prompts; return the batch state."""
+
+    @abstractmethod
+    def step(self, state: Any) -> bool:
+        """Advance every unfinished sequence; return True while any work remains."""
+
+    @abstractmethod
+    def finish(self, state: Any) -> list[DecodeOutput]:
+        """Turn the final state into one output per source, in order."""
+
+    def decode(self, sources: list[str]) -> list[DecodeOutput]:
+        state = self.prepare(sources)
+        while self.step(state):
+            pass
+        return self.finish(state)
+
+
+DECODERS: dict[str, type[Decoder]] = {}
+
+
+def register(cls: type[Decoder]) -> type[Decoder]:
+    DECODERS[cls.name] = cls
+    return cls
+
+
+def decoder_class(name: str) -> type[Decoder]:
+    import decoding.methods  # noqa: F401  (registers the built-in methods)
+
+    if name not in DECODERS:
+        raise FusemtError(f"unknown decoding method '{name}': use one of {', '.join(sorted(DECODERS))}")
+    return DECODERS[name]
+
+
+def typed_config(schema: type, values: dict, what: str):
+    """Merge ``values`` into the dataclass ``schema``: unknown keys and bad types fail here, at start-up."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), values)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        msg = str(err).strip().splitlines()[0]
+        raise FusemtError(f"bad {what} option: {msg}") from None

@@ -1,0 +1,96 @@
+"""Single-model decoding through Hugging Face ``generate`` (greedy and beam share this base)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from decoding.base import DecodeOutput, Decoder, clip_trace, finalize_text, trace_step
+from runners.prompt import render_prompt, stop_strings
+
+
+@dataclass
+class GenerateState:
+    sources: list[str]
+    batch: Any
+    outputs: list[DecodeOutput] = field(default_factory=list)
+
+
+class StopOnBytes(StoppingCriteria):
+    """Stops a row once its new text contains a stop string, comparing raw token bytes.
+
+    HF's ``stop_strings`` builds tables over the whole vocabulary on every call (seconds for a
+    262k vocabulary); stop strings are few and short, so scanning each row's tail is cheaper.
+    """
+
+    def __init__(self, vocab, stops: list[str], prompt_len: int):
+        self.vocab, self.prompt_len = vocab, prompt_len
+        self.stops = [s.encode("utf-8") for s in stops if s]
+        self.longest = max(map(len, self.stops), default=0)
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        done = []
+        for row in input_ids[:, self.prompt_len:].tolist():
+            tail, i = b"", len(row)
+            while i > 0 and len(tail) < self.longest + self.vocab.max_token_bytes:
+                i -= 1
+                tail = (self.vocab.token_bytes[row[i]] or b"") + tail
+            done.append(any(s in tail for s in self.stops))
+        return torch.tensor(done, device=input_ids.device)
+
+
+class GenerateDecoder(Decoder):
+    """Runs ``model.generate`` once for the whole batch; subclasses choose the generation kwargs."""
+
+    min_models = max_models = 1
+
+    def generation_kwargs(self) -> dict:
+        raise NotImplementedError
+
+    def prepare(self, sources: list[str]) -> GenerateState:
+        batch = render_prompt(self.models[0], sources, self.prompt, self.render_input_text)
+        return GenerateState(sources=sources, batch=batch)
+
+    @torch.inference_mode()
+    def step(self, state: GenerateState) -> bool:
+        model = self.models[0]
+        tok = model.tokenizer
+        stops = stop_strings(tok, self.prompt, model.spec.stop_strings)
+        input_ids = state.batch["input_ids"].to(model.device)
+        out = model.model.generate(
+            input_ids=input_ids,
+            attention_mask=state.batch["attention_mask"].to(model.device),
+            max_new_tokens=self.cfg.max_new_tokens,
+            eos_token_id=model.end_ids,
+            pad_token_id=tok.pad_token_id,
+            stopping_criteria=StoppingCriteriaList([StopOnBytes(model.vocab, stops, input_ids.shape[1])] if stops else []),
+            return_dict_in_generate=True,
+            output_scores=True,
+            **self.generation_kwargs(),
+        )
+        new = out.sequences[:, input_ids.shape[1]:]
+        logprobs = model.model.compute_transition_scores(
+            out.sequences, out.scores, getattr(out, "beam_indices", None), normalize_logits=True
+        )
+        vocab = model.vocab
+        for row in range(new.shape[0]):
+            steps = []
+            for tid, lp in zip(new[row].tolist(), logprobs[row].tolist()):
+                if tid == tok.pad_token_id and tid not in vocab.end_ids and not vocab.token_bytes[tid]:
+                    break  # padding after this sequence finished
+                is_end = tid in vocab.end_ids
+                steps.append(trace_step(vocab.token_bytes[tid] or b"", ids={model.name: [tid]},
+                                        logprob={model.name: lp}, origin=model.name, end=is_end))
+                if is_end:
+                    break
+            steps, raw, _ = clip_trace(steps, stops)
+            warnings = [f"prompt truncated to {model.spec.max_input_tokens} tokens"] if state.batch["truncated"][row] else []
+            state.outputs.append(DecodeOutput(text=finalize_text(raw), n_new_tokens=len(steps), trace=[s.to_json() for s in steps],
+                                              stats={"forward_passes": {model.name: len(out.scores)}}, warnings=warnings))
+        return False
+
+    def finish(self, state: GenerateState) -> list[DecodeOutput]:
+        return state.outputs

@@ -1,0 +1,198 @@
+"""Byte-level view of a vocabulary: what raw bytes each token id adds to the text.
+
+Ensembling across tokenizers compares candidates by the bytes they add, never by piece strings
+(see shared notes: byte-level BPE splits kana/kanji into partial UTF-8 bytes, SentencePiece emits
+``<0xE3>``-style byte-fallback pieces, and the two never match as strings).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+_BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+@lru_cache(maxsize=1)
+def _byte_level_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's bytes_to_unicode: printable stand-in character -> raw byte."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(printable, chars)}
+
+
+def _decoder_types(tokenizer) -> set[str]:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or backend.decoder is None:
+        return set()
+    spec = json.loads(backend.decoder.__getstate__())
+    found = {spec.get("type")}
+    for sub in spec.get("decoders", []) or []:
+        found.add(sub.get("type"))
+    return found
+
+
+def _utf8_lead_len(b: int) -> int:
+    """Length of the UTF-8 character that starts with byte b (0 for a continuation byte)."""
+    if b < 0x80:
+        return 1
+    if b < 0xC0:
+        return 0
+    if b < 0xE0:
+        return 2
+    if b < 0xF0:
+        return 3
+    return 4
+
+
+def utf8_pending(data: bytes) -> int:
+    """How many continuation bytes the text still needs to end on a complete character."""
+    i = len(data) - 1
+    seen = 0
+    while i >= 0 and seen < 4:
+        need = _utf8_lead_len(data[i])
+        if need:
+            return max(need - 1 - seen, 0)
+        seen += 1
+        i -= 1
+    return 0
+
+
+def _split_continuation(data: bytes) -> tuple[int, bool]:
+    """(leading continuation bytes, whether the rest is a valid UTF-8 prefix)."""
+    lead = 0
+    while lead < len(data) and 0x80 <= data[lead] < 0xC0:
+        lead += 1
+    rest = data[lead:]
+    i = 0
+    while i < len(rest):
+        need = _utf8_lead_len(rest[i])
+        if need == 0:
+            return lead, False
+        chunk = rest[i : i + need]
+        if any(not (0x80 <= c < 0xC0) for c in chunk[1:]):
+            return lead, False
+        if len(chunk) == need:
+            try:
+                chunk.decode("utf-8")
+            except UnicodeDecodeError:
+                return lead, False
+        i += need
+    return lead, True
+
+
+@dataclass
+class ByteVocab:
+    """token id -> raw bytes, plus the tables needed to keep fused text valid UTF-8.
+
+    ``token_bytes[i]`` is None for special/control tokens (they add no text). ``end_ids`` are the
+    ids that end a sequence for this model.
+    """
+
+    token_bytes: list[bytes | None]
+    end_ids: frozenset[int]
+    bytes_to_ids: dict[bytes, list[int]]
+    lead_continuation: torch.Tensor  # [V] number of leading UTF-8 continuation bytes
+    length: torch.Tensor  # [V] byte length (0 for special tokens)
+    tail_valid: torch.Tensor  # [V] bytes after the leading continuation bytes form a valid UTF-8 prefix
+    is_text: torch.Tensor  # [V] adds text (not a special/control token)
+    max_token_bytes: int
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer, vocab_size: int, extra_end_ids: set[int] | None = None) -> "ByteVocab":
+        byte_level = "ByteLevel" in _decoder_types(tokenizer)
+        inverse = _byte_level_decoder()
+        special_ids = set(tokenizer.all_special_ids)
+        for tid, added in getattr(tokenizer, "added_tokens_decoder", {}).items():
+            if added.special:
+                special_ids.add(tid)
+        # Index only within the tokenizer's real vocabulary: models may pad the embedding matrix.
+        pieces = tokenizer.convert_ids_to_tokens(list(range(min(len(tokenizer), vocab_size))))
+        token_bytes: list[bytes | None] = [None] * vocab_size
+        for tid, piece in enumerate(pieces):
+            if piece is None or tid in special_ids:
+                continue
+            if byte_level:
+                try:
+                    token_bytes[tid] = bytes(inverse[ch] for ch in piece)
+                except KeyError:  # an added, non-byte-level token: its text is literal
+                    token_bytes[tid] = piece.encode("utf-8")
+            else:
+                m = _BYTE_FALLBACK.match(piece)
+                token_bytes[tid] = bytes([int(m.group(1), 16)]) if m else piece.replace("\u2581", " ").encode("utf-8")
+        end_ids = set(extra_end_ids or ())
+        if tokenizer.eos_token_id is not None:
+            end_ids.add(tokenizer.eos_token_id)
+        known = tokenizer.get_vocab()
+        for name in ("<|im_end|>", "<end_of_turn>", "</s>", "<|endoftext|>", "<|eot_id|>", "<eos>"):
+            if known.get(name, vocab_size) < vocab_size:
+                end_ids.add(known[name])
+        return cls.build(token_bytes, frozenset(end_ids))
+
+    @classmethod
+    def build(cls, token_bytes: list[bytes | None], end_ids: frozenset[int]) -> "ByteVocab":
+        bytes_to_ids: dict[bytes, list[int]] = {}
+        lead = torch.zeros(len(token_bytes), dtype=torch.int16)
+        length = torch.zeros(len(token_bytes), dtype=torch.int16)
+        tail_ok = torch.zeros(len(token_bytes), dtype=torch.bool)
+        for tid, data in enumerate(token_bytes):
+            if not data:
+                continue
+            bytes_to_ids.setdefault(data, []).append(tid)
+            n_lead, ok = _split_continuation(data)
+            lead[tid], length[tid], tail_ok[tid] = n_lead, len(data), ok
+        return cls(
+            token_bytes=token_bytes,
+            end_ids=end_ids,
+            bytes_to_ids=bytes_to_ids,
+            lead_continuation=lead,
+            length=length,
+            tail_valid=tail_ok,
+            is_text=length > 0,
+            max_token_bytes=int(length.max()) if len(token_bytes) else 0,
+        )
+
+    def admissible(self, pending: torch.Tensor) -> torch.Tensor:
+        """[B, V] mask of text tokens that keep the text a valid UTF-8 prefix.
+
+        ``pending[b]`` is how many continuation bytes sequence b still needs. A token must first
+        supply exactly those (or all of its bytes, if shorter), then continue with valid UTF-8.
+        """
+        pending = pending.to(torch.int16)[:, None]
+        lead, length = self.lead_continuation[None, :], self.length[None, :]
+        completes = (lead == pending) & self.tail_valid[None, :]
+        stays_inside = (length <= pending) & (lead == length)
+        return self.is_text[None, :] & (completes | stays_inside)
+
+    def longest_prefix_token(self, data: bytes) -> int | None:
+        """The id of the longest vocabulary token that is a prefix of ``data``."""
+        for n in range(min(len(data), self.max_token_bytes), 0, -1):
+            ids = self.bytes_to_ids.get(data[:n])
+            if ids:
+                return ids[0]
+        return None
+
+    def segment(self, data: bytes) -> list[int]:
+        """Any byte string as this vocabulary's tokens, longest match first.
+
+        Byte-level BPE and SentencePiece with byte fallback both cover every single byte, so this
+        always succeeds for them; it raises for vocabularies that cannot spell ``data``.
+        """
+        ids = []
+        while data:
+            tid = self.longest_prefix_token(data)
+            if tid is None:
+                raise ValueError(f"the vocabulary cannot spell byte {data[:1]!r}")
+            ids.append(tid)
+            data = data[len(self.token_bytes[tid]) :]
+        return ids

@@ -1,0 +1,83 @@
+"""Score any hypothesis file against a dataset.
+
+    python -m eval.score dataset=wmt24_en_ja dataset.path=../shared/data/wmt24_en_ja/wmt24_en_ja.jsonl \
+        hyp_file=../shared/data/wmt24_en_ja/systems/GPT-4.txt
+
+``hyp_file`` is either plain text with one line per dataset *row* (WMT submissions: canary line
+included), aligned before rows are filtered, or a fusemt results JSONL (matched by segment id).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from decoding.base import typed_config
+from decoding.errors import FusemtError
+from eval.metrics import corpus_scores
+from runners.config import CONF_DIR, register_schemas
+from runners.data import DatasetConfig, load_segments
+
+
+def read_hypotheses(hyp_file: Path) -> tuple[dict[int, str] | None, dict[str, str] | None]:
+    """(by row, by id): plain text gives rows, a results JSONL gives ids."""
+    if not hyp_file.exists():
+        raise FusemtError(f"hypothesis file {hyp_file} not found: check hyp_file=")
+    lines = hyp_file.read_text(encoding="utf-8").splitlines()
+    if hyp_file.suffix == ".jsonl":
+        rows = [json.loads(line) for line in lines if line.strip()]
+        if rows and all("hypothesis" in r and "id" in r for r in rows):
+            return None, {str(r["id"]): r["hypothesis"] for r in rows}
+    return dict(enumerate(lines)), None
+
+
+def score_file(dataset: DatasetConfig, hyp_file: Path, bleu: bool = True, chrf: bool = True) -> dict:
+    from dataclasses import replace
+
+    # Alignment is by row of the whole file: select segments without limit first, then apply it.
+    segments = load_segments(replace(dataset, limit=None))
+    by_row, by_id = read_hypotheses(hyp_file)
+    if by_row is not None:
+        n_rows = max(s.row for s in segments) + 1
+        if len(by_row) < n_rows:
+            raise FusemtError(f"{hyp_file} has {len(by_row)} lines but the dataset has {n_rows} rows: "
+                              "expected one line per dataset row (canary included)")
+        pairs = [(by_row[s.row], s.reference) for s in segments]
+    else:
+        missing = [s.id for s in segments if s.id not in by_id]
+        segments = [s for s in segments if s.id in by_id]
+        if not segments:
+            raise FusemtError(f"{hyp_file} has no segment id of dataset '{dataset.name}'")
+        pairs = [(by_id[s.id], s.reference) for s in segments]
+        if missing:
+            print(f"note: {len(missing)} dataset segments have no hypothesis in {hyp_file} and are not scored", file=sys.stderr)
+    if dataset.limit is not None:
+        pairs = pairs[: dataset.limit]
+    hyps, refs = zip(*pairs)
+    return {"hyp_file": str(hyp_file), **corpus_scores(list(hyps), list(refs), bleu=bleu, chrf=chrf)}
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="score")
+def _main(cfg: DictConfig) -> None:
+    try:
+        if not cfg.hyp_file:
+            raise FusemtError("hyp_file is required: python -m eval.score dataset=... hyp_file=<file>")
+        dataset = typed_config(DatasetConfig, OmegaConf.to_container(cfg.dataset, resolve=True), "dataset")
+        scores = score_file(dataset, Path(cfg.hyp_file).expanduser(), bleu=cfg.metrics.bleu, chrf=cfg.metrics.chrf)
+    except FusemtError as err:
+        print(f"fusemt: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(scores, ensure_ascii=False, indent=2))
+
+
+def main() -> None:
+    register_schemas()
+    _main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""Typed views of the composed Hydra config: every section is checked at start-up."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from decoding.base import decoder_class, typed_config
+from decoding.errors import FusemtError
+from decoding.model import ModelSpec
+from eval.wandb_logger import LoggerConfig
+from runners.data import DatasetConfig
+from runners.prompt import PromptConfig
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+MODEL_CATALOG = CONF_DIR / "model"
+
+
+@dataclass
+class ModelsConfig:
+    members: list[Any] = field(default_factory=list)
+
+
+@dataclass
+class MetricsConfig:
+    bleu: bool = True
+    chrf: bool = True
+
+
+@dataclass
+class DebugConfig:
+    render_input_text: bool = False
+
+
+def register_schemas() -> None:
+    """Structured-config schemas for every group: a bad override fails when Hydra composes."""
+    from hydra.core.config_store import ConfigStore
+
+    from decoding.base import DECODERS
+
+    decoder_class("greedy")  # imports the built-in methods
+    store = ConfigStore.instance()
+    for group, node in (("dataset", DatasetConfig), ("prompt", PromptConfig), ("logger", LoggerConfig),
+                        ("metrics", MetricsConfig), ("models", ModelsConfig), ("debug", DebugConfig)):
+        store.store(group=group, name=f"{group}_schema", node=node)
+    for name, cls in DECODERS.items():
+        store.store(group="decoding", name=f"{name}_schema", node=cls.Config)
+
+
+def model_names() -> list[str]:
+    return sorted(p.stem for p in MODEL_CATALOG.glob("*.yaml"))
+
+
+def resolve_member(member) -> ModelSpec:
+    """A models.members entry: a catalog name (conf/model/<name>.yaml), a hub id, a local dir, or a dict.
+
+    A dict with ``name`` of a catalog entry overrides that entry's fields, e.g.
+    ``{name: gemma3_270m, dtype: bf16}``.
+    """
+    if isinstance(member, (DictConfig, dict)):
+        values = OmegaConf.to_container(member) if isinstance(member, DictConfig) else dict(member)
+    else:
+        values = {"name": str(member)}
+    name = values.get("name", "")
+    catalog = MODEL_CATALOG / f"{name}.yaml"
+    if catalog.exists():
+        values = {**OmegaConf.to_container(OmegaConf.load(catalog)), **values}
+    elif "path" not in values and "package" not in values:
+        if "/" in name or Path(name).expanduser().exists():  # hub id or local directory
+            values = {"name": name.rstrip("/").rsplit("/", 1)[-1], "path": name}
+        else:
+            raise FusemtError(f"unknown model '{name}': use one of {', '.join(model_names())}, a hub id (org/name) or a local dir")
+    return typed_config(ModelSpec, values, f"model '{name}'")
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs, typed."""
+
+    models: list[ModelSpec]
+    decoding_name: str
+    decoding: object  # the method's Config dataclass
+    dataset: DatasetConfig
+    prompt: PromptConfig
+    logger: LoggerConfig
+    metrics: dict
+    run_name: str
+    batch_size: int
+    seed: int
+    results_dir: Path
+    render_input_text: bool
+    fingerprint: str
+
+    @property
+    def results_path(self) -> Path:
+        return self.results_dir / self.dataset.results_group / "ensemble" / f"{self.run_name}.jsonl"
+
+
+def build_run_config(cfg: DictConfig) -> RunConfig:
+    members = cfg.models.members
+    if not isinstance(members, ListConfig) or len(members) == 0:
+        raise FusemtError("models.members must be a non-empty list, e.g. models.members=[gemma3_270m,smollm2_135m]")
+    models = [resolve_member(m) for m in members]
+    decoding_values = OmegaConf.to_container(cfg.decoding, resolve=True)
+    method = decoding_values.get("name")
+    if not method:
+        raise FusemtError("decoding.name is missing: choose decoding=greedy|beam|tokenwise|unite|speculative")
+    method_cls = decoder_class(method)
+    decoding = typed_config(method_cls.Config, decoding_values, f"decoding={method}")
+    dataset = typed_config(DatasetConfig, OmegaConf.to_container(cfg.dataset, resolve=True), "dataset")
+    prompt = typed_config(PromptConfig, OmegaConf.to_container(cfg.prompt, resolve=True), "prompt")
+    logger = typed_config(LoggerConfig, OmegaConf.to_container(cfg.logger, resolve=True), "logger")
+    if cfg.batch_size < 1:
+        raise FusemtError(f"batch_size={cfg.batch_size}: must be at least 1")
+    model_part = "+".join(m.label for m in models)
+    run_name = cfg.run_name or f"{method}__{model_part}__{dataset.name}"
+    # What changes the outputs (not limit/shard/batching): lines written under another fingerprint are refused on resume.
+    fingerprint_src = json.dumps({"models": [m.__dict__ for m in models], "decoding": decoding_values, "method": method,
+                                  "prompt": OmegaConf.to_container(cfg.prompt, resolve=True),
+                                  "reference_field": dataset.reference_field}, sort_keys=True, default=str)
+    return RunConfig(
+        models=models, decoding_name=method, decoding=decoding, dataset=dataset, prompt=prompt, logger=logger,
+        metrics=OmegaConf.to_container(cfg.metrics, resolve=True), run_name=run_name, batch_size=cfg.batch_size,
+        seed=cfg.seed, results_dir=Path(cfg.paths.results_dir).expanduser(),
+        render_input_text=bool(cfg.debug.render_input_text),
+        fingerprint=hashlib.sha256(fingerprint_src.encode()).hexdigest()[:12],
+    )

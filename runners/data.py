@@ -1,0 +1,116 @@
+"""Datasets: WMT24++ (hub or local JSONL), the official WMT24 layout, and the bundled sample."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from decoding.errors import FusemtError
+
+SAMPLE_PATH = Path(__file__).parent / "resources" / "sample_en_ja.jsonl"
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "sample_en_ja"
+    path: Optional[str] = None  # local JSONL; None: the hub dataset (or the bundled sample)
+    hub_id: Optional[str] = None  # e.g. google/wmt24pp
+    hub_config: Optional[str] = None  # e.g. en-ja_JP
+    split: str = "train"
+    reference_field: str = "target"  # WMT24++: target (post-edited) or original_target
+    limit: Optional[int] = None
+    domains: list[str] = field(default_factory=list)  # keep only these domains (empty: all)
+    shard: Optional[str] = None  # "i/n": the i-th of n interleaved shards (0-based)
+    results_group: str = "sample"  # results/<results_group>/ensemble/<run_name>.jsonl
+
+
+@dataclass
+class Segment:
+    id: str
+    source: str
+    reference: Optional[str]
+    domain: Optional[str] = None
+    doc_id: Optional[str] = None
+    row: int = 0  # line of the record in its file (aligns hypothesis files)
+
+
+CANARY_DOMAIN = "canary"
+
+
+def _record_to_segment(rec: dict, row: int, reference_field: str) -> Optional[Segment]:
+    """Map one record of any supported layout to a Segment; None for rows to drop."""
+    if "segment_id" in rec or "is_bad_source" in rec:  # WMT24++ (google/wmt24pp)
+        if rec.get("is_bad_source"):
+            return None
+        if reference_field not in rec:
+            raise FusemtError(f"dataset has no field '{reference_field}': use dataset.reference_field=target or original_target")
+        return Segment(id=str(rec["segment_id"]), source=rec["source"], reference=rec[reference_field],
+                       domain=rec.get("domain"), doc_id=rec.get("document_id"), row=row)
+    if rec.get("domain") == CANARY_DOMAIN or rec.get("doc_id") == CANARY_DOMAIN:  # official WMT24 canary line
+        return None
+    if "source" not in rec:
+        raise FusemtError(f"dataset line {row + 1} has no 'source' field: expected WMT24, WMT24++ or fusemt JSONL")
+    return Segment(id=str(rec.get("id", row)), source=rec["source"], reference=rec.get("reference"),
+                   domain=rec.get("domain"), doc_id=rec.get("doc_id"), row=row)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        raise FusemtError(f"dataset file {path} not found: check dataset.path")
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise FusemtError(f"{path}:{n} is not valid JSON ({err.msg}): expected one JSON object per line") from None
+    return records
+
+
+def _read_hub(cfg: DatasetConfig) -> list[dict]:
+    try:
+        import datasets
+
+        return list(datasets.load_dataset(cfg.hub_id, cfg.hub_config, split=cfg.split))
+    except Exception as err:  # offline, unknown id, ...: one line, with the fix
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise FusemtError(
+            f"cannot load hub dataset {cfg.hub_id}/{cfg.hub_config}: {first} — offline, pass a local copy with dataset.path=<file.jsonl>"
+        ) from None
+
+
+def parse_shard(shard: str) -> tuple[int, int]:
+    try:
+        index, count = (int(x) for x in shard.split("/"))
+    except ValueError:
+        raise FusemtError(f"dataset.shard='{shard}' is not 'i/n' (e.g. 0/4)") from None
+    if not 0 <= index < count:
+        raise FusemtError(f"dataset.shard='{shard}': need 0 <= i < n")
+    return index, count
+
+
+def load_records(cfg: DatasetConfig) -> list[dict]:
+    if cfg.path:
+        return _read_jsonl(Path(cfg.path).expanduser())
+    if cfg.hub_id:
+        return _read_hub(cfg)
+    return _read_jsonl(SAMPLE_PATH)
+
+
+def load_segments(cfg: DatasetConfig) -> list[Segment]:
+    """Read, drop canary/bad-source rows, filter by domain, shard, then limit."""
+    segments = [s for row, rec in enumerate(load_records(cfg)) if (s := _record_to_segment(rec, row, cfg.reference_field))]
+    if cfg.domains:
+        segments = [s for s in segments if s.domain in set(cfg.domains)]
+    if cfg.shard:
+        index, count = parse_shard(cfg.shard)
+        segments = segments[index::count]
+    if cfg.limit is not None:
+        segments = segments[: cfg.limit]
+    if not segments:
+        raise FusemtError(f"dataset '{cfg.name}' selects no segments: check dataset.domains/shard/limit")
+    return segments

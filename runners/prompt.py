@@ -1,0 +1,83 @@
+"""One ``render_prompt`` for every model: chat template when the tokenizer has one, else a plain
+(few-shot) template."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from jinja2.exceptions import TemplateError
+
+
+@dataclass
+class FewShotExample:
+    source: str = ""
+    target: str = ""
+
+
+@dataclass
+class PromptConfig:
+    src_lang: str = "English"
+    tgt_lang: str = "Japanese"
+    system: str = ""  # empty: no system turn (chat templates may add their own default)
+    instruction: str = "Translate the following {src_lang} text into {tgt_lang}. Reply with the translation only.\n\n{source}"
+    # Plain template for models without a chat template: the examples, then the source.
+    example_template: str = "{src_lang}: {source}\n{tgt_lang}: {target}\n\n"
+    plain_template: str = "{src_lang}: {source}\n{tgt_lang}:"
+    examples: list[FewShotExample] = field(default_factory=list)
+    # A few-shot continuation would go on with the next example: stop at the end of the line.
+    plain_stop_strings: list[str] = field(default_factory=lambda: ["\n"])
+
+
+def uses_chat_template(tokenizer) -> bool:
+    return getattr(tokenizer, "chat_template", None) is not None
+
+
+def prompt_text(tokenizer, source: str, prompt: PromptConfig) -> str:
+    """The prompt string a model sees for one source segment."""
+    fields = {"src_lang": prompt.src_lang, "tgt_lang": prompt.tgt_lang}
+    if uses_chat_template(tokenizer):
+        user = prompt.instruction.format(source=source, **fields)
+        messages = [{"role": "user", "content": user}]
+        if prompt.system:
+            messages.insert(0, {"role": "system", "content": prompt.system})
+        # Qwen3-style templates think unless told not to; other templates ignore the flag.
+        kwargs = dict(tokenize=False, add_generation_prompt=True, enable_thinking=False)
+        try:
+            return tokenizer.apply_chat_template(messages, **kwargs)
+        except TemplateError:
+            if not prompt.system:
+                raise
+            # Templates without a system role (e.g. Gemma's older ones): merge it into the user turn.
+            merged = [{"role": "user", "content": f"{prompt.system}\n\n{user}"}]
+            return tokenizer.apply_chat_template(merged, **kwargs)
+    shots = "".join(prompt.example_template.format(source=ex.source, target=ex.target, **fields) for ex in prompt.examples)
+    header = f"{prompt.system}\n\n" if prompt.system else ""
+    return header + shots + prompt.plain_template.format(source=source, **fields)
+
+
+def stop_strings(tokenizer, prompt: PromptConfig, model_stop_strings: list[str]) -> list[str]:
+    """Stop strings for a model: its own, plus the plain template's when no chat template is used."""
+    extra = [] if uses_chat_template(tokenizer) else list(prompt.plain_stop_strings)
+    return list(dict.fromkeys(list(model_stop_strings) + extra))
+
+
+def render_prompt(model, sources: list[str], prompt: PromptConfig, render_input_text: bool = False):
+    """Tokenise a batch of prompts for ``model`` (a LoadedModel): left-padded, with attention mask.
+
+    Inputs longer than the model's ``max_input_tokens`` are cut from the left (the few-shot
+    examples go first); the returned ``truncated`` list says which.
+    """
+    tokenizer = model.tokenizer
+    texts = [prompt_text(tokenizer, s, prompt) for s in sources]
+    if render_input_text:
+        for text in texts:
+            print(f"----- prompt for {model.name} -----\n{text}\n-----", flush=True)
+    # Chat templates already contain BOS; plain prompts get the tokenizer's own special tokens.
+    add_special = not uses_chat_template(tokenizer)
+    ids = tokenizer(texts, add_special_tokens=add_special)["input_ids"]
+    budget = model.spec.max_input_tokens
+    truncated = [len(row) > budget for row in ids]
+    ids = [row[-budget:] for row in ids]
+    batch = tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
+    batch["truncated"] = truncated
+    return batch
