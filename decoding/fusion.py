@@ -1,0 +1,291 @@
+"""The shared engine of token-level ensembles across different tokenizers.
+
+Each step, every model scores its next token with one incremental forward pass
+(``ModelStream``). Candidates are the **bytes** a token adds to the text, so
+``▁東京`` (SentencePiece) and ``Ġ`` + partial-UTF-8 pieces (byte-level BPE) meet on equal
+terms; all end tokens are one ``END`` candidate. A method (``tokenwise``, ``unite``) only
+scores the candidates. The engine then appends the chosen bytes to every model: a model that
+proposed exactly those bytes appends its own id, the others re-tokenise a short tail of their
+own tokens plus the new bytes and roll back only the tokens that changed.
+
+Text stays a valid UTF-8 prefix at every step: tokens that would break a character are masked
+before top-k, so the final hypothesis has no U+FFFD unless a model chose that character itself.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import abstractmethod
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from decoding.base import DecodeOutput, Decoder, clip_trace, finalize_text, find_stop, trace_step
+from decoding.stream import ModelStream
+from decoding.vocab import utf8_pending
+from runners.prompt import render_prompt, stop_strings
+
+END = None  # the candidate key shared by every model's end tokens
+RETOKENIZE_WINDOW = 4  # own tokens re-tokenised together with newly appended bytes
+
+
+@dataclass
+class Candidate:
+    key: Optional[bytes]  # bytes added to the text, or END
+    probs: list[float]  # per model: probability of this candidate (own token or looked up)
+    exact: list[bool]  # per model: scored with a token of exactly these bytes
+    proposed: list[bool]  # per model: in that model's top-k
+    ids: list[Optional[int]]  # per model: the id it proposed (when proposed)
+
+    def origin(self, names: list[str]) -> str:
+        if all(self.proposed):
+            return "both" if len(names) == 2 else "all"
+        if not all(self.exact):
+            return "lookup"
+        return "+".join(n for n, p in zip(names, self.proposed) if p)
+
+
+@dataclass
+class FusionState:
+    sources: list[str]
+    streams: list[ModelStream]
+    stops: list[str]
+    active: list[int]  # original index of each live stream row
+    text: list[bytearray]
+    steps: list[list] = field(default_factory=list)
+    ended: list[bool] = field(default_factory=list)
+    agree: list[int] = field(default_factory=list)
+    rollbacks: list[list[int]] = field(default_factory=list)  # [seq][model]
+    forward_passes: list[list[int]] = field(default_factory=list)
+    truncated: list[bool] = field(default_factory=list)
+    pieces: list[list[bytes]] = field(default_factory=list)  # chosen keys, for the repetition guard
+
+
+def unique_names(models) -> list[str]:
+    names, seen = [], {}
+    for m in models:
+        seen[m.name] = seen.get(m.name, 0) + 1
+        names.append(m.name if seen[m.name] == 1 else f"{m.name}#{seen[m.name]}")
+    return names
+
+
+class FusionDecoder(Decoder):
+    """Base of the token-level ensembles: subclasses implement ``score``."""
+
+    min_models, max_models = 2, None
+
+    @dataclass
+    class Config(Decoder.Config):
+        top_k: int = 10
+        weights: Optional[list[float]] = None  # one per model, in models.members order; None: equal
+        temperature: float = 0.0  # 0: argmax; >0: sample from the fused scores
+        use_cache: bool = True  # False: slow full-recompute reference path (for testing)
+        seed: int = 0
+
+    def __init__(self, cfg, models, prompt, render_input_text=False):
+        super().__init__(cfg, models, prompt, render_input_text)
+        self.names = unique_names(models)
+        weights = cfg.weights if cfg.weights is not None else [1.0] * len(models)
+        if len(weights) != len(models) or any(w < 0 for w in weights) or sum(weights) <= 0:
+            from decoding.errors import FusemtError
+
+            raise FusemtError(f"decoding.weights={list(weights)}: need {len(models)} non-negative weights, not all 0")
+        self.weights = [w / sum(weights) for w in weights]
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+
+    # --- method hook -------------------------------------------------------------------------
+    @abstractmethod
+    def score(self, candidates: list[Candidate], recent: list[bytes]) -> list[float]:
+        """Fused score of each candidate (higher is better; -inf forbids). ``recent``: chosen pieces so far."""
+
+    # --- prepare / step / finish -------------------------------------------------------------
+    def prepare(self, sources: list[str]) -> FusionState:
+        streams, truncated = [], [False] * len(sources)
+        for model in self.models:
+            batch = render_prompt(model, sources, self.prompt, self.render_input_text)
+            rows = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+            streams.append(ModelStream(model, rows, recompute=not self.cfg.use_cache))
+            truncated = [a or b for a, b in zip(truncated, batch["truncated"])]
+        stops = list(dict.fromkeys(s for m in self.models for s in stop_strings(m.tokenizer, self.prompt, m.spec.stop_strings)))
+        n = len(sources)
+        return FusionState(sources=sources, streams=streams, stops=stops, active=list(range(n)),
+                           text=[bytearray() for _ in range(n)], steps=[[] for _ in range(n)], ended=[False] * n,
+                           agree=[0] * n, rollbacks=[[0] * len(self.models) for _ in range(n)],
+                           forward_passes=[[0] * len(self.models) for _ in range(n)], truncated=truncated,
+                           pieces=[[] for _ in range(n)])
+
+    @torch.inference_mode()
+    def step(self, state: FusionState) -> bool:
+        if not state.active:
+            return False
+        pending = torch.tensor([utf8_pending(bytes(state.text[i])) for i in state.active])
+        logprobs, top = [], []
+        for stream in state.streams:
+            lp = stream.logprobs()
+            vocab = stream.model.vocab
+            allowed = vocab.admissible(pending)
+            end_ids = torch.tensor(sorted(vocab.end_ids), dtype=torch.long)
+            allowed[:, end_ids] = True
+            masked = lp.masked_fill(~allowed, -math.inf)
+            values, ids = masked.topk(min(self.cfg.top_k, masked.shape[1]), dim=-1)
+            logprobs.append(lp)
+            top.append((values.tolist(), ids.tolist()))
+        candidates = [self._candidates(row, top) for row in range(len(state.active))]
+        self._look_up(candidates, logprobs)
+        finished = []
+        for row, seq in enumerate(state.active):
+            for m in range(len(self.models)):
+                state.forward_passes[seq][m] += 1
+            choice = self._choose(candidates[row], state.pieces[seq])
+            top1 = {c.key for c in candidates[row] if any(c.ids[m] == top[m][1][row][0] and c.proposed[m]
+                                                          for m in range(len(self.models)))}
+            state.agree[seq] += len(top1) == 1
+            if self._apply(state, row, seq, choice, candidates[row]):
+                finished.append(row)
+        if finished:
+            keep = [r for r in range(len(state.active)) if r not in set(finished)]
+            for stream in state.streams:
+                stream.select_rows(keep)
+            state.active = [state.active[r] for r in keep]
+        return bool(state.active)
+
+    def finish(self, state: FusionState) -> list[DecodeOutput]:
+        outputs = []
+        for seq in range(len(state.sources)):
+            steps, raw, _ = clip_trace(state.steps[seq], state.stops)
+            n_steps = len(state.steps[seq])
+            stats = {"steps": n_steps, "agreement_rate": round(state.agree[seq] / max(n_steps, 1), 4),
+                     "cache_crops": dict(zip(self.names, state.rollbacks[seq])),
+                     "forward_passes": dict(zip(self.names, state.forward_passes[seq]))}
+            warnings = ["prompt truncated to the model's max_input_tokens"] if state.truncated[seq] else []
+            outputs.append(DecodeOutput(text=finalize_text(raw), n_new_tokens=len(steps), trace=[s.to_json() for s in steps],
+                                        stats=stats, warnings=warnings))
+        return outputs
+
+    # --- candidates ----------------------------------------------------------------------------
+    def _candidates(self, row: int, top) -> list[Candidate]:
+        n = len(self.models)
+        by_key: dict = {}
+        for m, (values, ids) in enumerate(top):
+            vocab = self.models[m].vocab
+            for lp, tid in zip(values[row], ids[row]):
+                if lp == -math.inf:
+                    continue
+                key = END if tid in vocab.end_ids else vocab.token_bytes[tid]
+                cand = by_key.get(key)
+                if cand is None:
+                    cand = by_key[key] = Candidate(key, [0.0] * n, [False] * n, [False] * n, [None] * n)
+                p = math.exp(lp)
+                if not cand.proposed[m] or p > cand.probs[m]:  # two ids with the same bytes: the likelier one
+                    cand.probs[m], cand.exact[m], cand.proposed[m], cand.ids[m] = p, True, True, tid
+        return list(by_key.values())
+
+    def _look_up(self, candidates: list[list[Candidate]], logprobs: list[torch.Tensor]) -> None:
+        """Score every candidate a model did not propose, in one gather per model.
+
+        Its probability is that of a token with exactly those bytes; if the model has none, that
+        of the first token of its spelling of them (the longest vocabulary token that is a prefix).
+        """
+        for m, model in enumerate(self.models):
+            vocab = model.vocab
+            rows, ids, slots = [], [], []
+            for row, cands in enumerate(candidates):
+                for cand in cands:
+                    if cand.proposed[m]:
+                        continue
+                    if cand.key is END:
+                        options, exact = sorted(vocab.end_ids), True
+                    else:
+                        options = vocab.bytes_to_ids.get(cand.key)
+                        exact = bool(options)
+                        if not options:
+                            first = vocab.longest_prefix_token(cand.key)
+                            options = [] if first is None else [first]
+                    cand.exact[m] = exact
+                    for tid in options:
+                        rows.append(row)
+                        ids.append(tid)
+                        slots.append(cand)
+            if not ids:
+                continue
+            probs = logprobs[m][torch.tensor(rows), torch.tensor(ids)].exp().tolist()
+            for cand, p in zip(slots, probs):
+                cand.probs[m] = max(cand.probs[m], p)
+
+    def _choose(self, candidates: list[Candidate], recent: list[bytes]) -> Candidate:
+        scores = self.score(candidates, recent)
+        if self.cfg.temperature > 0:
+            weights = torch.tensor([s if s > -math.inf else 0.0 for s in scores], dtype=torch.float64)
+            weights = weights.clamp_min(0) ** (1.0 / self.cfg.temperature)
+            if weights.sum() > 0:
+                return candidates[int(torch.multinomial(weights, 1, generator=self.generator))]
+        # Ties (e.g. a candidate scored by the first token of its spelling) go to the candidate that
+        # the higher-weighted models can spell exactly as one token.
+        return max(zip(scores, candidates), key=lambda sc: (sc[0], sum(w for w, e in zip(self.weights, sc[1].exact) if e)))[1]
+
+    # --- appending -------------------------------------------------------------------------
+    def _apply(self, state: FusionState, row: int, seq: int, choice: Candidate, cands: list[Candidate]) -> bool:
+        """Append the choice to every model; return True when the sequence is finished."""
+        logprob = {n: (math.log(p) if p > 0 else None) for n, p in zip(self.names, choice.probs)}
+        top = sorted(cands, key=lambda c: -sum(w * p for w, p in zip(self.weights, c.probs)))[:3]
+        extra = {"top": [["<end>" if c.key is END else c.key.decode("utf-8", "backslashreplace"),
+                          round(sum(w * p for w, p in zip(self.weights, c.probs)), 4)] for c in top],
+                 "union": len(cands)}
+        if choice.key is END:
+            ids = {n: [choice.ids[m]] if choice.ids[m] is not None else [] for m, n in enumerate(self.names)}
+            state.steps[seq].append(trace_step(b"", ids=ids, logprob=logprob, origin=choice.origin(self.names), end=True,
+                                               extra=extra))
+            state.ended[seq] = True
+            return True
+        appended, dropped = {}, {}
+        for m, stream in enumerate(state.streams):
+            if choice.proposed[m]:
+                new, n_drop = [choice.ids[m]], 0
+            else:
+                new, n_drop = self._retokenize(stream, row, choice.key)
+            before = stream.rollbacks[row]
+            stream.rollback(row, n_drop)
+            stream.append(row, new)
+            state.rollbacks[seq][m] += stream.rollbacks[row] - before
+            appended[self.names[m]] = new
+            if n_drop:
+                dropped[self.names[m]] = n_drop
+        if dropped:
+            extra["retokenized"] = dropped
+        state.steps[seq].append(trace_step(choice.key, ids=appended, logprob=logprob, origin=choice.origin(self.names),
+                                           extra=extra))
+        start = len(state.text[seq])
+        state.text[seq].extend(choice.key)
+        state.pieces[seq].append(choice.key)
+        if state.stops and find_stop(bytes(state.text[seq]), state.stops, start) is not None:
+            return True
+        return len(state.steps[seq]) >= self.cfg.max_new_tokens
+
+    @staticmethod
+    def _retokenize(stream: ModelStream, row: int, data: bytes) -> tuple[list[int], int]:
+        """This model's tokens for its last few tokens + ``data``: (ids to append, tokens to roll back).
+
+        The tail starts at a character boundary; when it is complete UTF-8 the model's own
+        tokenizer encodes it (checked to spell exactly those bytes), otherwise the new bytes are
+        spelled longest-match and re-tokenised once the character completes.
+        """
+        vocab = stream.model.vocab
+        generated = stream.generated(row)
+        start = max(len(generated) - RETOKENIZE_WINDOW, 0)
+        while start > 0 and (vocab.token_bytes[generated[start]] or b"\x00")[0] & 0xC0 == 0x80:
+            start -= 1
+        old_tail = generated[start:]
+        tail_bytes = b"".join(vocab.token_bytes[t] or b"" for t in old_tail) + data
+        if not utf8_pending(tail_bytes):
+            try:
+                text = tail_bytes.decode("utf-8")
+                new_tail = stream.model.tokenizer.encode(text, add_special_tokens=False)
+                if b"".join(vocab.token_bytes[t] or b"" for t in new_tail) == tail_bytes:
+                    common = 0
+                    while common < min(len(old_tail), len(new_tail)) and old_tail[common] == new_tail[common]:
+                        common += 1
+                    return new_tail[common:], len(old_tail) - common
+            except UnicodeDecodeError:
+                pass
+        return vocab.segment(data), 0

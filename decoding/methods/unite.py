@@ -1,0 +1,35 @@
+"""``decoding=unite``: union top-k ensembling (UniTE, "Determine-Then-Ensemble: Necessity of Top-k
+Union for LLM Ensembling", ICLR 2025), over bytes so that different tokenizers meet.
+
+The variant implemented, exactly:
+1. Each model's next-token distribution is the softmax over its full vocabulary.
+2. The union U is the set of byte strings of every model's top-k tokens (all end tokens are one
+   candidate).
+3. For model m and candidate c in U: p_m(c) is m's probability of c if c is in its top-k; else
+   the probability of m's token with exactly the bytes of c; else (c is not one token for m) the
+   probability of the first token of m's spelling of c, i.e. its longest token that is a prefix
+   of c ("lookup").
+4. Each model's scores are renormalised over U: q_m(c) = p_m(c) / sum_{c' in U} p_m(c').
+5. The fused score is sum_m w_m q_m(c) (weights normalised to sum 1); argmax, or sampling with
+   ``temperature`` > 0. Ties go to the candidate the higher-weighted models spell as one token,
+   so with weights (1, 0) the output is exactly the first model's greedy output.
+"""
+
+from dataclasses import dataclass
+
+from decoding.base import register
+from decoding.fusion import Candidate, FusionDecoder
+
+
+@register
+class UniteDecoder(FusionDecoder):
+    name = "unite"
+
+    @dataclass
+    class Config(FusionDecoder.Config):
+        top_k: int = 10
+
+    def score(self, candidates: list[Candidate], recent: list[bytes]) -> list[float]:
+        totals = [sum(c.probs[m] for c in candidates) for m in range(len(self.models))]
+        return [sum(w * (c.probs[m] / totals[m] if totals[m] > 0 else 0.0) for m, w in enumerate(self.weights))
+                for c in candidates]
