@@ -103,6 +103,7 @@ class Decoder(ABC):
     class Config:
         name: str = ""
         max_new_tokens: int = 128
+        min_new_tokens: int = 0  # end tokens and stop strings are ignored before this many steps
 
     def __init__(self, cfg: "Decoder.Config", models: list, prompt, render_input_text: bool = False):
         n = len(models)

@@ -27,7 +27,6 @@ from decoding.vocab import utf8_pending
 from runners.prompt import render_prompt, stop_strings
 
 END = None  # the candidate key shared by every model's end tokens
-RETOKENIZE_WINDOW = 4  # own tokens re-tokenised together with newly appended bytes
 
 
 @dataclass
@@ -120,13 +119,14 @@ class FusionDecoder(Decoder):
         if not state.active:
             return False
         pending = torch.tensor([utf8_pending(bytes(state.text[i])) for i in state.active])
+        may_end = len(state.steps[state.active[0]]) >= self.cfg.min_new_tokens  # all live rows are at the same step
         logprobs, top = [], []
         for stream in state.streams:
             lp = stream.logprobs()
             vocab = stream.model.vocab
             allowed = vocab.admissible(pending)
             end_ids = torch.tensor(sorted(vocab.end_ids), dtype=torch.long)
-            allowed[:, end_ids] = True
+            allowed[:, end_ids] = may_end
             masked = lp.masked_fill(~allowed, -math.inf)
             values, ids = masked.topk(min(self.cfg.top_k, masked.shape[1]), dim=-1)
             logprobs.append(lp)
@@ -240,13 +240,12 @@ class FusionDecoder(Decoder):
             return True
         appended, dropped = {}, {}
         for m, stream in enumerate(state.streams):
+            before = stream.rollbacks[row]
             if choice.proposed[m]:
                 new, n_drop = [choice.ids[m]], 0
+                stream.append(row, new)
             else:
-                new, n_drop = self._retokenize(stream, row, choice.key)
-            before = stream.rollbacks[row]
-            stream.rollback(row, n_drop)
-            stream.append(row, new)
+                new, n_drop = stream.append_bytes(row, choice.key)
             state.rollbacks[seq][m] += stream.rollbacks[row] - before
             appended[self.names[m]] = new
             if n_drop:
@@ -258,34 +257,7 @@ class FusionDecoder(Decoder):
         start = len(state.text[seq])
         state.text[seq].extend(choice.key)
         state.pieces[seq].append(choice.key)
-        if state.stops and find_stop(bytes(state.text[seq]), state.stops, start) is not None:
+        may_stop = len(state.steps[seq]) >= self.cfg.min_new_tokens
+        if may_stop and state.stops and find_stop(bytes(state.text[seq]), state.stops, start) is not None:
             return True
         return len(state.steps[seq]) >= self.cfg.max_new_tokens
-
-    @staticmethod
-    def _retokenize(stream: ModelStream, row: int, data: bytes) -> tuple[list[int], int]:
-        """This model's tokens for its last few tokens + ``data``: (ids to append, tokens to roll back).
-
-        The tail starts at a character boundary; when it is complete UTF-8 the model's own
-        tokenizer encodes it (checked to spell exactly those bytes), otherwise the new bytes are
-        spelled longest-match and re-tokenised once the character completes.
-        """
-        vocab = stream.model.vocab
-        generated = stream.generated(row)
-        start = max(len(generated) - RETOKENIZE_WINDOW, 0)
-        while start > 0 and (vocab.token_bytes[generated[start]] or b"\x00")[0] & 0xC0 == 0x80:
-            start -= 1
-        old_tail = generated[start:]
-        tail_bytes = b"".join(vocab.token_bytes[t] or b"" for t in old_tail) + data
-        if not utf8_pending(tail_bytes):
-            try:
-                text = tail_bytes.decode("utf-8")
-                new_tail = stream.model.tokenizer.encode(text, add_special_tokens=False)
-                if b"".join(vocab.token_bytes[t] or b"" for t in new_tail) == tail_bytes:
-                    common = 0
-                    while common < min(len(old_tail), len(new_tail)) and old_tail[common] == new_tail[common]:
-                        common += 1
-                    return new_tail[common:], len(old_tail) - common
-            except UnicodeDecodeError:
-                pass
-        return vocab.segment(data), 0

@@ -26,13 +26,15 @@ class StopOnBytes(StoppingCriteria):
     262k vocabulary); stop strings are few and short, so scanning each row's tail is cheaper.
     """
 
-    def __init__(self, vocab, stops: list[str], prompt_len: int):
-        self.vocab, self.prompt_len = vocab, prompt_len
+    def __init__(self, vocab, stops: list[str], prompt_len: int, min_new_tokens: int = 0):
+        self.vocab, self.prompt_len, self.min_new_tokens = vocab, prompt_len, min_new_tokens
         self.stops = [s.encode("utf-8") for s in stops if s]
         self.longest = max(map(len, self.stops), default=0)
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         done = []
+        if input_ids.shape[1] - self.prompt_len < self.min_new_tokens:
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         for row in input_ids[:, self.prompt_len:].tolist():
             tail, i = b"", len(row)
             while i > 0 and len(tail) < self.longest + self.vocab.max_token_bytes:
@@ -64,9 +66,11 @@ class GenerateDecoder(Decoder):
             input_ids=input_ids,
             attention_mask=state.batch["attention_mask"].to(model.device),
             max_new_tokens=self.cfg.max_new_tokens,
+            min_new_tokens=self.cfg.min_new_tokens or None,
             eos_token_id=model.end_ids,
             pad_token_id=tok.pad_token_id,
-            stopping_criteria=StoppingCriteriaList([StopOnBytes(model.vocab, stops, input_ids.shape[1])] if stops else []),
+            stopping_criteria=StoppingCriteriaList([StopOnBytes(model.vocab, stops, input_ids.shape[1], self.cfg.min_new_tokens)]
+                                                   if stops else []),
             return_dict_in_generate=True,
             output_scores=True,
             **self.generation_kwargs(),

@@ -13,6 +13,10 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from decoding.vocab import utf8_pending
+
+RETOKENIZE_WINDOW = 4  # own tokens re-tokenised together with newly appended bytes
+
 
 class ModelStream:
     def __init__(self, model, prompt_ids: list[list[int]], recompute: bool = False):
@@ -50,6 +54,47 @@ class ModelStream:
             self.cached[row] = keep
             self.rollbacks[row] += 1
 
+    def append_bytes(self, row: int, data: bytes) -> tuple[list[int], int]:
+        """Append text given as bytes in this model's own tokenisation: (ids appended, tokens rolled back).
+
+        The model re-tokenises its last few tokens plus ``data``, starting at a character
+        boundary, and only the tokens that changed are rolled back. When that tail is complete
+        UTF-8 the model's tokenizer encodes it (checked to spell exactly those bytes); otherwise
+        the new bytes are spelled longest-match and re-tokenised once the character completes.
+        """
+        vocab = self.model.vocab
+        generated = self.generated(row)
+        start = max(len(generated) - RETOKENIZE_WINDOW, 0)
+        while start > 0 and (vocab.token_bytes[generated[start]] or b"\x00")[0] & 0xC0 == 0x80:
+            start -= 1
+        old_tail = generated[start:]
+        tail_bytes = b"".join(vocab.token_bytes[t] or b"" for t in old_tail) + data
+        new, drop = vocab.segment(data), 0
+        if not utf8_pending(tail_bytes):
+            new_tail = self.model.tokenizer.encode(tail_bytes.decode("utf-8", errors="replace"), add_special_tokens=False)
+            if b"".join(vocab.token_bytes[t] or b"" for t in new_tail) == tail_bytes:
+                common = 0
+                while common < min(len(old_tail), len(new_tail)) and old_tail[common] == new_tail[common]:
+                    common += 1
+                new, drop = new_tail[common:], len(old_tail) - common
+        self.rollback(row, drop)
+        self.append(row, new)
+        return new, drop
+
+    def sync_to_bytes(self, row: int, text: bytes) -> None:
+        """Make this row's generated tokens spell ``text``: keep the longest prefix of tokens that
+        spells a prefix of it, roll back the rest, append the remainder in this model's tokens."""
+        vocab, spelled, keep = self.model.vocab, 0, 0
+        for tid in self.generated(row):
+            piece = vocab.token_bytes[tid] or b""
+            if not piece or not text.startswith(piece, spelled):
+                break
+            spelled += len(piece)
+            keep += 1
+        self.rollback(row, len(self.generated(row)) - keep)
+        if spelled < len(text):
+            self.append_bytes(row, text[spelled:])
+
     def select_rows(self, keep: list[int]) -> None:
         """Keep only these rows (finished sequences leave the batch)."""
         self.tokens = [self.tokens[i] for i in keep]
@@ -65,12 +110,24 @@ class ModelStream:
     def _pad_id(self) -> int:
         return self.model.tokenizer.pad_token_id or 0
 
-    def logprobs(self) -> torch.Tensor:
-        """Log-probabilities of the next token for every row: [rows, vocab], on the CPU."""
-        self.forward_passes += 1
-        return (self._full_forward() if self.recompute else self._incremental_forward()).cpu()
+    def pending(self, row: int) -> int:
+        """Tokens of ``row`` not yet run through the model (the next pass scores them all)."""
+        return len(self.tokens[row]) - self.cached[row]
 
-    def _incremental_forward(self) -> torch.Tensor:
+    def logprobs(self, keep: int = 1) -> torch.Tensor:
+        """Log-probabilities after the last ``keep`` positions of every row: [rows, keep, vocab] on
+        the CPU ([rows, vocab] for keep=1). Row r's pending tokens are its last ``pending(r)``
+        positions; earlier kept positions of a shorter row are padding."""
+        self.forward_passes += 1
+        out = (self._full_forward(keep) if self.recompute else self._incremental_forward(keep)).cpu()
+        return out[:, -1] if keep == 1 else out
+
+    def _incremental_forward(self, keep: int) -> torch.Tensor:
+        for r in range(self.rows):
+            if self.cached[r] == len(self.tokens[r]):
+                # Nothing new (the text was already spelled): score the last token again.
+                self.column_mask[r, self.columns[r].pop()] = 0
+                self.cached[r] -= 1
         pending = [self.tokens[r][self.cached[r]:] for r in range(self.rows)]
         width = max(len(p) for p in pending)
         assert min(len(p) for p in pending) > 0, "every row needs at least one new token per step"
@@ -85,13 +142,21 @@ class ModelStream:
         start = self.column_mask.shape[1]
         self.column_mask = torch.cat([self.column_mask, chunk_mask], dim=1)
         device = self.model.device
-        out = self.model.forward(ids.to(device), self.column_mask.to(device), positions.to(device), self.cache)
+        out = self.model.forward(ids.to(device), self.column_mask.to(device), positions.to(device), self.cache, keep)
         for r, new in enumerate(pending):
             self.columns[r].extend(range(start + width - len(new), start + width))
             self.cached[r] += len(new)
-        return out[:, -1]
+        return self._pad_keep(out, keep)
 
-    def _full_forward(self) -> torch.Tensor:
+    @staticmethod
+    def _pad_keep(out: torch.Tensor, keep: int) -> torch.Tensor:
+        """Left-pad to ``keep`` positions when the pass had fewer (rows shorter than keep)."""
+        if out.shape[1] >= keep:
+            return out[:, -keep:]
+        pad = out.new_full((out.shape[0], keep - out.shape[1], out.shape[2]), float("-inf"))
+        return torch.cat([pad, out], dim=1)
+
+    def _full_forward(self, keep: int) -> torch.Tensor:
         width = max(len(t) for t in self.tokens)
         ids = torch.full((self.rows, width), self._pad_id(), dtype=torch.long)
         mask = torch.zeros(self.rows, width, dtype=torch.long)
@@ -100,5 +165,7 @@ class ModelStream:
             ids[r, width - len(row):] = torch.tensor(row)
             mask[r, width - len(row):] = 1
             positions[r, width - len(row):] = torch.arange(len(row))
+        for r, row in enumerate(self.tokens):  # nothing is cached on this path: every token was just run
+            self.cached[r] = len(row)
         device = self.model.device
-        return self.model.forward(ids.to(device), mask.to(device), positions.to(device), None)[:, -1]
+        return self._pad_keep(self.model.forward(ids.to(device), mask.to(device), positions.to(device), None, keep), keep)

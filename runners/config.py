@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ from decoding.model import ModelSpec
 from eval.wandb_logger import LoggerConfig
 from runners.data import DatasetConfig
 from runners.prompt import PromptConfig
+
+log = logging.getLogger("fusemt")
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 MODEL_CATALOG = CONF_DIR / "model"
@@ -112,6 +115,11 @@ def build_run_config(cfg: DictConfig) -> RunConfig:
         raise FusemtError("decoding.name is missing: choose decoding=greedy|beam|tokenwise|unite|speculative")
     method_cls = decoder_class(method)
     decoding = typed_config(method_cls.Config, decoding_values, f"decoding={method}")
+    if method_cls.max_models is not None and len(models) > method_cls.max_models:
+        # Lets one sweep run single-model baselines on a pair config: they decode with the first member(s).
+        log.warning("decoding=%s uses %d model(s): running it on %s", method, method_cls.max_models,
+                    ", ".join(m.label for m in models[: method_cls.max_models]))
+        models = models[: method_cls.max_models]
     dataset = typed_config(DatasetConfig, OmegaConf.to_container(cfg.dataset, resolve=True), "dataset")
     prompt = typed_config(PromptConfig, OmegaConf.to_container(cfg.prompt, resolve=True), "prompt")
     logger = typed_config(LoggerConfig, OmegaConf.to_container(cfg.logger, resolve=True), "logger")

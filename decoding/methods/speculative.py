@@ -1,0 +1,269 @@
+"""``decoding=speculative``: a draft model proposes, the target verifies in one pass; traced.
+
+models.members lists the target first and the draft second. Each round, per sequence:
+1. the draft proposes ``num_draft_tokens`` tokens with its own KV cache;
+2. the proposals reach the target in the target's tokens: the same ids when both share a
+   vocabulary, else the proposed text re-tokenised by the target (as Hugging Face's universal
+   assisted generation does; a character cut off at the end of a proposal is left out);
+3. the target scores all of them in one forward pass and accepts the longest agreeing prefix,
+   then adds its own next token (correction, or bonus when everything was accepted);
+4. rejected tokens are rolled back in both caches (masked out, nothing recomputed) and the draft
+   re-syncs to the accepted text.
+
+Greedy: accepted tokens are exactly the target's argmax given its own prefix, so the output is
+the target's greedy output. Sampling (``temperature`` > 0, ``top_p``): accept x with
+probability min(1, p(x)/q(x)) and on rejection sample from normalise(max(0, p - q)); with a
+different tokenizer the proposal is a point mass (q = 1 on x), which keeps the output
+distribution equal to the target's p as well.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from decoding.base import DecodeOutput, Decoder, clip_trace, finalize_text, find_stop, register, trace_step
+from decoding.errors import FusemtError
+from decoding.fusion import unique_names
+from decoding.stream import ModelStream
+from decoding.vocab import utf8_pending
+from runners.prompt import render_prompt, stop_strings
+
+
+def warp(logprobs: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """Sampling distribution: temperature, then nucleus (top-p) truncation, renormalised."""
+    probs = torch.softmax(logprobs / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_p.cumsum(-1) - sorted_p >= top_p  # keep the smallest prefix reaching top_p
+        sorted_p = sorted_p.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+@dataclass
+class SpecState:
+    sources: list[str]
+    target: ModelStream
+    draft: ModelStream
+    stops: list[str]
+    active: list[int]
+    text: list[bytearray]
+    steps: list[list] = field(default_factory=list)
+    rounds: list[int] = field(default_factory=list)
+    proposed: list[int] = field(default_factory=list)
+    accepted: list[int] = field(default_factory=list)
+    draft_passes: list[int] = field(default_factory=list)
+    truncated: list[bool] = field(default_factory=list)
+    k: int = 0
+
+
+@register
+class SpeculativeDecoder(Decoder):
+    name = "speculative"
+    min_models = max_models = 2
+
+    @dataclass
+    class Config(Decoder.Config):
+        num_draft_tokens: int = 5
+        adaptive: bool = False  # +2 after a round that accepted every proposal, -1 otherwise (as HF's heuristic)
+        max_draft_tokens: int = 16
+        temperature: float = 0.0  # 0: greedy (output = target greedy)
+        top_p: float = 1.0
+        use_cache: bool = True
+        seed: int = 0
+
+    def __init__(self, cfg, models, prompt, render_input_text=False):
+        super().__init__(cfg, models, prompt, render_input_text)
+        if cfg.num_draft_tokens < 1:
+            raise FusemtError(f"decoding.num_draft_tokens={cfg.num_draft_tokens}: must be at least 1")
+        self.target_model, self.draft_model = models
+        self.names = unique_names(models)
+        self.same_vocab = self.target_model.vocab.token_bytes == self.draft_model.vocab.token_bytes
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+
+    # --- prepare / step / finish ---------------------------------------------------------------
+    def prepare(self, sources: list[str]) -> SpecState:
+        streams, truncated = [], [False] * len(sources)
+        for model in self.models:
+            batch = render_prompt(model, sources, self.prompt, self.render_input_text)
+            rows = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+            streams.append(ModelStream(model, rows, recompute=not self.cfg.use_cache))
+            truncated = [a or b for a, b in zip(truncated, batch["truncated"])]
+        # The target's stop strings decide where its output ends.
+        stops = stop_strings(self.target_model.tokenizer, self.prompt, self.target_model.spec.stop_strings)
+        n = len(sources)
+        return SpecState(sources=sources, target=streams[0], draft=streams[1], stops=stops, active=list(range(n)),
+                         text=[bytearray() for _ in range(n)], steps=[[] for _ in range(n)], rounds=[0] * n,
+                         proposed=[0] * n, accepted=[0] * n, draft_passes=[0] * n, truncated=truncated,
+                         k=self.cfg.num_draft_tokens)
+
+    @torch.inference_mode()
+    def step(self, state: SpecState) -> bool:
+        if not state.active:
+            return False
+        draft_ids, draft_q = self._draft(state)
+        proposals = [self._to_target(state, row, ids) for row, ids in enumerate(draft_ids)]
+        for row, props in enumerate(proposals):
+            state.target.append(row, props)
+        width = max(len(p) for p in proposals) + 1
+        target_lp = state.target.logprobs(keep=width)  # [rows, width, V]
+        finished, full_rounds = [], 0
+        for row, seq in enumerate(state.active):
+            props = proposals[row]
+            scores = target_lp[row, width - len(props) - 1:]  # predictions of props[0..n-1] and the next token
+            q = draft_q[row] if draft_q is not None and self.same_vocab else None
+            n_acc, next_id = self._verify(props, scores, q)
+            state.rounds[seq] += 1
+            state.proposed[seq] += len(props)
+            state.accepted[seq] += n_acc
+            full_rounds += n_acc == len(props)
+            done = self._commit(state, row, seq, props, n_acc, next_id, scores, draft_ids[row])
+            if done:
+                finished.append(row)
+        if self.cfg.adaptive:
+            grow = full_rounds == len(state.active)
+            state.k = min(self.cfg.max_draft_tokens, state.k + 2) if grow else max(1, state.k - 1)
+        if finished:
+            keep = [r for r in range(len(state.active)) if r not in set(finished)]
+            state.target.select_rows(keep)
+            state.draft.select_rows(keep)
+            state.active = [state.active[r] for r in keep]
+        return bool(state.active)
+
+    def finish(self, state: SpecState) -> list[DecodeOutput]:
+        outputs = []
+        for seq in range(len(state.sources)):
+            steps, raw, _ = clip_trace(state.steps[seq], state.stops)
+            rounds = max(state.rounds[seq], 1)
+            stats = {"rounds": state.rounds[seq],
+                     "acceptance_rate": round(state.accepted[seq] / max(state.proposed[seq], 1), 4),
+                     "mean_accepted_length": round(state.accepted[seq] / rounds, 4),
+                     "forward_passes": {self.names[0]: state.rounds[seq], self.names[1]: state.draft_passes[seq]}}
+            warnings = ["prompt truncated to the model's max_input_tokens"] if state.truncated[seq] else []
+            outputs.append(DecodeOutput(text=finalize_text(raw), n_new_tokens=len(steps), trace=[s.to_json() for s in steps],
+                                        stats=stats, warnings=warnings))
+        return outputs
+
+    # --- one round ---------------------------------------------------------------------------
+    def _pick(self, logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Draft token per row (argmax, or a sample) and, when sampling, the distribution it came from."""
+        if self.cfg.temperature <= 0:
+            return logprobs.argmax(-1), None
+        q = warp(logprobs, self.cfg.temperature, self.cfg.top_p)
+        return torch.multinomial(q, 1, generator=self.generator).squeeze(-1), q
+
+    def _draft(self, state: SpecState) -> tuple[list[list[int]], list[torch.Tensor] | None]:
+        """k draft tokens per row (cut after an end token) and, when sampling, their distributions."""
+        rows = len(state.active)
+        ids: list[list[int]] = [[] for _ in range(rows)]
+        dists: list[list[torch.Tensor]] = [[] for _ in range(rows)]
+        open_rows = [True] * rows
+        end_ids = self.draft_model.vocab.end_ids
+        for _ in range(state.k):
+            picked, q = self._pick(state.draft.logprobs())
+            for row, seq in enumerate(state.active):
+                state.draft_passes[seq] += 1
+                tid = int(picked[row])
+                state.draft.append(row, [tid])  # scored next pass (or rolled back by the sync)
+                if open_rows[row]:
+                    ids[row].append(tid)
+                    if q is not None:
+                        dists[row].append(q[row])
+                    open_rows[row] = tid not in end_ids
+            if not any(open_rows):
+                break
+        return ids, ([torch.stack(d) for d in dists] if self.cfg.temperature > 0 else None)
+
+    def _to_target(self, state: SpecState, row: int, draft_ids: list[int]) -> list[int]:
+        """The draft's proposal in the target's tokens."""
+        if self.same_vocab:
+            return list(draft_ids)
+        vocab = self.draft_model.vocab
+        ends = [i for i, t in enumerate(draft_ids) if t in vocab.end_ids]
+        text = b"".join(vocab.token_bytes[t] or b"" for t in draft_ids[: ends[0] if ends else None])
+        complete = not utf8_pending(bytes(state.text[state.active[row]]) + text)
+        if not complete:  # leave out a character cut off at the end of the proposal
+            cut = len(text) - 1
+            while cut > 0 and 0x80 <= text[cut] < 0xC0:
+                cut -= 1
+            text = text[:cut]
+        target_vocab = self.target_model.vocab
+        props = []
+        if text:
+            encoded = self.target_model.tokenizer.encode(text.decode("utf-8", errors="replace"), add_special_tokens=False)
+            spelled = b"".join(target_vocab.token_bytes[t] or b"" for t in encoded) == text
+            props = encoded if spelled else target_vocab.segment(text)
+        if ends and complete:  # the draft proposes to stop: so does the target's proposal
+            props.append(self.target_model.tokenizer.eos_token_id)
+        return props[: self.cfg.max_draft_tokens]
+
+    def _verify(self, props: list[int], scores: torch.Tensor, q: torch.Tensor | None) -> tuple[int, int]:
+        """(accepted count, the target's own next token) for one row."""
+        if self.cfg.temperature <= 0:
+            choice = scores.argmax(-1).tolist()
+            n = 0
+            while n < len(props) and props[n] == choice[n]:
+                n += 1
+            return n, choice[n]
+        p = warp(scores, self.cfg.temperature, self.cfg.top_p)
+        for n, x in enumerate(props):
+            q_x = float(q[n, x]) if q is not None else 1.0  # cross-tokenizer proposals are a point mass
+            if float(torch.rand((), generator=self.generator)) < min(1.0, float(p[n, x]) / q_x):
+                continue
+            residual = p[n] - (q[n] if q is not None else torch.nn.functional.one_hot(torch.tensor(x), p.shape[-1]))
+            residual = residual.clamp_min(0)
+            return n, int(torch.multinomial(residual / residual.sum(), 1, generator=self.generator))
+        return len(props), int(torch.multinomial(p[len(props)], 1, generator=self.generator))
+
+    def _commit(self, state: SpecState, row: int, seq: int, props: list[int], n_acc: int, next_id: int,
+                scores: torch.Tensor, draft_ids: list[int]) -> bool:
+        """Write the accepted tokens and the target's own token; roll back and re-sync. True when done."""
+        vocab = self.target_model.vocab
+        budget = self.cfg.max_new_tokens - len(state.steps[seq])
+        new = (props[:n_acc] + [next_id])[:budget]
+        state.target.rollback(row, len(props) - n_acc)
+        state.target.append(row, new[n_acc:])
+        if len(new) <= n_acc:  # the budget ended inside the accepted prefix
+            state.target.rollback(row, n_acc - len(new))
+        draft_text = [self.draft_model.vocab.token_bytes[t] or b"" for t in draft_ids]
+        round_info = {"round": state.rounds[seq], "proposed": [p.decode("utf-8", "backslashreplace") for p in draft_text],
+                      "accepted": n_acc}
+        done = False
+        start = len(state.text[seq])
+        for j, tid in enumerate(new):
+            is_end = tid in vocab.end_ids
+            piece = b"" if is_end else vocab.token_bytes[tid] or b""
+            origin = "draft" if j < n_acc else "target"
+            extra = dict(round_info) if j == len(new) - 1 else {"round": state.rounds[seq]}
+            ids = {self.names[0]: [tid]}
+            if self.same_vocab and j < n_acc:
+                ids[self.names[1]] = [tid]
+            state.steps[seq].append(trace_step(piece, ids=ids, logprob={self.names[0]: float(scores[j, tid])},
+                                               origin=origin, end=is_end, extra=extra))
+            state.text[seq].extend(piece)
+            if is_end:
+                done = True
+                break
+        if state.stops and len(state.steps[seq]) >= self.cfg.min_new_tokens:
+            done = done or find_stop(bytes(state.text[seq]), state.stops, start) is not None
+        done = done or len(state.steps[seq]) >= self.cfg.max_new_tokens
+        if not done:
+            self._sync_draft(state, row, seq)
+        return done
+
+    def _sync_draft(self, state: SpecState, row: int, seq: int) -> None:
+        """Bring the draft to the accepted text: the target's ids when they share a vocabulary, else bytes."""
+        draft = state.draft
+        if self.same_vocab:
+            target_gen, draft_gen = state.target.generated(row), draft.generated(row)
+            common = 0
+            while common < min(len(target_gen), len(draft_gen)) and target_gen[common] == draft_gen[common]:
+                common += 1
+            draft.rollback(row, len(draft_gen) - common)
+            draft.append(row, target_gen[common:])
+        else:
+            draft.sync_to_bytes(row, bytes(state.text[seq]))
