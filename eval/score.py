@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from decoding.base import typed_config
 from decoding.errors import FusemtError
+from eval.comet_score import comet_scores
 from eval.metrics import corpus_scores
 from runners.config import CONF_DIR, register_schemas
 from runners.data import DatasetConfig, load_segments
@@ -35,7 +36,8 @@ def read_hypotheses(hyp_file: Path) -> tuple[dict[int, str] | None, dict[str, st
     return dict(enumerate(lines)), None
 
 
-def score_file(dataset: DatasetConfig, hyp_file: Path, bleu: bool = True, chrf: bool = True) -> dict:
+def score_file(dataset: DatasetConfig, hyp_file: Path, bleu: bool = True, chrf: bool = True,
+               comet_model: str | None = None, comet_batch_size: int = 16) -> dict:
     from dataclasses import replace
 
     # Alignment is by row of the whole file: select segments without limit first, then apply it.
@@ -46,19 +48,23 @@ def score_file(dataset: DatasetConfig, hyp_file: Path, bleu: bool = True, chrf: 
         if len(by_row) < n_rows:
             raise FusemtError(f"{hyp_file} has {len(by_row)} lines but the dataset has {n_rows} rows: "
                               "expected one line per dataset row (canary included)")
-        pairs = [(by_row[s.row], s.reference) for s in segments]
+        pairs = [(by_row[s.row], s.reference, s.source) for s in segments]
     else:
         missing = [s.id for s in segments if s.id not in by_id]
         segments = [s for s in segments if s.id in by_id]
         if not segments:
             raise FusemtError(f"{hyp_file} has no segment id of dataset '{dataset.name}'")
-        pairs = [(by_id[s.id], s.reference) for s in segments]
+        pairs = [(by_id[s.id], s.reference, s.source) for s in segments]
         if missing:
             print(f"note: {len(missing)} dataset segments have no hypothesis in {hyp_file} and are not scored", file=sys.stderr)
     if dataset.limit is not None:
         pairs = pairs[: dataset.limit]
-    hyps, refs = zip(*pairs)
-    return {"hyp_file": str(hyp_file), **corpus_scores(list(hyps), list(refs), bleu=bleu, chrf=chrf)}
+    hyps, refs, sources = (list(column) for column in zip(*pairs))
+    scores = {"hyp_file": str(hyp_file), **corpus_scores(hyps, refs, bleu=bleu, chrf=chrf)}
+    if comet_model:
+        result = comet_scores(sources, hyps, refs, comet_model, comet_batch_size)
+        scores["comet"] = None if result is None else result.system
+    return scores
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="score")
@@ -67,7 +73,9 @@ def _main(cfg: DictConfig) -> None:
         if not cfg.hyp_file:
             raise FusemtError("hyp_file is required: python -m eval.score dataset=... hyp_file=<file>")
         dataset = typed_config(DatasetConfig, OmegaConf.to_container(cfg.dataset, resolve=True), "dataset")
-        scores = score_file(dataset, Path(cfg.hyp_file).expanduser(), bleu=cfg.metrics.bleu, chrf=cfg.metrics.chrf)
+        scores = score_file(dataset, Path(cfg.hyp_file).expanduser(), bleu=cfg.metrics.bleu, chrf=cfg.metrics.chrf,
+                            comet_model=cfg.metrics.comet_model if cfg.metrics.comet else None,
+                            comet_batch_size=cfg.metrics.comet_batch_size)
     except FusemtError as err:
         print(f"fusemt: error: {err}", file=sys.stderr)
         sys.exit(2)

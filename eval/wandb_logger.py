@@ -59,7 +59,11 @@ class RunLogger:
             self.run.summary.update(numeric)
             table = wandb.Table(columns=["id", "source", "reference", "hypothesis"],
                                 data=[[r["id"], r["source"], r.get("reference"), r["hypothesis"]] for r in rows])
-            self.run.log({**numeric, "segments": table})
+            logged = {**numeric, "segments": table}
+            html_files = [p for p in files if p.suffix == ".html" and p.exists()]
+            if html_files:
+                logged["trace"] = wandb.Html(html_files[0].read_text(encoding="utf-8"))
+            self.run.log(logged)
             artifact = wandb.Artifact(name=f"results-{self.run.name}".replace("/", "_"), type="results")
             for path in files:
                 if path.exists():

@@ -33,6 +33,9 @@ class ModelsConfig:
 class MetricsConfig:
     bleu: bool = True
     chrf: bool = True
+    comet: bool = True
+    comet_model: str = "Unbabel/wmt22-comet-da"  # hub id, or a local .../checkpoints/model.ckpt
+    comet_batch_size: int = 16
 
 
 @dataclass

@@ -22,7 +22,9 @@ from tqdm import tqdm
 from decoding.base import decoder_class
 from decoding.errors import FusemtError
 from decoding.model import load_model
+from eval.comet_score import comet_scores
 from eval.metrics import corpus_scores
+from eval.trace import render_html
 from eval.wandb_logger import RunLogger
 from runners.config import CONF_DIR, RunConfig, build_run_config, register_schemas
 from runners.data import Segment, load_segments
@@ -59,6 +61,15 @@ def run_metrics(run: RunConfig, rows: list[dict]) -> dict:
                                      bleu=run.metrics.get("bleu", True), chrf=run.metrics.get("chrf", True)))
     else:
         metrics["segments"] = 0
+    metrics["comet"] = None
+    if scored and run.metrics.get("comet"):
+        result = comet_scores([r["source"] for r in scored], [r["hypothesis"] for r in scored],
+                              [r["reference"] for r in scored], run.metrics["comet_model"], run.metrics["comet_batch_size"])
+        if result is not None:
+            metrics["comet"], metrics["comet_model"] = result.system, result.model
+            comet_path = run.results_path.with_suffix(".comet.jsonl")
+            comet_path.write_text("".join(json.dumps({"id": r["id"], "comet": score}) + "\n"
+                                          for r, score in zip(scored, result.segments)))
     total_time = sum(r["time_s"] for r in rows)
     metrics["n_new_tokens"] = sum(r["n_new_tokens"] for r in rows)
     metrics["tokens_per_s"] = round(metrics["n_new_tokens"] / total_time, 3) if total_time > 0 else None
@@ -97,8 +108,12 @@ def translate(run: RunConfig, sweep_group: str | None = None) -> dict:
     metrics = run_metrics(run, rows)
     metrics_path = run.results_path.with_suffix(".metrics.json")
     metrics_path.write_text(json.dumps(metrics, ensure_ascii=False, indent=2) + "\n")
-    log.info("metrics: %s", {k: metrics[k] for k in ("segments", "bleu", "chrf", "tokens_per_s") if k in metrics})
-    logger.log_results(metrics, rows, [run.results_path, metrics_path])
+    trace_path = run.results_path.with_suffix(".trace.html")
+    trace_path.write_text(render_html(rows, metrics, run.run_name), encoding="utf-8")
+    log.info("metrics: %s", {k: metrics[k] for k in ("segments", "bleu", "chrf", "comet", "tokens_per_s") if k in metrics})
+    log.info("traces: %s", trace_path)
+    logger.log_results(metrics, rows, [run.results_path, metrics_path, trace_path,
+                                       run.results_path.with_suffix(".comet.jsonl")])
     logger.finish()
     return metrics
 

@@ -74,7 +74,7 @@ def main() -> None:
         decoder = decoder_class(run.decoding_name)(run.decoding, models, run.prompt)
         return timed(decoder, sources[:batch], args.repeats) / steps
 
-    member_names = [m.name for m in compose(f"models={args.pair}").models]
+    member_names = [m.name for m in compose(f"models={args.pair}", "decoding=unite").models]
     ratios: dict[int, float] = {}
     growth = 0.0
     for batch in args.batch_sizes:

@@ -71,6 +71,9 @@ class SpeculativeDecoder(Decoder):
         num_draft_tokens: int = 5
         adaptive: bool = False  # +2 after a round that accepted every proposal, -1 otherwise (as HF's heuristic)
         max_draft_tokens: int = 16
+        # Stop drafting a sequence after a token the draft gives less than this probability (as HF's
+        # assistant_confidence_threshold): unlikely proposals cost draft passes and are rarely accepted.
+        confidence_threshold: float = 0.4
         temperature: float = 0.0  # 0: greedy (output = target greedy)
         top_p: float = 1.0
         use_cache: bool = True
@@ -164,7 +167,9 @@ class SpeculativeDecoder(Decoder):
         open_rows = [True] * rows
         end_ids = self.draft_model.vocab.end_ids
         for _ in range(state.k):
-            picked, q = self._pick(state.draft.logprobs())
+            logprobs = state.draft.logprobs()
+            picked, q = self._pick(logprobs)
+            confidence = logprobs.gather(-1, picked[:, None]).squeeze(-1).exp().tolist()
             for row, seq in enumerate(state.active):
                 state.draft_passes[seq] += 1
                 tid = int(picked[row])
@@ -173,7 +178,7 @@ class SpeculativeDecoder(Decoder):
                     ids[row].append(tid)
                     if q is not None:
                         dists[row].append(q[row])
-                    open_rows[row] = tid not in end_ids
+                    open_rows[row] = tid not in end_ids and confidence[row] >= self.cfg.confidence_threshold
             if not any(open_rows):
                 break
         return ids, ([torch.stack(d) for d in dists] if self.cfg.temperature > 0 else None)
