@@ -22,9 +22,9 @@ from typing import Optional
 import torch
 
 from decoding.base import DecodeOutput, Decoder, clip_trace, finalize_text, find_stop, trace_step
-from decoding.stream import ModelStream
+from decoding.stream import ModelStream, open_streams
 from decoding.vocab import utf8_pending
-from runners.prompt import render_prompt, stop_strings
+from runners.prompt import stop_strings
 
 END = None  # the candidate key shared by every model's end tokens
 
@@ -53,7 +53,6 @@ class FusionState:
     active: list[int]  # original index of each live stream row
     text: list[bytearray]
     steps: list[list] = field(default_factory=list)
-    ended: list[bool] = field(default_factory=list)
     agree: list[int] = field(default_factory=list)
     rollbacks: list[list[int]] = field(default_factory=list)  # [seq][model]
     forward_passes: list[list[int]] = field(default_factory=list)
@@ -100,16 +99,12 @@ class FusionDecoder(Decoder):
 
     # --- prepare / step / finish -------------------------------------------------------------
     def prepare(self, sources: list[str]) -> FusionState:
-        streams, truncated = [], [False] * len(sources)
-        for model in self.models:
-            batch = render_prompt(model, sources, self.prompt, self.render_input_text)
-            rows = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
-            streams.append(ModelStream(model, rows, recompute=not self.cfg.use_cache))
-            truncated = [a or b for a, b in zip(truncated, batch["truncated"])]
+        streams, truncated = open_streams(self.models, sources, self.prompt, self.render_input_text,
+                                          recompute=not self.cfg.use_cache)
         stops = list(dict.fromkeys(s for m in self.models for s in stop_strings(m.tokenizer, self.prompt, m.spec.stop_strings)))
         n = len(sources)
         return FusionState(sources=sources, streams=streams, stops=stops, active=list(range(n)),
-                           text=[bytearray() for _ in range(n)], steps=[[] for _ in range(n)], ended=[False] * n,
+                           text=[bytearray() for _ in range(n)], steps=[[] for _ in range(n)],
                            agree=[0] * n, rollbacks=[[0] * len(self.models) for _ in range(n)],
                            forward_passes=[[0] * len(self.models) for _ in range(n)], truncated=truncated,
                            pieces=[[] for _ in range(n)])
@@ -236,7 +231,6 @@ class FusionDecoder(Decoder):
             ids = {n: [choice.ids[m]] if choice.ids[m] is not None else [] for m, n in enumerate(self.names)}
             state.steps[seq].append(trace_step(b"", ids=ids, logprob=logprob, origin=choice.origin(self.names), end=True,
                                                extra=extra))
-            state.ended[seq] = True
             return True
         appended, dropped = {}, {}
         for m, stream in enumerate(state.streams):

@@ -69,7 +69,7 @@ class ModelStream:
             start -= 1
         old_tail = generated[start:]
         tail_bytes = b"".join(vocab.token_bytes[t] or b"" for t in old_tail) + data
-        new, drop = vocab.segment(data), 0
+        new, drop = None, 0
         if not utf8_pending(tail_bytes):
             new_tail = self.model.tokenizer.encode(tail_bytes.decode("utf-8", errors="replace"), add_special_tokens=False)
             if b"".join(vocab.token_bytes[t] or b"" for t in new_tail) == tail_bytes:
@@ -77,6 +77,8 @@ class ModelStream:
                 while common < min(len(old_tail), len(new_tail)) and old_tail[common] == new_tail[common]:
                     common += 1
                 new, drop = new_tail[common:], len(old_tail) - common
+        if new is None:
+            new = vocab.segment(data)
         self.rollback(row, drop)
         self.append(row, new)
         return new, drop
@@ -169,3 +171,16 @@ class ModelStream:
             self.cached[r] = len(row)
         device = self.model.device
         return self._pad_keep(self.model.forward(ids.to(device), mask.to(device), positions.to(device), None, keep), keep)
+
+
+def open_streams(models, sources: list[str], prompt, render_input_text: bool, recompute: bool):
+    """One stream per model over the batch's rendered prompts, and which sources any model truncated."""
+    from runners.prompt import render_prompt
+
+    streams, truncated = [], [False] * len(sources)
+    for model in models:
+        batch = render_prompt(model, sources, prompt, render_input_text)
+        rows = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+        streams.append(ModelStream(model, rows, recompute=recompute))
+        truncated = [a or b for a, b in zip(truncated, batch["truncated"])]
+    return streams, truncated

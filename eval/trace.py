@@ -116,25 +116,41 @@ nav {{ margin: 0.5em 0 1em; font-size: 0.9em; }} section {{ border-top: 1px soli
 """
 
 
+CJK_FONTS = ["Noto Sans CJK JP", "Noto Sans JP", "IPAexGothic", "IPAGothic", "TakaoGothic", "VL Gothic",
+             "Droid Sans Fallback", "WenQuanYi Zen Hei"]
+
+
+def _cjk_font() -> str | None:
+    from matplotlib import font_manager
+
+    installed = {f.name for f in font_manager.fontManager.ttflist}
+    return next((name for name in CJK_FONTS if name in installed), None)
+
+
 def plot_segment(row: dict, path: Path) -> Path:
-    """Horizontal bars: each model's probability of the chosen piece, one group per step."""
+    """Horizontal bars: each model's probability of the chosen piece, one group per step.
+
+    Japanese labels need a CJK font (e.g. Debian's fonts-noto-cjk); without one, pieces are
+    shown with escapes rather than as empty boxes.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
-    import logging
-
     import matplotlib.pyplot as plt
 
-    logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
+    font = _cjk_font()
+    show = (lambda piece: repr(piece)) if font else ascii
     steps = row.get("trace", [])
     models = list(dict.fromkeys(m for s in steps for m in s.get("logprob", {})))
     height = 0.8 / max(len(models), 1)
+    if font:
+        plt.rcParams["font.family"] = ["DejaVu Sans", font]
     fig, ax = plt.subplots(figsize=(7, max(2.0, 0.32 * len(steps) + 1)))
     for j, model in enumerate(models):
         probs = [math.exp(s["logprob"][model]) if s.get("logprob", {}).get(model) is not None else 0.0 for s in steps]
         ax.barh([i + j * height for i in range(len(steps))], probs, height=height, label=model,
                 color=MODEL_COLOURS[j % len(MODEL_COLOURS)], edgecolor="#555")
-    labels = [f"{i}: {'<end>' if s.get('end') else s['piece']!r} [{s['origin']}]" for i, s in enumerate(steps)]
+    labels = [f"{i}: {'<end>' if s.get('end') else show(s['piece'])} [{s['origin']}]" for i, s in enumerate(steps)]
     ax.set_yticks([i + height * (len(models) - 1) / 2 for i in range(len(steps))], labels, fontsize=7)
     ax.invert_yaxis()
     ax.set_xlim(0, 1)

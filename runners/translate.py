@@ -12,11 +12,12 @@ import logging
 import random
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm import tqdm
 
 from decoding.base import decoder_class
@@ -93,9 +94,8 @@ def translate(run: RunConfig, sweep_group: str | None = None) -> dict:
     todo = [s for s in segments if s.id not in results.done_ids]
     log.info("%s: %d segments, %d already done, writing %s", run.run_name, len(segments), len(segments) - len(todo),
              run.results_path)
-    logger = RunLogger(run.logger if sweep_group is None or run.logger.group else
-                       type(run.logger)(**{**run.logger.__dict__, "group": sweep_group}),
-                       run.run_name, config=_loggable(run), out_dir=run.results_path.parent)
+    logger_cfg = replace(run.logger, group=run.logger.group or sweep_group)
+    logger = RunLogger(logger_cfg, run.run_name, config=_loggable(run), out_dir=run.results_path.parent)
     try:
         if todo:
             models = [load_model(spec) for spec in run.models]
@@ -106,6 +106,7 @@ def translate(run: RunConfig, sweep_group: str | None = None) -> dict:
     wanted = {s.id for s in segments}
     rows = [r for r in results.rows if r["id"] in wanted]
     metrics = run_metrics(run, rows)
+    metrics["sweep"] = logger_cfg.group  # the W&B group: one per multirun sweep unless logger.group is set
     metrics_path = run.results_path.with_suffix(".metrics.json")
     metrics_path.write_text(json.dumps(metrics, ensure_ascii=False, indent=2) + "\n")
     trace_path = run.results_path.with_suffix(".trace.html")

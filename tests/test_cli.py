@@ -67,3 +67,42 @@ def test_multirun_greedy_and_beam(tmp_path):
     assert proc.returncode == 0
     names = sorted(p.name for p in (tmp_path / "results" / "sample" / "ensemble").glob("*.metrics.json"))
     assert names == ["beam__gemma3_270m__sample_en_ja.metrics.json", "greedy__gemma3_270m__sample_en_ja.metrics.json"]
+
+
+@pytest.mark.slow
+def test_sweep_of_all_methods_with_comet_traces_report_and_wandb_groups(tmp_path):
+    from comet_fixture import build_tiny_comet
+
+    checkpoint = build_tiny_comet(tmp_path / "comet")
+    fusemt(tmp_path, "-m", "decoding=greedy,beam,tokenwise,unite,speculative", "models=gemma3_smollm2",
+           "dataset.limit=1", "decoding.max_new_tokens=12", "logger=wandb", f"metrics.comet_model={checkpoint}")
+    folder = tmp_path / "results" / "sample" / "ensemble"
+    metrics = {json.loads(p.read_text())["method"]: json.loads(p.read_text()) for p in folder.glob("*.metrics.json")}
+    assert sorted(metrics) == ["beam", "greedy", "speculative", "tokenwise", "unite"]
+    assert all(isinstance(m["comet"], float) for m in metrics.values())
+    assert metrics["greedy"]["models"] == ["gemma3_270m"]  # single-model methods run on the first member
+    assert "acceptance_rate" in metrics["speculative"] and "agreement_rate" in metrics["unite"]
+    assert len(list(folder.glob("*.trace.html"))) == 5 and len(list(folder.glob("*.comet.jsonl"))) == 5
+    assert len(list(folder.glob("wandb/offline-run-*"))) == 5
+    assert len({m["sweep"] for m in metrics.values()}) == 1 and metrics["unite"]["sweep"]  # one W&B group per sweep
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, "-m", "eval.report", str(tmp_path / "results")], check=True, env=env,
+                   capture_output=True, timeout=300)
+    table = (tmp_path / "results" / "report.md").read_text()
+    assert all(method in table for method in metrics) and (tmp_path / "results" / "report.png").exists()
+    subprocess.run([sys.executable, "-m", "eval.trace", str(folder / "unite__gemma3_270m+smollm2_135m__sample_en_ja.jsonl")],
+                   check=True, env=env, capture_output=True, timeout=300)
+    assert (folder / "unite__gemma3_270m+smollm2_135m__sample_en_ja.seg0.png").exists()
+
+
+@pytest.mark.slow
+def test_empty_and_too_long_sources_are_recorded_with_warnings(tmp_path):
+    data = tmp_path / "mine.jsonl"
+    data.write_text(json.dumps({"id": "a", "source": "   ", "reference": "x"}) + "\n"
+                    + json.dumps({"id": "b", "source": "Good night.", "reference": "おやすみなさい。"}) + "\n")
+    fusemt(tmp_path, f"dataset.path={data}", "dataset.name=mine", "logger=none", "decoding.max_new_tokens=8",
+           "models.members=[{name: gemma3_270m, max_input_tokens: 30}]")
+    rows = {r["id"]: r for r in map(json.loads, (tmp_path / "results" / "sample" / "ensemble" /
+                                                "greedy__gemma3_270m__mine.jsonl").read_text().splitlines())}
+    assert rows["a"]["hypothesis"] == "" and rows["a"]["warnings"] == ["empty source: nothing to translate"]
+    assert rows["b"]["warnings"] == ["prompt truncated to 30 tokens"] and rows["b"]["n_new_tokens"] > 0

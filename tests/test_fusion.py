@@ -68,3 +68,11 @@ def test_batch_of_8_equals_8_single_runs():
     batched = [o.text for o in decode(*common, sources=sources)]
     single = [decode(*common, sources=[s])[0].text for s in sources]
     assert batched == single
+
+
+def test_unite_primary_model_defines_the_output_vocabulary(smollm):
+    outs = decode("models=gemma3_smollm2", "decoding=unite", "decoding.primary=1", "decoding.max_new_tokens=16",
+                  sources=SOURCES[:2])
+    for out in outs:
+        for step in out.trace:
+            assert step.get("end") or "stop" in step or bytes.fromhex(step["piece_bytes"]) in smollm.vocab.bytes_to_ids

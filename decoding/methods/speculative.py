@@ -19,7 +19,6 @@ distribution equal to the target's p as well.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -27,9 +26,9 @@ import torch
 from decoding.base import DecodeOutput, Decoder, clip_trace, finalize_text, find_stop, register, trace_step
 from decoding.errors import FusemtError
 from decoding.fusion import unique_names
-from decoding.stream import ModelStream
+from decoding.stream import ModelStream, open_streams
 from decoding.vocab import utf8_pending
-from runners.prompt import render_prompt, stop_strings
+from runners.prompt import stop_strings
 
 
 def warp(logprobs: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
@@ -90,12 +89,8 @@ class SpeculativeDecoder(Decoder):
 
     # --- prepare / step / finish ---------------------------------------------------------------
     def prepare(self, sources: list[str]) -> SpecState:
-        streams, truncated = [], [False] * len(sources)
-        for model in self.models:
-            batch = render_prompt(model, sources, self.prompt, self.render_input_text)
-            rows = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
-            streams.append(ModelStream(model, rows, recompute=not self.cfg.use_cache))
-            truncated = [a or b for a, b in zip(truncated, batch["truncated"])]
+        streams, truncated = open_streams(self.models, sources, self.prompt, self.render_input_text,
+                                          recompute=not self.cfg.use_cache)
         # The target's stop strings decide where its output ends.
         stops = stop_strings(self.target_model.tokenizer, self.prompt, self.target_model.spec.stop_strings)
         n = len(sources)
@@ -237,22 +232,21 @@ class SpeculativeDecoder(Decoder):
         draft_text = [self.draft_model.vocab.token_bytes[t] or b"" for t in draft_ids]
         round_info = {"round": state.rounds[seq], "proposed": [p.decode("utf-8", "backslashreplace") for p in draft_text],
                       "accepted": n_acc}
-        done = False
+        ends = [j for j, tid in enumerate(new) if tid in vocab.end_ids]
+        done = bool(ends)
+        written = new[: ends[0] + 1] if ends else new
         start = len(state.text[seq])
-        for j, tid in enumerate(new):
+        for j, tid in enumerate(written):
             is_end = tid in vocab.end_ids
             piece = b"" if is_end else vocab.token_bytes[tid] or b""
-            origin = "draft" if j < n_acc else "target"
-            extra = dict(round_info) if j == len(new) - 1 else {"round": state.rounds[seq]}
+            # The round's last step carries what was proposed and how much of it was accepted.
+            extra = dict(round_info) if j == len(written) - 1 else {"round": state.rounds[seq]}
             ids = {self.names[0]: [tid]}
             if self.same_vocab and j < n_acc:
                 ids[self.names[1]] = [tid]
             state.steps[seq].append(trace_step(piece, ids=ids, logprob={self.names[0]: float(scores[j, tid])},
-                                               origin=origin, end=is_end, extra=extra))
+                                               origin="draft" if j < n_acc else "target", end=is_end, extra=extra))
             state.text[seq].extend(piece)
-            if is_end:
-                done = True
-                break
         if state.stops and len(state.steps[seq]) >= self.cfg.min_new_tokens:
             done = done or find_stop(bytes(state.text[seq]), state.stops, start) is not None
         done = done or len(state.steps[seq]) >= self.cfg.max_new_tokens

@@ -13,11 +13,17 @@ The variant implemented, exactly:
 5. The fused score is sum_m w_m q_m(c) (weights normalised to sum 1); argmax, or sampling with
    ``temperature`` > 0. Ties go to the candidate the higher-weighted models spell as one token,
    so with weights (1, 0) the output is exactly the first model's greedy output.
+6. Optional ``primary`` (index into models.members): only candidates that the primary model
+   spells as one token of its own vocabulary can be chosen, so its tokenizer defines the output
+   (as in the UniTE reference code); the scores are unchanged.
 """
 
+import math
 from dataclasses import dataclass
+from typing import Optional
 
 from decoding.base import register
+from decoding.errors import FusemtError
 from decoding.fusion import Candidate, FusionDecoder
 
 
@@ -28,8 +34,16 @@ class UniteDecoder(FusionDecoder):
     @dataclass
     class Config(FusionDecoder.Config):
         top_k: int = 10
+        primary: Optional[int] = None  # index of the model whose vocabulary defines the output
+
+    def __init__(self, cfg, models, prompt, render_input_text=False):
+        super().__init__(cfg, models, prompt, render_input_text)
+        if cfg.primary is not None and not 0 <= cfg.primary < len(models):
+            raise FusemtError(f"decoding.primary={cfg.primary}: must index models.members (0..{len(models) - 1})")
 
     def score(self, candidates: list[Candidate], recent: list[bytes]) -> list[float]:
         totals = [sum(c.probs[m] for c in candidates) for m in range(len(self.models))]
+        primary = self.cfg.primary
         return [sum(w * (c.probs[m] / totals[m] if totals[m] > 0 else 0.0) for m, w in enumerate(self.weights))
+                if primary is None or c.exact[primary] else -math.inf
                 for c in candidates]
