@@ -92,6 +92,16 @@ def clip_trace(steps: list[TraceStep], stop_strings: list[str]) -> tuple[list[Tr
     return kept, raw[:cut], stop
 
 
+def traced_output(steps: list[TraceStep], stop_strings: list[str], stats: dict, warnings: list[str]) -> DecodeOutput:
+    """A sequence's output from its full trace: cut at the first stop string, text finalised."""
+    kept, raw, _ = clip_trace(steps, stop_strings)
+    return DecodeOutput(text=finalize_text(raw), n_new_tokens=len(kept), trace=[s.to_json() for s in kept],
+                        stats=stats, warnings=warnings)
+
+
+TRUNCATED = "prompt truncated to the model's max_input_tokens"
+
+
 class Decoder(ABC):
     """A decoding method over one or more models (``LoadedModel``), behind prepare/step/finish."""
 

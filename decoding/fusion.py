@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from decoding.base import DecodeOutput, Decoder, clip_trace, finalize_text, find_stop, trace_step
+from decoding.base import TRUNCATED, DecodeOutput, Decoder, find_stop, trace_step, traced_output
 from decoding.stream import ModelStream, open_streams
 from decoding.vocab import utf8_pending
 from runners.prompt import stop_strings
@@ -148,14 +148,11 @@ class FusionDecoder(Decoder):
     def finish(self, state: FusionState) -> list[DecodeOutput]:
         outputs = []
         for seq in range(len(state.sources)):
-            steps, raw, _ = clip_trace(state.steps[seq], state.stops)
             n_steps = len(state.steps[seq])
             stats = {"steps": n_steps, "agreement_rate": round(state.agree[seq] / max(n_steps, 1), 4),
                      "cache_crops": dict(zip(self.names, state.rollbacks[seq])),
                      "forward_passes": dict(zip(self.names, state.forward_passes[seq]))}
-            warnings = ["prompt truncated to the model's max_input_tokens"] if state.truncated[seq] else []
-            outputs.append(DecodeOutput(text=finalize_text(raw), n_new_tokens=len(steps), trace=[s.to_json() for s in steps],
-                                        stats=stats, warnings=warnings))
+            outputs.append(traced_output(state.steps[seq], state.stops, stats, [TRUNCATED] if state.truncated[seq] else []))
         return outputs
 
     # --- candidates ----------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from decoding.base import DecodeOutput, Decoder, clip_trace, finalize_text, trace_step
+from decoding.base import DecodeOutput, Decoder, trace_step, traced_output
 from runners.prompt import render_prompt, stop_strings
 
 
@@ -90,10 +90,8 @@ class GenerateDecoder(Decoder):
                                         logprob={model.name: lp}, origin=model.name, end=is_end))
                 if is_end:
                     break
-            steps, raw, _ = clip_trace(steps, stops)
             warnings = [f"prompt truncated to {model.spec.max_input_tokens} tokens"] if state.batch["truncated"][row] else []
-            state.outputs.append(DecodeOutput(text=finalize_text(raw), n_new_tokens=len(steps), trace=[s.to_json() for s in steps],
-                                              stats={"forward_passes": {model.name: len(out.scores)}}, warnings=warnings))
+            state.outputs.append(traced_output(steps, stops, {"forward_passes": {model.name: len(out.scores)}}, warnings))
         return False
 
     def finish(self, state: GenerateState) -> list[DecodeOutput]:

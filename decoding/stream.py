@@ -116,13 +116,15 @@ class ModelStream:
         """Tokens of ``row`` not yet run through the model (the next pass scores them all)."""
         return len(self.tokens[row]) - self.cached[row]
 
-    def logprobs(self, keep: int = 1) -> torch.Tensor:
-        """Log-probabilities after the last ``keep`` positions of every row: [rows, keep, vocab] on
-        the CPU ([rows, vocab] for keep=1). Row r's pending tokens are its last ``pending(r)``
-        positions; earlier kept positions of a shorter row are padding."""
+    def logprobs(self, keep: int | None = None) -> torch.Tensor:
+        """Next-token log-probabilities of every row, on the CPU: [rows, vocab] after the last
+        position, or with ``keep`` after each of the last ``keep`` positions, [rows, keep, vocab].
+        Row r's pending tokens are its last ``pending(r)`` positions; earlier kept positions of a
+        shorter row are padding."""
         self.forward_passes += 1
-        out = (self._full_forward(keep) if self.recompute else self._incremental_forward(keep)).cpu()
-        return out[:, -1] if keep == 1 else out
+        n = keep or 1
+        out = (self._full_forward(n) if self.recompute else self._incremental_forward(n)).cpu()
+        return out[:, -1] if keep is None else out
 
     def _incremental_forward(self, keep: int) -> torch.Tensor:
         for r in range(self.rows):

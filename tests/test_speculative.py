@@ -12,7 +12,9 @@ from decoding.methods.speculative import SpeculativeDecoder, warp
 from decoding.model import load_model
 from runners.prompt import render_prompt
 
-SOURCES = ["The weather is nice today.", "Where is the train station?", "The company will open a new office in Tokyo."]
+# The bundled sample's first lines: one of them makes SmolLM2 draft only a cut-off character (an empty proposal).
+SOURCES = ["The weather is nice today.", "I would like a cup of coffee, please.", "Where is the train station?",
+           "This book is very interesting."]
 
 
 def build(*overrides):

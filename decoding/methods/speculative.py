@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from decoding.base import DecodeOutput, Decoder, clip_trace, finalize_text, find_stop, register, trace_step
+from decoding.base import TRUNCATED, DecodeOutput, Decoder, find_stop, register, trace_step, traced_output
 from decoding.errors import FusemtError
 from decoding.fusion import unique_names
 from decoding.stream import ModelStream, open_streams
@@ -135,15 +135,12 @@ class SpeculativeDecoder(Decoder):
     def finish(self, state: SpecState) -> list[DecodeOutput]:
         outputs = []
         for seq in range(len(state.sources)):
-            steps, raw, _ = clip_trace(state.steps[seq], state.stops)
             rounds = max(state.rounds[seq], 1)
             stats = {"rounds": state.rounds[seq],
                      "acceptance_rate": round(state.accepted[seq] / max(state.proposed[seq], 1), 4),
                      "mean_accepted_length": round(state.accepted[seq] / rounds, 4),
                      "forward_passes": {self.names[0]: state.rounds[seq], self.names[1]: state.draft_passes[seq]}}
-            warnings = ["prompt truncated to the model's max_input_tokens"] if state.truncated[seq] else []
-            outputs.append(DecodeOutput(text=finalize_text(raw), n_new_tokens=len(steps), trace=[s.to_json() for s in steps],
-                                        stats=stats, warnings=warnings))
+            outputs.append(traced_output(state.steps[seq], state.stops, stats, [TRUNCATED] if state.truncated[seq] else []))
         return outputs
 
     # --- one round ---------------------------------------------------------------------------
