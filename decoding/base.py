@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from decoding.errors import FusemtError
-from decoding.vocab import utf8_pending
+from decoding.vocab import complete_utf8_prefix
 
 
 @dataclass
@@ -63,12 +63,7 @@ def find_stop(data: bytes, stop_strings: list[str], start: int = 0) -> int | Non
 
 def finalize_text(data: bytes) -> str:
     """The hypothesis: drop a character cut off at max_new_tokens, strip surrounding spaces."""
-    if utf8_pending(data):
-        cut = len(data) - 1
-        while cut > 0 and 0x80 <= data[cut] < 0xC0:
-            cut -= 1
-        data = data[:cut]
-    return data.decode("utf-8", errors="replace").strip()
+    return complete_utf8_prefix(data).decode("utf-8", errors="replace").strip()
 
 
 def clip_trace(steps: list[TraceStep], stop_strings: list[str]) -> tuple[list[TraceStep], bytes, str | None]:

@@ -120,8 +120,7 @@ class FusionDecoder(Decoder):
             lp = stream.logprobs()
             vocab = stream.model.vocab
             allowed = vocab.admissible(pending)
-            end_ids = torch.tensor(sorted(vocab.end_ids), dtype=torch.long)
-            allowed[:, end_ids] = may_end
+            allowed[:, vocab.end_id_tensor] = may_end
             masked = lp.masked_fill(~allowed, -math.inf)
             values, ids = masked.topk(min(self.cfg.top_k, masked.shape[1]), dim=-1)
             logprobs.append(lp)
@@ -220,9 +219,10 @@ class FusionDecoder(Decoder):
     def _apply(self, state: FusionState, row: int, seq: int, choice: Candidate, cands: list[Candidate]) -> bool:
         """Append the choice to every model; return True when the sequence is finished."""
         logprob = {n: (math.log(p) if p > 0 else None) for n, p in zip(self.names, choice.probs)}
-        top = sorted(cands, key=lambda c: -sum(w * p for w, p in zip(self.weights, c.probs)))[:3]
-        extra = {"top": [["<end>" if c.key is END else c.key.decode("utf-8", "backslashreplace"),
-                          round(sum(w * p for w, p in zip(self.weights, c.probs)), 4)] for c in top],
+        mixture = sorted(((sum(w * p for w, p in zip(self.weights, c.probs)), c) for c in cands),
+                         key=lambda sc: -sc[0])[:3]
+        extra = {"top": [["<end>" if c.key is END else c.key.decode("utf-8", "backslashreplace"), round(score, 4)]
+                         for score, c in mixture],
                  "union": len(cands)}
         if choice.key is END:
             ids = {n: [choice.ids[m]] if choice.ids[m] is not None else [] for m, n in enumerate(self.names)}

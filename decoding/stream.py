@@ -18,6 +18,13 @@ from decoding.vocab import utf8_pending
 RETOKENIZE_WINDOW = 4  # own tokens re-tokenised together with newly appended bytes
 
 
+def common_prefix_len(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
 class ModelStream:
     def __init__(self, model, prompt_ids: list[list[int]], recompute: bool = False):
         self.model = model
@@ -73,15 +80,20 @@ class ModelStream:
         if not utf8_pending(tail_bytes):
             new_tail = self.model.tokenizer.encode(tail_bytes.decode("utf-8", errors="replace"), add_special_tokens=False)
             if b"".join(vocab.token_bytes[t] or b"" for t in new_tail) == tail_bytes:
-                common = 0
-                while common < min(len(old_tail), len(new_tail)) and old_tail[common] == new_tail[common]:
-                    common += 1
+                common = common_prefix_len(old_tail, new_tail)
                 new, drop = new_tail[common:], len(old_tail) - common
         if new is None:
             new = vocab.segment(data)
         self.rollback(row, drop)
         self.append(row, new)
         return new, drop
+
+    def sync_to_ids(self, row: int, ids: list[int]) -> None:
+        """Make this row's generated tokens equal ``ids``: roll back past the common prefix, append the rest."""
+        generated = self.generated(row)
+        common = common_prefix_len(generated, ids)
+        self.rollback(row, len(generated) - common)
+        self.append(row, ids[common:])
 
     def sync_to_bytes(self, row: int, text: bytes) -> None:
         """Make this row's generated tokens spell ``text``: keep the longest prefix of tokens that

@@ -68,6 +68,16 @@ def utf8_pending(data: bytes) -> int:
     return 0
 
 
+def complete_utf8_prefix(data: bytes) -> bytes:
+    """``data`` without a trailing character that is cut off (its lead byte and what follows)."""
+    if not utf8_pending(data):
+        return data
+    cut = len(data) - 1
+    while cut > 0 and 0x80 <= data[cut] < 0xC0:
+        cut -= 1
+    return data[:cut]
+
+
 def _split_continuation(data: bytes) -> tuple[int, bool]:
     """(leading continuation bytes, whether the rest is a valid UTF-8 prefix)."""
     lead = 0
@@ -107,6 +117,7 @@ class ByteVocab:
     tail_valid: torch.Tensor  # [V] bytes after the leading continuation bytes form a valid UTF-8 prefix
     is_text: torch.Tensor  # [V] adds text (not a special/control token)
     max_token_bytes: int
+    end_id_tensor: torch.Tensor  # end_ids as a sorted index tensor
 
     @classmethod
     def from_tokenizer(cls, tokenizer, vocab_size: int, extra_end_ids: set[int] | None = None) -> "ByteVocab":
@@ -160,6 +171,7 @@ class ByteVocab:
             tail_valid=tail_ok,
             is_text=length > 0,
             max_token_bytes=int(length.max()) if len(token_bytes) else 0,
+            end_id_tensor=torch.tensor(sorted(end_ids), dtype=torch.long),
         )
 
     def admissible(self, pending: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ from decoding.base import TRUNCATED, DecodeOutput, Decoder, find_stop, register,
 from decoding.errors import FusemtError
 from decoding.fusion import unique_names
 from decoding.stream import ModelStream, open_streams
-from decoding.vocab import utf8_pending
+from decoding.vocab import complete_utf8_prefix, utf8_pending
 from runners.prompt import stop_strings
 
 
@@ -182,12 +182,10 @@ class SpeculativeDecoder(Decoder):
         vocab = self.draft_model.vocab
         ends = [i for i, t in enumerate(draft_ids) if t in vocab.end_ids]
         text = b"".join(vocab.token_bytes[t] or b"" for t in draft_ids[: ends[0] if ends else None])
-        complete = not utf8_pending(bytes(state.text[state.active[row]]) + text)
+        so_far = bytes(state.text[state.active[row]])
+        complete = not utf8_pending(so_far + text)
         if not complete:  # leave out a character cut off at the end of the proposal
-            cut = len(text) - 1
-            while cut > 0 and 0x80 <= text[cut] < 0xC0:
-                cut -= 1
-            text = text[:cut]
+            text = text[: max(len(complete_utf8_prefix(so_far + text)) - len(so_far), 0)]
         target_vocab = self.target_model.vocab
         props = []
         if text:
@@ -255,11 +253,6 @@ class SpeculativeDecoder(Decoder):
         """Bring the draft to the accepted text: the target's ids when they share a vocabulary, else bytes."""
         draft = state.draft
         if self.same_vocab:
-            target_gen, draft_gen = state.target.generated(row), draft.generated(row)
-            common = 0
-            while common < min(len(target_gen), len(draft_gen)) and target_gen[common] == draft_gen[common]:
-                common += 1
-            draft.rollback(row, len(draft_gen) - common)
-            draft.append(row, target_gen[common:])
+            draft.sync_to_ids(row, state.target.generated(row))
         else:
             draft.sync_to_bytes(row, bytes(state.text[seq]))
