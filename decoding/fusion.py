@@ -24,7 +24,7 @@ import torch
 from decoding.base import TRUNCATED, DecodeOutput, Decoder, find_stop, trace_step, traced_output
 from decoding.stream import ModelStream, open_streams
 from decoding.vocab import utf8_pending
-from runners.prompt import stop_strings
+from decoding.prompt import stop_strings
 
 END = None  # the candidate key shared by every model's end tokens
 

@@ -9,7 +9,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from decoding.base import DecodeOutput, Decoder, trace_step, traced_output
-from runners.prompt import render_prompt, stop_strings
+from decoding.prompt import render_prompt, stop_strings
 
 
 @dataclass

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from decoding.prompt import render_prompt
 from decoding.vocab import utf8_pending
 
 RETOKENIZE_WINDOW = 4  # own tokens re-tokenised together with newly appended bytes
@@ -189,8 +190,6 @@ class ModelStream:
 
 def open_streams(models, sources: list[str], prompt, render_input_text: bool, recompute: bool):
     """One stream per model over the batch's rendered prompts, and which sources any model truncated."""
-    from runners.prompt import render_prompt
-
     streams, truncated = [], [False] * len(sources)
     for model in models:
         batch = render_prompt(model, sources, prompt, render_input_text)

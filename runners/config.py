@@ -16,7 +16,7 @@ from decoding.errors import FusemtError
 from decoding.model import ModelSpec
 from eval.wandb_logger import LoggerConfig
 from runners.data import DatasetConfig
-from runners.prompt import PromptConfig
+from decoding.prompt import PromptConfig
 
 log = logging.getLogger("fusemt")
 

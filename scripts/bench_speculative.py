@@ -29,7 +29,7 @@ from decoding.base import decoder_class  # noqa: E402
 from decoding.model import load_model  # noqa: E402
 from runners.config import CONF_DIR, build_run_config, register_schemas  # noqa: E402
 from runners.data import DatasetConfig, load_segments  # noqa: E402
-from runners.prompt import render_prompt  # noqa: E402
+from decoding.prompt import render_prompt  # noqa: E402
 
 
 def compose(*overrides):

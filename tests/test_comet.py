@@ -47,7 +47,7 @@ def test_unavailable_model_is_skipped_with_a_message(caplog, monkeypatch):
 
 
 def test_score_entry_point_reports_comet(tiny_checkpoint, tmp_path):
-    from eval.score import score_file
+    from runners.score import score_file
     from runners.data import DatasetConfig
 
     data = tmp_path / "d.jsonl"

@@ -5,7 +5,7 @@ import sacrebleu
 
 from decoding.errors import FusemtError
 from eval.metrics import corpus_scores
-from eval.score import score_file
+from runners.score import score_file
 from runners.data import DatasetConfig
 
 HYPS = ["今日は天気がいいです。", "駅はどこにありますか？", "この本は面白い。"]

@@ -1,7 +1,7 @@
 import pytest
 from conftest import stand_in_model, tiny_tokenizer
 
-from runners.prompt import prompt_text, render_prompt, stop_strings
+from decoding.prompt import prompt_text, render_prompt, stop_strings
 
 CHAT = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
         "{% if add_generation_prompt %}<assistant>{% endif %}")

@@ -10,7 +10,7 @@ from conftest import compose_run
 from decoding.base import decoder_class
 from decoding.methods.speculative import SpeculativeDecoder, warp
 from decoding.model import load_model
-from runners.prompt import render_prompt
+from decoding.prompt import render_prompt
 
 # The bundled sample's first lines: one of them makes SmolLM2 draft only a cut-off character (an empty proposal).
 SOURCES = ["The weather is nice today.", "I would like a cup of coffee, please.", "Where is the train station?",

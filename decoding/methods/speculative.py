@@ -28,7 +28,7 @@ from decoding.errors import FusemtError
 from decoding.fusion import unique_names
 from decoding.stream import ModelStream, open_streams
 from decoding.vocab import complete_utf8_prefix, utf8_pending
-from runners.prompt import stop_strings
+from decoding.prompt import stop_strings
 
 
 def warp(logprobs: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Score any hypothesis file against a dataset.
 
-    python -m eval.score dataset=wmt24_en_ja dataset.path=../shared/data/wmt24_en_ja/wmt24_en_ja.jsonl \
+    fusemt-score dataset=wmt24_en_ja dataset.path=../shared/data/wmt24_en_ja/wmt24_en_ja.jsonl \
         hyp_file=../shared/data/wmt24_en_ja/systems/GPT-4.txt
 
 ``hyp_file`` is either plain text with one line per dataset *row* (WMT submissions: canary line
@@ -71,7 +71,7 @@ def score_file(dataset: DatasetConfig, hyp_file: Path, bleu: bool = True, chrf: 
 def _main(cfg: DictConfig) -> None:
     try:
         if not cfg.hyp_file:
-            raise FusemtError("hyp_file is required: python -m eval.score dataset=... hyp_file=<file>")
+            raise FusemtError("hyp_file is required: fusemt-score dataset=... hyp_file=<file>")
         dataset = typed_config(DatasetConfig, OmegaConf.to_container(cfg.dataset, resolve=True), "dataset")
         scores = score_file(dataset, Path(cfg.hyp_file).expanduser(), bleu=cfg.metrics.bleu, chrf=cfg.metrics.chrf,
                             comet_model=cfg.metrics.comet_model if cfg.metrics.comet else None,
