@@ -110,11 +110,19 @@ class Decoder(ABC):
         max_new_tokens: int = 128
         min_new_tokens: int = 0  # end tokens and stop strings are ignored before this many steps
 
+    @classmethod
+    def check_config(cls, cfg: "Decoder.Config", n_models: int) -> None:
+        """Checks that need no model, run at start-up before any model loads; subclasses add theirs."""
+        if n_models < cls.min_models or (cls.max_models is not None and n_models > cls.max_models):
+            want = f"{cls.min_models}" if cls.max_models == cls.min_models else f"{cls.min_models}..{cls.max_models or 'N'}"
+            raise FusemtError(f"decoding={cls.name} takes {want} model(s), got {n_models}: pick a matching models= config")
+        if cfg.max_new_tokens < 1:
+            raise FusemtError(f"decoding.max_new_tokens={cfg.max_new_tokens}: must be at least 1")
+        if not 0 <= cfg.min_new_tokens <= cfg.max_new_tokens:
+            raise FusemtError(f"decoding.min_new_tokens={cfg.min_new_tokens}: must be between 0 and max_new_tokens")
+
     def __init__(self, cfg: "Decoder.Config", models: list, prompt, render_input_text: bool = False):
-        n = len(models)
-        if n < self.min_models or (self.max_models is not None and n > self.max_models):
-            want = f"{self.min_models}" if self.max_models == self.min_models else f"{self.min_models}..{self.max_models or 'N'}"
-            raise FusemtError(f"decoding={self.name} takes {want} model(s), got {n}: pick a matching models= config")
+        self.check_config(cfg, len(models))
         self.cfg = cfg
         self.models = models
         self.prompt = prompt

@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 
 from decoding.base import TRUNCATED, DecodeOutput, Decoder, find_stop, trace_step, traced_output
+from decoding.errors import FusemtError
 from decoding.stream import ModelStream, open_streams
 from decoding.vocab import utf8_pending
 from decoding.prompt import stop_strings
@@ -81,14 +82,21 @@ class FusionDecoder(Decoder):
         use_cache: bool = True  # False: slow full-recompute reference path (for testing)
         seed: int = 0
 
+    @classmethod
+    def check_config(cls, cfg, n_models: int) -> None:
+        super().check_config(cfg, n_models)
+        if cfg.top_k < 1:
+            raise FusemtError(f"decoding.top_k={cfg.top_k}: must be at least 1")
+        if cfg.temperature < 0:
+            raise FusemtError(f"decoding.temperature={cfg.temperature}: must be >= 0 (0: argmax)")
+        weights = cfg.weights
+        if weights is not None and (len(weights) != n_models or any(w < 0 for w in weights) or sum(weights) <= 0):
+            raise FusemtError(f"decoding.weights={list(weights)}: need {n_models} non-negative weights, not all 0")
+
     def __init__(self, cfg, models, prompt, render_input_text=False):
         super().__init__(cfg, models, prompt, render_input_text)
         self.names = unique_names(models)
         weights = cfg.weights if cfg.weights is not None else [1.0] * len(models)
-        if len(weights) != len(models) or any(w < 0 for w in weights) or sum(weights) <= 0:
-            from decoding.errors import FusemtError
-
-            raise FusemtError(f"decoding.weights={list(weights)}: need {len(models)} non-negative weights, not all 0")
         self.weights = [w / sum(weights) for w in weights]
         self.generator = torch.Generator().manual_seed(cfg.seed)
 

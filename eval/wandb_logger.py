@@ -51,7 +51,7 @@ class RunLogger:
         except Exception as err:  # noqa: BLE001
             log.warning("W&B %s failed: %s", what, str(err).splitlines()[0] if str(err) else type(err).__name__)
 
-    def log_results(self, metrics: dict, rows: list[dict], files: list[Path]) -> None:
+    def log_results(self, metrics: dict, rows: list[dict], files: list[Path], comet_segments: list[float] | None = None) -> None:
         def _log():
             import wandb
 

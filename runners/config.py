@@ -22,6 +22,8 @@ log = logging.getLogger("fusemt")
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 MODEL_CATALOG = CONF_DIR / "model"
+# Dataset fields that say which text is translated (the selection — limit/shard/domains — does not).
+DATASET_IDENTITY = ("name", "path", "hub_id", "hub_config", "split", "reference_field")
 
 
 @dataclass
@@ -44,7 +46,12 @@ class DebugConfig:
 
 
 def register_schemas() -> None:
-    """Structured-config schemas for every group: a bad override fails when Hydra composes."""
+    """Structured-config schemas for every group: a bad override fails when Hydra composes.
+
+    They are stored at the root as ``schema_<group>[_<method>]`` and pulled into each group option
+    with ``/schema_...@_here_``, so they never show up as options of a group (``--help``, tab
+    completion, error lists) and cannot be selected by mistake.
+    """
     from hydra.core.config_store import ConfigStore
 
     from decoding.base import DECODERS
@@ -53,9 +60,9 @@ def register_schemas() -> None:
     store = ConfigStore.instance()
     for group, node in (("dataset", DatasetConfig), ("prompt", PromptConfig), ("logger", LoggerConfig),
                         ("metrics", MetricsConfig), ("models", ModelsConfig), ("debug", DebugConfig)):
-        store.store(group=group, name=f"{group}_schema", node=node)
+        store.store(name=f"schema_{group}", node=node)
     for name, cls in DECODERS.items():
-        store.store(group="decoding", name=f"{name}_schema", node=cls.Config)
+        store.store(name=f"schema_decoding_{name}", node=cls.Config)
 
 
 def model_names() -> list[str]:
@@ -123,21 +130,26 @@ def build_run_config(cfg: DictConfig) -> RunConfig:
         log.warning("decoding=%s uses %d model(s): running it on %s", method, method_cls.max_models,
                     ", ".join(m.label for m in models[: method_cls.max_models]))
         models = models[: method_cls.max_models]
+    method_cls.check_config(decoding, len(models))
     dataset = typed_config(DatasetConfig, OmegaConf.to_container(cfg.dataset, resolve=True), "dataset")
     prompt = typed_config(PromptConfig, OmegaConf.to_container(cfg.prompt, resolve=True), "prompt")
     logger = typed_config(LoggerConfig, OmegaConf.to_container(cfg.logger, resolve=True), "logger")
     if cfg.batch_size < 1:
         raise FusemtError(f"batch_size={cfg.batch_size}: must be at least 1")
+    # What changes the outputs (not limit/shard/domains, batching, metrics or logging): it names the
+    # default results file, so every swept hyperparameter gets its own file and a rerun of the same
+    # config resumes; lines written under another fingerprint are refused.
+    fingerprint_src = json.dumps({"models": [m.__dict__ for m in models], "method": method, "decoding": decoding_values,
+                                  "prompt": OmegaConf.to_container(cfg.prompt, resolve=True), "seed": cfg.seed,
+                                  "dataset": {k: getattr(dataset, k) for k in DATASET_IDENTITY}},
+                                 sort_keys=True, default=str)
+    fingerprint = hashlib.sha256(fingerprint_src.encode()).hexdigest()[:12]
     model_part = "+".join(m.label for m in models)
-    run_name = cfg.run_name or f"{method}__{model_part}__{dataset.name}"
-    # What changes the outputs (not limit/shard/batching): lines written under another fingerprint are refused on resume.
-    fingerprint_src = json.dumps({"models": [m.__dict__ for m in models], "decoding": decoding_values, "method": method,
-                                  "prompt": OmegaConf.to_container(cfg.prompt, resolve=True),
-                                  "reference_field": dataset.reference_field}, sort_keys=True, default=str)
+    run_name = cfg.run_name or f"{method}__{model_part}__{dataset.name}__{fingerprint[:8]}"
     return RunConfig(
         models=models, decoding_name=method, decoding=decoding, dataset=dataset, prompt=prompt, logger=logger,
         metrics=OmegaConf.to_container(cfg.metrics, resolve=True), run_name=run_name, batch_size=cfg.batch_size,
         seed=cfg.seed, results_dir=Path(cfg.paths.results_dir).expanduser(),
         render_input_text=bool(cfg.debug.render_input_text),
-        fingerprint=hashlib.sha256(fingerprint_src.encode()).hexdigest()[:12],
+        fingerprint=fingerprint,
     )

@@ -39,29 +39,46 @@ class Segment:
 CANARY_DOMAIN = "canary"
 
 
-def _record_to_segment(rec: dict, row: int, reference_field: str) -> Optional[Segment]:
+def _text_field(rec: dict, key: str, row: int, required: bool) -> Optional[str]:
+    value = rec.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str):
+        problem = "is missing" if key not in rec else f"is {'null' if value is None else type(value).__name__}, not text"
+        raise FusemtError(f"dataset line {row + 1}: '{key}' {problem}: every row needs a '{key}' string")
+    return value
+
+
+def _record_to_segment(rec, row: int, reference_field: str) -> Optional[Segment]:
     """Map one record of any supported layout to a Segment; None for rows to drop."""
+    if not isinstance(rec, dict):
+        raise FusemtError(f"dataset line {row + 1} is a JSON {type(rec).__name__}, not an object: "
+                          "expected one JSON object per line (WMT24, WMT24++ or fusemt layout)")
     if "segment_id" in rec or "is_bad_source" in rec:  # WMT24++ (google/wmt24pp)
         if rec.get("is_bad_source"):
             return None
         if reference_field not in rec:
             raise FusemtError(f"dataset has no field '{reference_field}': use dataset.reference_field=target or original_target")
-        return Segment(id=str(rec["segment_id"]), source=rec["source"], reference=rec[reference_field],
-                       domain=rec.get("domain"), doc_id=rec.get("document_id"), row=row)
+        return Segment(id=str(rec["segment_id"]), source=_text_field(rec, "source", row, True),
+                       reference=_text_field(rec, reference_field, row, False), domain=rec.get("domain"),
+                       doc_id=rec.get("document_id"), row=row)
     if rec.get("domain") == CANARY_DOMAIN or rec.get("doc_id") == CANARY_DOMAIN:  # official WMT24 canary line
         return None
-    if "source" not in rec:
-        raise FusemtError(f"dataset line {row + 1} has no 'source' field: expected WMT24, WMT24++ or fusemt JSONL")
-    return Segment(id=str(rec.get("id", row)), source=rec["source"], reference=rec.get("reference"),
-                   domain=rec.get("domain"), doc_id=rec.get("doc_id"), row=row)
+    return Segment(id=str(rec.get("id", row)), source=_text_field(rec, "source", row, True),
+                   reference=_text_field(rec, "reference", row, False), domain=rec.get("domain"),
+                   doc_id=rec.get("doc_id"), row=row)
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def _read_jsonl(path: Path) -> list:
     if not path.exists():
         raise FusemtError(f"dataset file {path} not found: check dataset.path")
     records = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise FusemtError(f"{path}:{n} is not valid UTF-8: re-encode the dataset file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -93,7 +110,7 @@ def parse_shard(shard: str) -> tuple[int, int]:
     return index, count
 
 
-def load_records(cfg: DatasetConfig) -> list[dict]:
+def load_records(cfg: DatasetConfig) -> list:
     if cfg.path:
         return _read_jsonl(Path(cfg.path).expanduser())
     if cfg.hub_id:
@@ -101,16 +118,26 @@ def load_records(cfg: DatasetConfig) -> list[dict]:
     return _read_jsonl(SAMPLE_PATH)
 
 
-def load_segments(cfg: DatasetConfig) -> list[Segment]:
-    """Read, drop canary/bad-source rows, filter by domain, shard, then limit."""
-    segments = [s for row, rec in enumerate(load_records(cfg)) if (s := _record_to_segment(rec, row, cfg.reference_field))]
+def load_segments(cfg: DatasetConfig, records: Optional[list] = None) -> list[Segment]:
+    """Read (or take ``records``), drop canary/bad-source rows, check ids, then select: domains, limit, shard."""
+    if cfg.limit is not None and cfg.limit < 1:
+        raise FusemtError(f"dataset.limit={cfg.limit}: must be a positive number of segments, or null for all")
+    if records is None:
+        records = load_records(cfg)
+    segments = [s for row, rec in enumerate(records) if (s := _record_to_segment(rec, row, cfg.reference_field))]
+    seen: dict[str, int] = {}
+    for s in segments:
+        if s.id in seen:
+            raise FusemtError(f"dataset '{cfg.name}': segment id '{s.id}' appears on lines {seen[s.id] + 1} and "
+                              f"{s.row + 1}: ids must be unique (results are matched by id)")
+        seen[s.id] = s.row
     if cfg.domains:
         segments = [s for s in segments if s.domain in set(cfg.domains)]
-    if cfg.shard:
-        index, count = parse_shard(cfg.shard)
-        segments = segments[index::count]
     if cfg.limit is not None:
         segments = segments[: cfg.limit]
+    if cfg.shard:  # last, so that the shards of a run partition exactly its selection
+        index, count = parse_shard(cfg.shard)
+        segments = segments[index::count]
     if not segments:
         raise FusemtError(f"dataset '{cfg.name}' selects no segments: check dataset.domains/shard/limit")
     return segments

@@ -20,19 +20,26 @@ from decoding.base import typed_config
 from decoding.errors import FusemtError
 from eval.comet_score import comet_scores
 from eval.metrics import corpus_scores
-from runners.config import CONF_DIR, register_schemas
-from runners.data import DatasetConfig, load_segments
+from runners.config import CONF_DIR
+from runners.cli import fail, run_cli
+from runners.data import DatasetConfig, load_records, load_segments
+from runners.results import read_rows
 
 
 def read_hypotheses(hyp_file: Path) -> tuple[dict[int, str] | None, dict[str, str] | None]:
     """(by row, by id): plain text gives rows, a results JSONL gives ids."""
     if not hyp_file.exists():
         raise FusemtError(f"hypothesis file {hyp_file} not found: check hyp_file=")
-    lines = hyp_file.read_text(encoding="utf-8").splitlines()
     if hyp_file.suffix == ".jsonl":
-        rows = [json.loads(line) for line in lines if line.strip()]
-        if rows and all("hypothesis" in r and "id" in r for r in rows):
-            return None, {str(r["id"]): r["hypothesis"] for r in rows}
+        rows, _, _, _ = read_rows(hyp_file)
+        if not rows or not all("hypothesis" in r for r in rows):
+            raise FusemtError(f"{hyp_file} is not a fusemt results JSONL (objects with 'id' and 'hypothesis'): "
+                              "pass that, or a plain text file with one hypothesis per line")
+        return None, {str(r["id"]): r["hypothesis"] for r in rows}
+    try:
+        lines = hyp_file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise FusemtError(f"{hyp_file} is not UTF-8 text (byte {err.start}): re-encode it as UTF-8") from None
     return dict(enumerate(lines)), None
 
 
@@ -41,13 +48,13 @@ def score_file(dataset: DatasetConfig, hyp_file: Path, bleu: bool = True, chrf: 
     from dataclasses import replace
 
     # Alignment is by row of the whole file: select segments without limit first, then apply it.
-    segments = load_segments(replace(dataset, limit=None))
+    records = load_records(dataset)
+    segments = load_segments(replace(dataset, limit=None), records)
     by_row, by_id = read_hypotheses(hyp_file)
     if by_row is not None:
-        n_rows = max(s.row for s in segments) + 1
-        if len(by_row) < n_rows:
-            raise FusemtError(f"{hyp_file} has {len(by_row)} lines but the dataset has {n_rows} rows: "
-                              "expected one line per dataset row (canary included)")
+        if len(by_row) != len(records):
+            raise FusemtError(f"{hyp_file} has {len(by_row)} lines but the dataset file has {len(records)} rows: "
+                              "expected exactly one line per dataset row (canary included, no header)")
         pairs = [(by_row[s.row], s.reference, s.source) for s in segments]
     else:
         missing = [s.id for s in segments if s.id not in by_id]
@@ -67,24 +74,25 @@ def score_file(dataset: DatasetConfig, hyp_file: Path, bleu: bool = True, chrf: 
     return scores
 
 
+def _typed_dataset(cfg: DictConfig) -> DatasetConfig:
+    return typed_config(DatasetConfig, OmegaConf.to_container(cfg.dataset, resolve=True), "dataset")
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="score")
 def _main(cfg: DictConfig) -> None:
     try:
         if not cfg.hyp_file:
             raise FusemtError("hyp_file is required: fusemt-score dataset=... hyp_file=<file>")
-        dataset = typed_config(DatasetConfig, OmegaConf.to_container(cfg.dataset, resolve=True), "dataset")
-        scores = score_file(dataset, Path(cfg.hyp_file).expanduser(), bleu=cfg.metrics.bleu, chrf=cfg.metrics.chrf,
-                            comet_model=cfg.metrics.comet_model if cfg.metrics.comet else None,
+        scores = score_file(_typed_dataset(cfg), Path(cfg.hyp_file).expanduser(), bleu=cfg.metrics.bleu,
+                            chrf=cfg.metrics.chrf, comet_model=cfg.metrics.comet_model if cfg.metrics.comet else None,
                             comet_batch_size=cfg.metrics.comet_batch_size)
     except FusemtError as err:
-        print(f"fusemt: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        fail(err)
     print(json.dumps(scores, ensure_ascii=False, indent=2))
 
 
 def main() -> None:
-    register_schemas()
-    _main()
+    run_cli(_main, config_name="score", build=_typed_dataset)
 
 
 if __name__ == "__main__":

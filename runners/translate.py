@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import sys
 import time
@@ -23,13 +24,17 @@ from tqdm import tqdm
 from decoding.base import decoder_class
 from decoding.errors import FusemtError
 from decoding.model import load_model
+from decoding.prompt import prompt_text
 from eval.comet_score import comet_scores
 from eval.metrics import corpus_scores
 from eval.trace import render_html
 from eval.wandb_logger import RunLogger
-from runners.config import CONF_DIR, RunConfig, build_run_config, register_schemas
+from runners.cli import fail, run_cli
+from runners.config import CONF_DIR, RunConfig, build_run_config
 from runners.data import Segment, load_segments
+from runners.provenance import provenance
 from runners.results import ResultsFile
+from runners.sweep import job_context, record_failure
 
 log = logging.getLogger("fusemt")
 
@@ -53,29 +58,34 @@ def summarize_stats(rows: list[dict]) -> dict:
     return out
 
 
-def run_metrics(run: RunConfig, rows: list[dict]) -> dict:
+def run_metrics(run: RunConfig, rows: list[dict], selected_ids: list[str]) -> tuple[dict, list[float] | None]:
+    """Metrics over exactly ``rows`` (every finished segment of the results file), with how complete
+    they are against the selection; and the segment COMET scores when COMET ran."""
     scored = [r for r in rows if r.get("reference") is not None]
+    done = {r["id"] for r in rows}
+    missing = [i for i in selected_ids if i not in done]
     metrics: dict = {"run_name": run.run_name, "method": run.decoding_name, "models": [m.label for m in run.models],
-                     "dataset": run.dataset.name}
+                     "dataset": run.dataset.name, "segments": len(scored), "selected_segments": len(selected_ids),
+                     "missing_segments": len(missing), "complete": not missing}
     if scored:
         metrics.update(corpus_scores([r["hypothesis"] for r in scored], [r["reference"] for r in scored],
                                      bleu=run.metrics.get("bleu", True), chrf=run.metrics.get("chrf", True)))
-    else:
-        metrics["segments"] = 0
-    metrics["comet"] = None
-    if scored and run.metrics.get("comet"):
+    metrics["comet"], comet_segments = None, None
+    if not run.metrics.get("comet"):
+        metrics["comet_skipped"] = "metrics.comet=false"
+    elif scored:
         result = comet_scores([r["source"] for r in scored], [r["hypothesis"] for r in scored],
                               [r["reference"] for r in scored], run.metrics["comet_model"], run.metrics["comet_batch_size"])
-        if result is not None:
-            metrics["comet"], metrics["comet_model"] = result.system, result.model
-            comet_path = run.results_path.with_suffix(".comet.jsonl")
-            comet_path.write_text("".join(json.dumps({"id": r["id"], "comet": score}) + "\n"
-                                          for r, score in zip(scored, result.segments)))
+        metrics["comet_model"] = result.model
+        if result.skipped:
+            metrics["comet_skipped"] = result.skipped
+        else:
+            metrics["comet"], comet_segments = result.system, result.segments
     total_time = sum(r["time_s"] for r in rows)
     metrics["n_new_tokens"] = sum(r["n_new_tokens"] for r in rows)
     metrics["tokens_per_s"] = round(metrics["n_new_tokens"] / total_time, 3) if total_time > 0 else None
     metrics.update(summarize_stats(rows))
-    return metrics
+    return metrics, comet_segments
 
 
 def segment_row(run: RunConfig, seg: Segment, hypothesis: str, n_new_tokens: int, time_s: float, trace: list,
@@ -85,94 +95,139 @@ def segment_row(run: RunConfig, seg: Segment, hypothesis: str, n_new_tokens: int
             "time_s": round(time_s, 4), "warnings": warnings, "stats": stats, "trace": trace}
 
 
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
 def translate(run: RunConfig, sweep_group: str | None = None) -> dict:
     """Run one configuration end to end; returns the metrics written next to the JSONL."""
     random.seed(run.seed)
     torch.manual_seed(run.seed)
     segments = load_segments(run.dataset)
+    # Completeness is judged against the whole selection: every shard of a run shares one results file.
+    selected = segments if not run.dataset.shard else load_segments(replace(run.dataset, shard=None))
     results = ResultsFile(run.results_path, run.fingerprint)
     todo = [s for s in segments if s.id not in results.done_ids]
     log.info("%s: %d segments, %d already done, writing %s", run.run_name, len(segments), len(segments) - len(todo),
              run.results_path)
-    logger_cfg = replace(run.logger, group=run.logger.group or sweep_group)
-    logger = RunLogger(logger_cfg, run.run_name, config=_loggable(run), out_dir=run.results_path.parent)
+    models = None
     try:
-        if todo:
+        if todo or run.render_input_text:
             models = [load_model(spec) for spec in run.models]
-            decoder = decoder_class(run.decoding_name)(run.decoding, models, run.prompt, run.render_input_text)
+        if run.render_input_text:
+            _print_prompts(models, segments, run)
+        if todo:
+            decoder = decoder_class(run.decoding_name)(run.decoding, models, run.prompt)
             _decode_all(run, decoder, todo, results)
-    finally:
+    except KeyboardInterrupt:
         results.close()
-    wanted = {s.id for s in segments}
-    rows = [r for r in results.rows if r["id"] in wanted]
-    metrics = run_metrics(run, rows)
-    metrics["sweep"] = logger_cfg.group  # the W&B group: one per multirun sweep unless logger.group is set
+        print(f"fusemt: interrupted: {len(results.done_ids)} finished segments are kept in {run.results_path}; "
+              "rerun the same command to resume", file=sys.stderr)
+        raise SystemExit(130) from None
+    results.close()
+    return write_run_files(run, results, [s.id for s in selected], sweep_group)
+
+
+def write_run_files(run: RunConfig, results: ResultsFile, selected_ids: list[str], sweep_group: str | None) -> dict:
+    """Metrics, segment COMET and trace page over every finished segment of the results file.
+
+    Shards and concurrent runs share the file: each computes from a snapshot and writes only if
+    nothing was appended meanwhile, so the last writer's files describe the union.
+    """
+    rows = results.snapshot()
+    metrics, comet_segments = run_metrics(run, rows, selected_ids)
+    metrics["sweep"] = run.logger.group or sweep_group  # the W&B group: one per multirun sweep unless logger.group is set
+    metrics["provenance"] = provenance(run)
     metrics_path = run.results_path.with_suffix(".metrics.json")
-    metrics_path.write_text(json.dumps(metrics, ensure_ascii=False, indent=2) + "\n")
     trace_path = run.results_path.with_suffix(".trace.html")
-    trace_path.write_text(render_html(rows, metrics, run.run_name), encoding="utf-8")
-    log.info("metrics: %s", {k: metrics[k] for k in ("segments", "bleu", "chrf", "comet", "tokens_per_s") if k in metrics})
+    comet_path = run.results_path.with_suffix(".comet.jsonl")
+    with results.exclusive() as now:
+        if len(now) == len(rows):
+            _write_atomically(metrics_path, json.dumps(metrics, ensure_ascii=False, indent=2) + "\n")
+            _write_atomically(trace_path, render_html(rows, metrics, run.run_name))
+            if comet_segments is not None:
+                _write_atomically(comet_path, "".join(json.dumps({"id": r["id"], "comet": score}) + "\n"
+                                                      for r, score in zip((r for r in rows if r.get("reference") is not None),
+                                                                          comet_segments)))
+        else:
+            log.info("another process added segments meanwhile: it writes the run's metrics")
+    done = "complete" if metrics["complete"] else f"{metrics['missing_segments']} of {metrics['selected_segments']} missing"
+    log.info("metrics (%s): %s", done, {k: metrics[k] for k in ("segments", "bleu", "chrf", "comet", "tokens_per_s")
+                                       if k in metrics})
+    if metrics.get("comet_skipped") and run.metrics.get("comet"):
+        log.info("COMET skipped: %s", metrics["comet_skipped"])
     log.info("traces: %s", trace_path)
-    logger.log_results(metrics, rows, [run.results_path, metrics_path, trace_path,
-                                       run.results_path.with_suffix(".comet.jsonl")])
+    logger = RunLogger(replace(run.logger, group=metrics["sweep"]), run.run_name, config=_loggable(run, metrics),
+                       out_dir=run.results_path.parent)
+    logger.log_results(metrics, rows, [run.results_path, metrics_path, trace_path, comet_path],
+                       comet_segments=comet_segments)
     logger.finish()
     return metrics
 
 
+def _print_prompts(models, segments: list[Segment], run: RunConfig) -> None:
+    for model in models:
+        for seg in segments:
+            print(f"----- prompt for {model.name}, segment {seg.id} -----\n"
+                  f"{prompt_text(model.tokenizer, seg.source, run.prompt)}\n-----", flush=True)
+
+
 def _decode_all(run: RunConfig, decoder, todo: list[Segment], results: ResultsFile) -> None:
+    """Decode batch by batch; each batch is claimed first, so concurrent runs never decode a segment twice."""
     bar = tqdm(total=len(todo), desc=run.decoding_name, unit="seg", dynamic_ncols=True)
+    by_id = {s.id: s for s in todo}
     n_tokens, elapsed = 0, 0.0
-    for start in range(0, len(todo), run.batch_size):
-        batch = todo[start : start + run.batch_size]
+    while batch_ids := results.claim(list(by_id), run.batch_size):
+        batch = [by_id.pop(i) for i in batch_ids]
         # An empty source has nothing to translate: record it with a warning instead of decoding.
         for seg in (s for s in batch if not s.source.strip()):
             results.append(segment_row(run, seg, "", 0, 0.0, [], {}, ["empty source: nothing to translate"]))
         live = [s for s in batch if s.source.strip()]
-        if not live:
-            bar.update(len(batch))
-            continue
-        t0 = time.perf_counter()
-        outputs = decoder.decode([s.source for s in live])
-        dt = time.perf_counter() - t0
-        for seg, out in zip(live, outputs):
-            results.append(segment_row(run, seg, out.text, out.n_new_tokens, dt / len(live), out.trace, out.stats,
-                                       out.warnings))
-            n_tokens += out.n_new_tokens
-        elapsed += dt
+        if live:
+            t0 = time.perf_counter()
+            outputs = decoder.decode([s.source for s in live])
+            dt = time.perf_counter() - t0
+            for seg, out in zip(live, outputs):
+                results.append(segment_row(run, seg, out.text, out.n_new_tokens, dt / len(live), out.trace, out.stats,
+                                           out.warnings))
+                n_tokens += out.n_new_tokens
+            elapsed += dt
+            bar.set_postfix(tok_s=f"{n_tokens / elapsed:.1f}")
         bar.update(len(batch))
-        bar.set_postfix(tok_s=f"{n_tokens / elapsed:.1f}")
     bar.close()
+    if by_id:
+        log.info("%d segments are being decoded by another process: it will write them", len(by_id))
 
 
-def _loggable(run: RunConfig) -> dict:
+def _loggable(run: RunConfig, metrics: dict) -> dict:
     return json.loads(json.dumps({"method": run.decoding_name, "decoding": run.decoding.__dict__,
                                   "models": [m.__dict__ for m in run.models], "dataset": run.dataset.__dict__,
-                                  "prompt": run.prompt.__dict__, "batch_size": run.batch_size, "seed": run.seed},
+                                  "prompt": run.prompt.__dict__, "batch_size": run.batch_size, "seed": run.seed,
+                                  "provenance": metrics["provenance"]},
                                  default=lambda o: o.__dict__ if hasattr(o, "__dict__") else str(o)))
-
-
-def _sweep_group() -> str | None:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    hc = HydraConfig.get()
-    if hc.mode == RunMode.MULTIRUN:
-        return Path(hc.sweep.dir).as_posix().replace("/", "_").strip("_")
-    return None
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="translate")
 def _main(cfg: DictConfig) -> None:
-    try:
-        translate(build_run_config(cfg), sweep_group=_sweep_group())
-    except FusemtError as err:
-        print(f"fusemt: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    with job_context() as job:
+        try:
+            run = build_run_config(cfg)
+            translate(job.place_on_devices(run), sweep_group=job.sweep_group)
+        except FusemtError as err:
+            if not job.multirun:
+                fail(err)
+            record_failure(job, err)
+        except Exception as err:  # noqa: BLE001 - in a sweep, one broken job must not end the others
+            if not job.multirun:
+                raise
+            log.exception("job %s failed", job.num)
+            record_failure(job, err)
 
 
 def main() -> None:
-    register_schemas()
-    _main()
+    run_cli(_main, config_name="translate")
 
 
 if __name__ == "__main__":

@@ -19,21 +19,6 @@ def fusemt(tmp_path, *overrides, check=True):
     return proc
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["models.members=[no_such_model]"], "unknown model 'no_such_model'"),
-    (["decoding.num_beemz=3"], "num_beemz"),
-    (["decoding=nonexistent"], "decoding/nonexistent"),
-    (["dataset.path=/missing/data.jsonl"], "not found"),
-    (["batch_size=0"], "batch_size"),
-    (["decoding.max_new_tokens=lots"], "max_new_tokens"),
-])
-def test_user_mistakes_fail_at_start_with_one_clear_line(tmp_path, overrides, message):
-    proc = fusemt(tmp_path, "logger=none", *overrides, check=False)
-    assert proc.returncode != 0
-    assert message in proc.stderr
-    assert "Traceback" not in proc.stderr
-
-
 def test_missing_embedded_package_names_the_fix(tmp_path):
     proc = fusemt(tmp_path, "logger=none", "models.members=[{name: ghost, package: fusemt-no-such-gguf-package}]",
                   check=False)

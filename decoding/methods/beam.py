@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 
 from decoding.base import Decoder, register
+from decoding.errors import FusemtError
 from decoding.generate import GenerateDecoder
 
 
@@ -15,6 +16,12 @@ class BeamDecoder(GenerateDecoder):
         num_beams: int = 4
         length_penalty: float = 1.0
         early_stopping: bool = True
+
+    @classmethod
+    def check_config(cls, cfg, n_models: int) -> None:
+        super().check_config(cfg, n_models)
+        if cfg.num_beams < 1:
+            raise FusemtError(f"decoding.num_beams={cfg.num_beams}: must be at least 1")
 
     def generation_kwargs(self) -> dict:
         return {"do_sample": False, "num_beams": self.cfg.num_beams, "length_penalty": self.cfg.length_penalty,

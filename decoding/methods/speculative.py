@@ -78,10 +78,18 @@ class SpeculativeDecoder(Decoder):
         use_cache: bool = True
         seed: int = 0
 
+    @classmethod
+    def check_config(cls, cfg, n_models: int) -> None:
+        super().check_config(cfg, n_models)
+        if not 1 <= cfg.num_draft_tokens <= cfg.max_draft_tokens:
+            raise FusemtError(f"decoding.num_draft_tokens={cfg.num_draft_tokens}: must be between 1 and "
+                              f"decoding.max_draft_tokens ({cfg.max_draft_tokens})")
+        if cfg.temperature < 0 or not 0 < cfg.top_p <= 1:
+            raise FusemtError(f"decoding.temperature={cfg.temperature}, top_p={cfg.top_p}: need temperature >= 0 "
+                              "and 0 < top_p <= 1")
+
     def __init__(self, cfg, models, prompt, render_input_text=False):
         super().__init__(cfg, models, prompt, render_input_text)
-        if cfg.num_draft_tokens < 1:
-            raise FusemtError(f"decoding.num_draft_tokens={cfg.num_draft_tokens}: must be at least 1")
         self.target_model, self.draft_model = models
         self.names = unique_names(models)
         self.same_vocab = self.target_model.vocab.token_bytes == self.draft_model.vocab.token_bytes

@@ -36,10 +36,11 @@ class UniteDecoder(FusionDecoder):
         top_k: int = 10
         primary: Optional[int] = None  # index of the model whose vocabulary defines the output
 
-    def __init__(self, cfg, models, prompt, render_input_text=False):
-        super().__init__(cfg, models, prompt, render_input_text)
-        if cfg.primary is not None and not 0 <= cfg.primary < len(models):
-            raise FusemtError(f"decoding.primary={cfg.primary}: must index models.members (0..{len(models) - 1})")
+    @classmethod
+    def check_config(cls, cfg, n_models: int) -> None:
+        super().check_config(cfg, n_models)
+        if cfg.primary is not None and not 0 <= cfg.primary < n_models:
+            raise FusemtError(f"decoding.primary={cfg.primary}: must index models.members (0..{n_models - 1})")
 
     def score(self, candidates: list[Candidate], recent: list[bytes]) -> list[float]:
         totals = [sum(c.probs[m] for c in candidates) for m in range(len(self.models))]
