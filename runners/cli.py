@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
 
 from omegaconf import DictConfig, OmegaConf
@@ -30,10 +31,19 @@ def fusemt_version() -> str:
         return "unknown"
 
 
+RUN_ID = "FUSEMT_RUN_ID"
+
+
 def register_resolvers() -> None:
-    # ${fusemt_pid:} keeps the output folders of runs started in the same second apart.
-    if not OmegaConf.has_resolver("fusemt_pid"):
-        OmegaConf.register_new_resolver("fusemt_pid", lambda: str(os.getpid()))
+    """``${fusemt_run_id:}``: <date>/<time with microseconds>-<pid> of the launching process.
+
+    It keeps the output folders of runs started in the same second apart, and it is fixed once,
+    in the environment: launcher workers (joblib, submitit, Ray) re-resolve the Hydra config in
+    their own processes and must find the same sweep folder.
+    """
+    os.environ.setdefault(RUN_ID, datetime.now().strftime("%Y-%m-%d/%H-%M-%S-%f") + f"-{os.getpid()}")
+    if not OmegaConf.has_resolver("fusemt_run_id"):
+        OmegaConf.register_new_resolver("fusemt_run_id", lambda: os.environ[RUN_ID])
 
 
 def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:

@@ -21,7 +21,8 @@ from decoding.prompt import PromptConfig
 log = logging.getLogger("fusemt")
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-MODEL_CATALOG = CONF_DIR / "model"
+# One file per model, read by resolve_member; kept outside conf/ so that Hydra does not offer it as a group.
+MODEL_CATALOG = CONF_DIR.parent / "catalog"
 # Dataset fields that say which text is translated (the selection — limit/shard/domains — does not).
 DATASET_IDENTITY = ("name", "path", "hub_id", "hub_config", "split", "reference_field")
 
@@ -70,7 +71,7 @@ def model_names() -> list[str]:
 
 
 def resolve_member(member) -> ModelSpec:
-    """A models.members entry: a catalog name (conf/model/<name>.yaml), a hub id, a local dir, or a dict.
+    """A models.members entry: a catalog name (catalog/<name>.yaml), a hub id, a local dir, or a dict.
 
     A dict with ``name`` of a catalog entry overrides that entry's fields, e.g.
     ``{name: gemma3_270m, dtype: bf16}``.

@@ -176,27 +176,26 @@ def _print_prompts(models, segments: list[Segment], run: RunConfig) -> None:
 
 def _decode_all(run: RunConfig, decoder, todo: list[Segment], results: ResultsFile) -> None:
     """Decode batch by batch; each batch is claimed first, so concurrent runs never decode a segment twice."""
-    bar = tqdm(total=len(todo), desc=run.decoding_name, unit="seg", dynamic_ncols=True)
     by_id = {s.id: s for s in todo}
     n_tokens, elapsed = 0, 0.0
-    while batch_ids := results.claim(list(by_id), run.batch_size):
-        batch = [by_id.pop(i) for i in batch_ids]
-        # An empty source has nothing to translate: record it with a warning instead of decoding.
-        for seg in (s for s in batch if not s.source.strip()):
-            results.append(segment_row(run, seg, "", 0, 0.0, [], {}, ["empty source: nothing to translate"]))
-        live = [s for s in batch if s.source.strip()]
-        if live:
-            t0 = time.perf_counter()
-            outputs = decoder.decode([s.source for s in live])
-            dt = time.perf_counter() - t0
-            for seg, out in zip(live, outputs):
-                results.append(segment_row(run, seg, out.text, out.n_new_tokens, dt / len(live), out.trace, out.stats,
-                                           out.warnings))
-                n_tokens += out.n_new_tokens
-            elapsed += dt
-            bar.set_postfix(tok_s=f"{n_tokens / elapsed:.1f}")
-        bar.update(len(batch))
-    bar.close()
+    with tqdm(total=len(todo), desc=run.decoding_name, unit="seg", dynamic_ncols=True) as bar:  # closed on Ctrl-C too
+        while batch_ids := results.claim(list(by_id), run.batch_size):
+            batch = [by_id.pop(i) for i in batch_ids]
+            # An empty source has nothing to translate: record it with a warning instead of decoding.
+            for seg in (s for s in batch if not s.source.strip()):
+                results.append(segment_row(run, seg, "", 0, 0.0, [], {}, ["empty source: nothing to translate"]))
+            live = [s for s in batch if s.source.strip()]
+            if live:
+                t0 = time.perf_counter()
+                outputs = decoder.decode([s.source for s in live])
+                dt = time.perf_counter() - t0
+                for seg, out in zip(live, outputs):
+                    results.append(segment_row(run, seg, out.text, out.n_new_tokens, dt / len(live), out.trace,
+                                               out.stats, out.warnings))
+                    n_tokens += out.n_new_tokens
+                elapsed += dt
+                bar.set_postfix(tok_s=f"{n_tokens / elapsed:.1f}")
+            bar.update(len(batch))
     if by_id:
         log.info("%d segments are being decoded by another process: it will write them", len(by_id))
 
