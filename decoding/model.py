@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from decoding import hub
 from decoding.errors import FusemtError
 from decoding.vocab import ByteVocab
 
@@ -128,6 +129,26 @@ def _convert_gguf(directory: str, gguf_file: str, target: Path) -> None:
     tmp.rename(target)
 
 
+def _hub_model_from_cache(label: str, repo_id: str) -> bool:
+    """For a hub id: False when the hub can be used; True when it cannot but the model is in the HF
+    cache (load it from there without retrying the hub); else fail now instead of after a minute
+    of retries."""
+    malformed = hub.repo_id_problem(repo_id)
+    if malformed:
+        raise FusemtError(f"model '{label}': '{repo_id}' is neither a local directory nor a hub id ({malformed}): "
+                          "check the model's path in models.members")
+    reason = hub.unavailable_reason()
+    if reason is None:
+        return False
+    if hub.cached_file(repo_id, "config.json") is None:
+        raise FusemtError(
+            f"model '{label}': '{repo_id}' is not a local directory nor in the HF cache, and {reason}; "
+            f"offline: use a local directory or an embedded model (gemma3_270m, smollm2_135m), "
+            f"or download it where the hub is reachable (`hf download {repo_id}`)"
+        )
+    return True
+
+
 def _load_pretrained(spec: ModelSpec, device: torch.device, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -141,10 +162,12 @@ def _load_pretrained(spec: ModelSpec, device: torch.device, dtype: torch.dtype):
         location = str(cached)
     elif Path(location).exists() is False and location.startswith((".", "/", "~")):
         raise FusemtError(f"model '{spec.label}': local path {location} not found")
+    cache_only = not Path(location).exists() and _hub_model_from_cache(spec.label, location)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=spec.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=spec.trust_remote_code,
+                                                  local_files_only=cache_only)
         model = AutoModelForCausalLM.from_pretrained(
-            location, dtype=dtype, trust_remote_code=spec.trust_remote_code
+            location, dtype=dtype, trust_remote_code=spec.trust_remote_code, local_files_only=cache_only
         )
     except OSError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import sys
 from pathlib import Path
 
 from decoding.errors import FusemtError
+from eval.jsonio import read_json_object
 
 COLUMNS = ["run_name", "method", "models", "dataset", "segments", "bleu", "chrf", "comet", "tokens_per_s",
            "acceptance_rate", "agreement_rate"]
@@ -24,7 +24,8 @@ def collect(folder: Path) -> list[dict]:
         raise FusemtError(f"{folder} is not a folder: pass the results folder, e.g. results/")
     rows = []
     for path in sorted(folder.rglob("*.metrics.json")):
-        metrics = json.loads(path.read_text())
+        metrics = read_json_object(path, "fix or delete that file (rerunning its config rewrites it), "
+                                         "then rerun the report")
         row = {k: metrics.get(k) for k in COLUMNS}
         row["models"] = "+".join(metrics.get("models", []))
         rows.append(row)

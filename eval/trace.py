@@ -17,15 +17,18 @@ import sys
 from pathlib import Path
 
 from decoding.errors import FusemtError
+from eval.jsonio import read_json_object, read_jsonl_objects
 
 ORIGIN_COLOURS = {"both": "#b7e4c7", "all": "#b7e4c7", "lookup": "#d0bfff", "draft": "#b7e4c7", "target": "#ffc9c9"}
 MODEL_COLOURS = ["#a5d8ff", "#ffd8a8", "#fcc2d7", "#c3fae8", "#ffec99"]
+ROW_KEYS = ("id", "source", "hypothesis")  # what every results line has and the page shows
 
 
 def read_rows(path: Path) -> list[dict]:
-    if not path.exists():
+    if not path.is_file():
         raise FusemtError(f"results file {path} not found: pass a results/.../<run_name>.jsonl")
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    fix = "pass a fusemt results JSONL, or fix or delete that line (rerunning the config rewrites a deleted segment)"
+    rows = read_jsonl_objects(path, fix, required=ROW_KEYS)
     if not rows:
         raise FusemtError(f"{path} holds no segments yet")
     return rows
@@ -166,7 +169,8 @@ def plot_segment(row: dict, path: Path) -> Path:
 def write_trace_report(results: Path, segment: int | None = 0) -> tuple[Path, Path | None]:
     rows = read_rows(results)
     metrics_path = results.with_suffix(".metrics.json")
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else None
+    metrics = (read_json_object(metrics_path, "delete it (the page is drawn without metrics) or rerun the config")
+               if metrics_path.exists() else None)
     html_path = results.with_suffix(".trace.html")
     html_path.write_text(render_html(rows, metrics, results.stem), encoding="utf-8")
     png = None

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from decoding.errors import FusemtError
+from eval.jsonio import parse_jsonl_line
 
 SAMPLE_PATH = Path(__file__).parent / "resources" / "sample_en_ja.jsonl"
 
@@ -49,11 +49,8 @@ def _text_field(rec: dict, key: str, row: int, required: bool) -> Optional[str]:
     return value
 
 
-def _record_to_segment(rec, row: int, reference_field: str) -> Optional[Segment]:
+def _record_to_segment(rec: dict, row: int, reference_field: str) -> Optional[Segment]:
     """Map one record of any supported layout to a Segment; None for rows to drop."""
-    if not isinstance(rec, dict):
-        raise FusemtError(f"dataset line {row + 1} is a JSON {type(rec).__name__}, not an object: "
-                          "expected one JSON object per line (WMT24, WMT24++ or fusemt layout)")
     if "segment_id" in rec or "is_bad_source" in rec:  # WMT24++ (google/wmt24pp)
         if rec.get("is_bad_source"):
             return None
@@ -72,20 +69,10 @@ def _record_to_segment(rec, row: int, reference_field: str) -> Optional[Segment]
 def _read_jsonl(path: Path) -> list:
     if not path.exists():
         raise FusemtError(f"dataset file {path} not found: check dataset.path")
-    records = []
     with path.open("rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise FusemtError(f"{path}:{n} is not valid UTF-8: re-encode the dataset file as UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise FusemtError(f"{path}:{n} is not valid JSON ({err.msg}): expected one JSON object per line") from None
-    return records
+        records = [parse_jsonl_line(raw, f"{path}:{n}", "expected one JSON object per line (WMT24, WMT24++ or fusemt layout)")
+                   for n, raw in enumerate(f, 1)]
+    return [rec for rec in records if rec is not None]
 
 
 def _read_hub(cfg: DatasetConfig) -> list[dict]:

@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from decoding.errors import FusemtError
+from eval.jsonio import parse_jsonl_line
 
 log = logging.getLogger(__name__)
 
@@ -42,20 +43,9 @@ def read_rows(path: Path, start: int = 0, first_line: int = 1) -> tuple[list[dic
         fh.seek(start)
         data = fh.read()
     complete = data[: data.rfind(b"\n") + 1]
-    rows = []
-    for n, line in enumerate(complete.split(b"\n")[:-1], first_line):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line.decode("utf-8"))
-        except UnicodeDecodeError:
-            raise FusemtError(f"{path}:{n} is not valid UTF-8: fix or delete that line, then rerun to resume") from None
-        except json.JSONDecodeError:
-            raise FusemtError(f"{path}:{n} is corrupt: fix or delete that line, then rerun to resume") from None
-        if not isinstance(row, dict) or "id" not in row:
-            raise FusemtError(f"{path}:{n} is not a fusemt result (a JSON object with an 'id'): fix or delete that line")
-        rows.append(row)
-    return rows, complete.count(b"\n"), start + len(complete), start + len(data)
+    rows = [parse_jsonl_line(line, f"{path}:{n}", "fix or delete that line, then rerun to resume", required=("id",))
+            for n, line in enumerate(complete.split(b"\n")[:-1], first_line)]
+    return [row for row in rows if row is not None], complete.count(b"\n"), start + len(complete), start + len(data)
 
 
 class ResultsFile:

@@ -19,11 +19,11 @@ from omegaconf import DictConfig, OmegaConf
 from decoding.base import typed_config
 from decoding.errors import FusemtError
 from eval.comet_score import comet_scores
+from eval.jsonio import read_jsonl_objects
 from eval.metrics import corpus_scores
 from runners.config import CONF_DIR
 from runners.cli import fail, run_cli
 from runners.data import DatasetConfig, load_records, load_segments
-from runners.results import read_rows
 
 
 def read_hypotheses(hyp_file: Path) -> tuple[dict[int, str] | None, dict[str, str] | None]:
@@ -31,10 +31,8 @@ def read_hypotheses(hyp_file: Path) -> tuple[dict[int, str] | None, dict[str, st
     if not hyp_file.exists():
         raise FusemtError(f"hypothesis file {hyp_file} not found: check hyp_file=")
     if hyp_file.suffix == ".jsonl":
-        rows, _, _, _ = read_rows(hyp_file)
-        if not rows or not all("hypothesis" in r for r in rows):
-            raise FusemtError(f"{hyp_file} is not a fusemt results JSONL (objects with 'id' and 'hypothesis'): "
-                              "pass that, or a plain text file with one hypothesis per line")
+        rows = read_jsonl_objects(hyp_file, "pass a fusemt results JSONL or a plain text file with one hypothesis per line",
+                                  required=("id", "hypothesis"))
         return None, {str(r["id"]): r["hypothesis"] for r in rows}
     try:
         lines = hyp_file.read_text(encoding="utf-8").splitlines()
@@ -70,7 +68,9 @@ def score_file(dataset: DatasetConfig, hyp_file: Path, bleu: bool = True, chrf: 
     scores = {"hyp_file": str(hyp_file), **corpus_scores(hyps, refs, bleu=bleu, chrf=chrf)}
     if comet_model:
         result = comet_scores(sources, hyps, refs, comet_model, comet_batch_size)
-        scores["comet"] = None if result is None else result.system
+        scores["comet"] = result.system
+        if result.skipped:
+            scores["comet_skipped"] = result.skipped
     return scores
 
 

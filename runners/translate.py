@@ -58,9 +58,9 @@ def summarize_stats(rows: list[dict]) -> dict:
     return out
 
 
-def run_metrics(run: RunConfig, rows: list[dict], selected_ids: list[str]) -> tuple[dict, list[float] | None]:
+def run_metrics(run: RunConfig, rows: list[dict], selected_ids: list[str]) -> tuple[dict, dict[str, float] | None]:
     """Metrics over exactly ``rows`` (every finished segment of the results file), with how complete
-    they are against the selection; and the segment COMET scores when COMET ran."""
+    they are against the selection; and the segment COMET scores by id when COMET ran."""
     scored = [r for r in rows if r.get("reference") is not None]
     done = {r["id"] for r in rows}
     missing = [i for i in selected_ids if i not in done]
@@ -80,7 +80,8 @@ def run_metrics(run: RunConfig, rows: list[dict], selected_ids: list[str]) -> tu
         if result.skipped:
             metrics["comet_skipped"] = result.skipped
         else:
-            metrics["comet"], comet_segments = result.system, result.segments
+            metrics["comet"] = result.system
+            comet_segments = {r["id"]: score for r, score in zip(scored, result.segments)}
     total_time = sum(r["time_s"] for r in rows)
     metrics["n_new_tokens"] = sum(r["n_new_tokens"] for r in rows)
     metrics["tokens_per_s"] = round(metrics["n_new_tokens"] / total_time, 3) if total_time > 0 else None
@@ -148,21 +149,20 @@ def write_run_files(run: RunConfig, results: ResultsFile, selected_ids: list[str
             _write_atomically(metrics_path, json.dumps(metrics, ensure_ascii=False, indent=2) + "\n")
             _write_atomically(trace_path, render_html(rows, metrics, run.run_name))
             if comet_segments is not None:
-                _write_atomically(comet_path, "".join(json.dumps({"id": r["id"], "comet": score}) + "\n"
-                                                      for r, score in zip((r for r in rows if r.get("reference") is not None),
-                                                                          comet_segments)))
+                _write_atomically(comet_path, "".join(json.dumps({"id": sid, "comet": score}) + "\n"
+                                                      for sid, score in comet_segments.items()))
         else:
             log.info("another process added segments meanwhile: it writes the run's metrics")
     done = "complete" if metrics["complete"] else f"{metrics['missing_segments']} of {metrics['selected_segments']} missing"
     log.info("metrics (%s): %s", done, {k: metrics[k] for k in ("segments", "bleu", "chrf", "comet", "tokens_per_s")
                                        if k in metrics})
     if metrics.get("comet_skipped") and run.metrics.get("comet"):
-        log.info("COMET skipped: %s", metrics["comet_skipped"])
+        log.warning("COMET skipped: %s", metrics["comet_skipped"])
     log.info("traces: %s", trace_path)
     logger = RunLogger(replace(run.logger, group=metrics["sweep"]), run.run_name, config=_loggable(run, metrics),
                        out_dir=run.results_path.parent)
     logger.log_results(metrics, rows, [run.results_path, metrics_path, trace_path, comet_path],
-                       comet_segments=comet_segments)
+                       segment_comet=comet_segments)
     logger.finish()
     return metrics
 

@@ -35,10 +35,10 @@ def test_resume_refuses_results_of_another_config(tmp_path):
 def test_rows_are_validated_one_line_each(tmp_path):
     path = tmp_path / "run.jsonl"
     path.write_bytes(b'{"id": "1", "hypothesis": "\xff"}\n')
-    with pytest.raises(FusemtError, match=r"run.jsonl:1 is not valid UTF-8"):
+    with pytest.raises(FusemtError, match=r"run.jsonl:1 is not UTF-8 text"):
         ResultsFile(path, "abc")
     path.write_text('["not", "a", "row"]\n')
-    with pytest.raises(FusemtError, match=r"run.jsonl:1 is not a fusemt result"):
+    with pytest.raises(FusemtError, match=r"run.jsonl:1 holds an array, not a JSON object"):
         ResultsFile(path, "abc")
 
 

@@ -79,3 +79,57 @@ def test_trace_page_renders_in_headless_chromium(tmp_path):
                     f"--screenshot={shot}", "--window-size=1000,800", html_path.as_uri()],
                    check=True, capture_output=True, timeout=120)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 5000
+
+
+def _cli(module, *args, cwd):
+    import os
+    import sys
+
+    from conftest import ROOT
+
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+
+
+def _one_error_line(proc) -> str:
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("fusemt: error: ")
+    return line
+
+
+GOOD_LINE = json.dumps(ROWS[1], ensure_ascii=False).encode() + b"\n"
+
+
+@pytest.mark.parametrize("second_line, problem", [
+    (b'{"id": "s3", "source": \n', ":2 is not valid JSON (Expecting value at column"),
+    (b'{"id": "s3", "source": "\xff\xfe"}\n', ":2 is not UTF-8 text (byte 0xff"),
+    (b'["s3", "source"]\n', ":2 holds an array, not a JSON object"),
+    (b'"just a string"\n', ":2 holds a string, not a JSON object"),
+    (b'{"id": "s3", "source": "x"}\n', ":2 has no 'hypothesis'"),
+])
+def test_trace_command_on_a_corrupt_jsonl_names_file_line_and_fix(tmp_path, second_line, problem):
+    jsonl = tmp_path / "run.jsonl"
+    jsonl.write_bytes(GOOD_LINE + second_line)
+    line = _one_error_line(_cli("eval.trace", jsonl, cwd=tmp_path))
+    assert f"{jsonl}{problem}" in line and "fix or delete that line" in line
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b'{"run_name": "x", "bleu": 1', "is not valid JSON (Expecting ',' delimiter at line 1 column"),
+    (b'[{"run_name": "x"}]', "holds an array, not a JSON object"),
+    (b'{"run_name": "\xff"}', "is not UTF-8 text"),
+])
+def test_report_with_one_corrupt_metrics_file_names_it_and_the_fix(tmp_path, content, problem):
+    _write_run(tmp_path, "greedy__m__d", "greedy", 12.5, 8.0)
+    corrupt = tmp_path / "unite__m__d.metrics.json"
+    corrupt.write_bytes(content)
+    line = _one_error_line(_cli("eval.report", tmp_path, cwd=tmp_path))
+    assert f"{corrupt} {problem}" in line and "fix or delete that file" in line
+
+
+def test_trace_command_with_a_corrupt_metrics_file_beside_the_jsonl(tmp_path):
+    jsonl = _write_run(tmp_path, "run", "unite", 10.0, 5.0)
+    jsonl.with_suffix(".metrics.json").write_text("{")
+    line = _one_error_line(_cli("eval.trace", jsonl, cwd=tmp_path))
+    assert f"{jsonl.with_suffix('.metrics.json')} is not valid JSON" in line
