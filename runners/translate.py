@@ -113,7 +113,6 @@ def translate(run: RunConfig, sweep_group: str | None = None) -> dict:
     todo = [s for s in segments if s.id not in results.done_ids]
     log.info("%s: %d segments, %d already done, writing %s", run.run_name, len(segments), len(segments) - len(todo),
              run.results_path)
-    models = None
     try:
         if todo or run.render_input_text:
             models = [load_model(spec) for spec in run.models]
@@ -140,6 +139,7 @@ def write_run_files(run: RunConfig, results: ResultsFile, selected_ids: list[str
     rows = results.snapshot()
     metrics, comet_segments = run_metrics(run, rows, selected_ids)
     metrics["sweep"] = run.logger.group or sweep_group  # the W&B group: one per multirun sweep unless logger.group is set
+    metrics["config"] = _config_of(run)
     metrics["provenance"] = provenance(run)
     metrics_path = run.results_path.with_suffix(".metrics.json")
     trace_path = run.results_path.with_suffix(".trace.html")
@@ -151,6 +151,8 @@ def write_run_files(run: RunConfig, results: ResultsFile, selected_ids: list[str
             if comet_segments is not None:
                 _write_atomically(comet_path, "".join(json.dumps({"id": sid, "comet": score}) + "\n"
                                                       for sid, score in comet_segments.items()))
+            else:  # scores of an earlier state of the file would describe other segments
+                comet_path.unlink(missing_ok=True)
         else:
             log.info("another process added segments meanwhile: it writes the run's metrics")
     done = "complete" if metrics["complete"] else f"{metrics['missing_segments']} of {metrics['selected_segments']} missing"
@@ -159,8 +161,8 @@ def write_run_files(run: RunConfig, results: ResultsFile, selected_ids: list[str
     if metrics.get("comet_skipped") and run.metrics.get("comet"):
         log.warning("COMET skipped: %s", metrics["comet_skipped"])
     log.info("traces: %s", trace_path)
-    logger = RunLogger(replace(run.logger, group=metrics["sweep"]), run.run_name, config=_loggable(run, metrics),
-                       out_dir=run.results_path.parent)
+    logger = RunLogger(replace(run.logger, group=metrics["sweep"]), run.run_name,
+                       config={**metrics["config"], "provenance": metrics["provenance"]}, out_dir=run.results_path.parent)
     logger.log_results(metrics, rows, [run.results_path, metrics_path, trace_path, comet_path],
                        segment_comet=comet_segments)
     logger.finish()
@@ -200,11 +202,11 @@ def _decode_all(run: RunConfig, decoder, todo: list[Segment], results: ResultsFi
         log.info("%d segments are being decoded by another process: it will write them", len(by_id))
 
 
-def _loggable(run: RunConfig, metrics: dict) -> dict:
+def _config_of(run: RunConfig) -> dict:
+    """The run's resolved config, JSON-safe: what the report and W&B compare runs by."""
     return json.loads(json.dumps({"method": run.decoding_name, "decoding": run.decoding.__dict__,
                                   "models": [m.__dict__ for m in run.models], "dataset": run.dataset.__dict__,
-                                  "prompt": run.prompt.__dict__, "batch_size": run.batch_size, "seed": run.seed,
-                                  "provenance": metrics["provenance"]},
+                                  "prompt": run.prompt.__dict__, "batch_size": run.batch_size, "seed": run.seed},
                                  default=lambda o: o.__dict__ if hasattr(o, "__dict__") else str(o)))
 
 
