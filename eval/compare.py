@@ -24,7 +24,7 @@ from typing import Optional
 from decoding.errors import FusemtError
 from eval.metrics import corpus_scores
 from eval.report import Run, distinguishing_options, find_runs, pick_run, run_labels
-from eval.trace import PAGE_STYLE, SORT_SCRIPT, SegmentReview, flag_badges, review_segments
+from eval.trace import PAGE_STYLE, SORT_SCRIPT, SegmentReview, flag_badges, review_segments, step_limit
 
 SCORES = (("chrf", "chrF", 1), ("bleu", "BLEU", 1), ("comet", "COMET", 3))
 
@@ -75,9 +75,7 @@ class Comparison:
         ids = list(dict.fromkeys(str(r["id"]) for run in runs for r in run.rows))
         reviews = []
         for run in runs:
-            max_steps = run.options.values.get("max_new_tokens")
-            scored = review_segments(run.rows, run.segment_comet, int(max_steps) if max_steps and max_steps.isdigit()
-                                     else None)
+            scored = review_segments(run.rows, run.segment_comet, step_limit(run.options))
             reviews.append({str(r["id"]): review for r, review in zip(run.rows, scored)})
         scored_ids = [run.scored() for run in runs]
         common = [i for i in ids if all(i in scored for scored in scored_ids)]

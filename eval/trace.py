@@ -438,8 +438,9 @@ def _options_line(metrics: dict) -> str:
                                                            for k, v in options.values.items()) + "</div>")
 
 
-def _max_steps(metrics: dict) -> Optional[int]:
-    value = RunOptions.from_metrics(metrics).values.get("max_new_tokens")
+def step_limit(options: RunOptions) -> Optional[int]:
+    """The run's ``max_new_tokens`` (steps: tokens, or characters for charwise), when its config is known."""
+    value = options.values.get("max_new_tokens")
     return int(value) if value and value.isdigit() else None
 
 
@@ -453,7 +454,7 @@ def render_html(rows: list[dict], metrics: dict | None, title: str,
     colours = origin_colours(rows)
     colour_class = {name: f"o{i}" for i, name in enumerate(colours)}
     colour_css = "".join(f".{colour_class[name]} {{ background: {c}; }}\n" for name, c in colours.items())
-    reviews = review_segments(rows, segment_comet, _max_steps(metrics))
+    reviews = review_segments(rows, segment_comet, step_limit(RunOptions.from_metrics(metrics)))
     sections = []
     for i, (row, review) in enumerate(zip(rows, reviews)):
         trace = row.get("trace") or []
