@@ -35,6 +35,8 @@ KEY_OPTIONS = ("weights", "top_k", "num_beams")
 OPTION_PREFIXES = ("decoding.", "prompt.")
 SIGNIFICANCE = 0.05
 BOOTSTRAP_SAMPLES = 1000
+# Resampling a handful of segments has only a handful of distinct outcomes: no marker below this many.
+BOOTSTRAP_MIN_SEGMENTS = 20
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -217,9 +219,11 @@ class Bootstrap:
     chrf_p: float
 
     def marker(self, metric: str) -> str:
-        """▲ / ▼: significantly better / worse than the baseline (p < 0.05); nothing otherwise."""
+        """▲ / ▼: significantly better / worse than the baseline (p < 0.05, on enough segments); nothing otherwise."""
         delta, p = getattr(self, f"{metric}_delta"), getattr(self, f"{metric}_p")
-        return "" if p >= SIGNIFICANCE or delta == 0 else ("▲" if delta > 0 else "▼")
+        if self.segments < BOOTSTRAP_MIN_SEGMENTS or p >= SIGNIFICANCE or delta == 0:
+            return ""
+        return "▲" if delta > 0 else "▼"
 
 
 def paired_bootstrap(baseline: Run, run: Run, n_samples: int = BOOTSTRAP_SAMPLES) -> Optional[Bootstrap]:
@@ -316,7 +320,8 @@ class Report:
         if self.baseline:
             lines.append(f"\n▲ / ▼: BLEU or chrF significantly better / worse than the baseline {self.baseline.name} "
                          f"(sacrebleu paired bootstrap, {BOOTSTRAP_SAMPLES} resamples, p < {SIGNIFICANCE}, on the "
-                         "segments both runs have; p-values in report.csv).")
+                         f"segments both runs have, when there are at least {BOOTSTRAP_MIN_SEGMENTS}; p-values in "
+                         "report.csv).")
         if self.domains:
             lines += ["", "## Per domain (BLEU / chrF, segments)", ""]
             names = sorted({d for scores in self.domains.values() for d in scores})

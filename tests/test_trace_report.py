@@ -245,6 +245,13 @@ def test_paired_bootstrap_markers_against_a_baseline(tmp_path):
     assert Report.build(find_runs(tmp_path), baseline="unite__good").bootstraps["greedy__poor"].marker("chrf") == "▼"
     rows = {r["run_name"]: r for r in report.rows()}
     assert rows["unite__good"]["bleu_p"] == good_boot.bleu_p and rows["greedy__poor"]["bleu_p"] is None
+    # too few segments to resample: p-values in the CSV, no marker
+    few = tmp_path / "few"
+    few.mkdir()
+    _write_run(few, "greedy__poor", "greedy", 5.0, 8.0, rows=poor[:10])
+    _write_run(few, "unite__good", "unite", 90.0, 4.0, rows=good[:10])
+    boot = Report.build(find_runs(few), baseline="greedy__poor").bootstraps["unite__good"]
+    assert boot.segments == 10 and boot.bleu_p < 0.05 and boot.marker("bleu") == ""
 
 
 def test_per_domain_scores(tmp_path):
