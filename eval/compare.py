@@ -117,8 +117,8 @@ class Comparison:
     # --- the page ----------------------------------------------------------------------------
     def _header_table(self) -> str:
         rows = self.header_rows()
-        keys = ["run", "label", "run_name", "models", *self.option_keys, "segments", "bleu", "chrf", "comet",
-                "tokens_per_s", "complete"]
+        keys = ["run", "label", "run_name", *self.option_keys, "segments", "bleu", "chrf", "comet", "tokens_per_s",
+                "complete"]  # the label names the models where they differ
         names = {"bleu": f"BLEU ({len(self.common)} common)", "chrf": f"chrF ({len(self.common)} common)",
                  "tokens_per_s": "tokens/s"}
         head = "".join(f"<th>{html.escape(names.get(k, k))}</th>" for k in keys)
@@ -129,7 +129,7 @@ class Comparison:
             return f"<td>{'—' if value is None else html.escape(str(value))}</td>"
 
         body = "".join("<tr>" + "".join(cell(k, row[k]) for k in keys) + "</tr>" for row in rows)
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+        return f'<table class="runs"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
     def _run_cell(self, n: int, segment: str, best_chrf: Optional[float]) -> str:
         row, review = self._by_id[n].get(segment), self.reviews[n].get(segment)
@@ -202,6 +202,7 @@ Per segment: sentence chrF and BLEU (sacrebleu, ja-mecab, effective order), COME
 
 COMPARE_STYLE = """
 body { max-width: none; }
+table.runs { width: 100%; } table.runs td:nth-child(3) { word-break: break-all; font-size: 0.9em; }
 table.compare { width: 100%; table-layout: fixed; } table.compare td { vertical-align: top; }
 table.compare th:first-child { width: 2.5em; } table.compare th:last-child { width: 4em; }
 .hyp div:first-child { font-size: 1.05em; } .ref { color: #555; margin-top: 0.3em; } .sid { color: #888; font-size: 0.8em; }
@@ -246,7 +247,8 @@ def log_compare(comparison: Comparison, page: Path, project: str) -> None:
 
     sweeps = {run.sweep for run in comparison.runs}
     group = sweeps.pop() if len(sweeps) == 1 else None
-    logger = RunLogger(LoggerConfig(project=project, group=group, tags=["compare"]), f"compare-{page.stem}",
+    name = f"compare-{len(comparison.runs)}-runs-{page.resolve().parent.name}"
+    logger = RunLogger(LoggerConfig(project=project, group=group, tags=["compare"]), name,
                        config={"runs": [run.name for run in comparison.runs],
                                "baseline": comparison.runs[comparison.baseline].name},
                        out_dir=page.parent)
@@ -270,7 +272,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         comparison = Comparison.build(load_runs(args.results), args.baseline)
         page = args.output or default_output(args.results)
-        title = f"compare: {', '.join(comparison.labels)}"
+        dataset = next((run.dataset for run in comparison.runs if run.dataset), None)
+        title = f"compare: {len(comparison.runs)} runs" + (f" on {dataset}" if dataset else "")
         page.write_text(comparison.render(title), encoding="utf-8")
     except FusemtError as err:
         print(f"fusemt: error: {err}", file=sys.stderr)

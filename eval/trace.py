@@ -430,12 +430,18 @@ CONTROLS = """<div class="controls">sort by <select id="sort"><option value="ord
 
 
 def _options_line(metrics: dict) -> str:
+    """The run's method options on one line; prompt options (long texts) folded away."""
     options = RunOptions.from_metrics(metrics)
     if not options.values:
         return ""
-    source = "config" if options.complete else "overrides (other options at their defaults)"
-    return (f'<div class="meta">{source}: ' + " · ".join(f"{html.escape(k)}={html.escape(v)}"
-                                                           for k, v in options.values.items()) + "</div>")
+    source = "options" if options.complete else "overrides (other options at their defaults)"
+    method = {k: v for k, v in options.values.items() if not k.startswith("prompt.")}
+    prompt = {k: v for k, v in options.values.items() if k.startswith("prompt.")}
+    line = " · ".join(f"{html.escape(k)}={html.escape(v)}" for k, v in method.items())
+    folded = ("<details><summary>prompt</summary><table>" + "".join(
+        f"<tr><td>{html.escape(k)}</td><td><pre>{html.escape(v)}</pre></td></tr>" for k, v in prompt.items())
+        + "</table></details>") if prompt else ""
+    return f'<div class="meta">{source}: {line}</div>{folded}'
 
 
 def step_limit(options: RunOptions) -> Optional[int]:
