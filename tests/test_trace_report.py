@@ -213,9 +213,11 @@ def test_options_from_overrides_when_the_run_has_no_config():
         "prompt.system=訳して", "seed=3"]}})
     assert options.values == {"top_k": "5", "weights": "[1,0]", "prompt.system": "訳して", "seed": "3"}
     assert not options.complete and options.cell("num_beams") == "(default)"
+    from pathlib import Path
+
     from eval.report import Run
 
-    runs = [Run(tmp, m, None, None) for tmp, m in (
+    runs = [Run(Path(name), m, None, None) for name, m in (
         ("a.jsonl", {"provenance": {"overrides": ["decoding.top_k=5"]}}),
         ("b.jsonl", {"provenance": {"overrides": ["decoding.single_weight=0.3"]}}),
         ("c.jsonl", {"provenance": {"overrides": []}}))]
