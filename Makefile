@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-fast launchers-ray bench-ensemble bench-speculative clean-cache
+.PHONY: install run test test-fast launchers-ray fonts bench-ensemble bench-speculative clean-cache
 
 install: $(STAMP)
 
@@ -35,6 +35,12 @@ test-fast: install
 # Optional: the Hydra Ray launcher (fusemt hydra/launcher=ray -m ...); several hundred MB.
 launchers-ray: install
 	$(BIN)/pip install -q -e '.[ray]'
+
+# Optional (Debian, as root): Japanese in plots and page screenshots. Noto CJK fonts and Chromium, then
+# matplotlib's cached font list refreshed (a list cached before the fonts were installed hides them).
+fonts: install
+	apt-get update && apt-get install -y --no-install-recommends fonts-noto-cjk chromium
+	$(BIN)/python -m eval.plots fonts
 
 bench-ensemble: install
 	$(BIN)/python scripts/bench_ensemble.py

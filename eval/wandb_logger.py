@@ -150,5 +150,29 @@ class RunLogger:
         self._guard("logging", _metrics_and_table)
         self._guard("artifact", _artifact)
 
+    def log_review(self, tables: Optional[Mapping[str, tuple[list[str], list[list]]]] = None,
+                   pages: Optional[Mapping[str, Path]] = None, images: Optional[Mapping[str, Path]] = None) -> None:
+        """Review material in one step: ``tables`` (key -> columns, rows) as W&B Tables, ``pages``
+        (key -> HTML file) as HTML media, ``images`` (key -> PNG) as images; each guarded on its own."""
+
+        def _tables():
+            import wandb
+
+            self.run.log({key: wandb.Table(columns=columns, data=data, allow_mixed_types=True)
+                          for key, (columns, data) in (tables or {}).items()})
+
+        def _media():
+            import wandb
+
+            logged = {key: wandb.Html(path.read_text(encoding="utf-8")) for key, path in (pages or {}).items()
+                      if path.exists()}
+            logged.update({key: wandb.Image(str(path)) for key, path in (images or {}).items() if path.exists()})
+            self.run.log(logged)
+
+        if tables:
+            self._guard("tables", _tables)
+        if pages or images:
+            self._guard("pages", _media)
+
     def finish(self) -> None:
         self._guard("finish", lambda: self.run.finish())

@@ -1,11 +1,22 @@
+"""Trace page (chips per character, legend, tooltips, per-segment scores, diff, flags, sorting), fonts,
+and the sweep report (config columns, per-domain scores, paired bootstrap, plot labels), on results
+files built here."""
+
+import csv
 import json
-import shutil
+import os
+import re
 import subprocess
+import sys
+import warnings
 
 import pytest
 
-from eval.report import collect, to_markdown, write_report
-from eval.trace import render_html, step_tooltip, write_trace_report
+from eval.metrics import corpus_scores, segment_scores
+from eval.plots import chromium, screenshot
+from eval.report import Report, RunOptions, distinguishing_options, find_runs, spread
+from eval.trace import (character_chips, chip_tooltip, diff_html, render_html, repetition, segment_flags,
+                        step_tooltip, write_trace_report)
 
 ROWS = [
     {"id": "s1", "source": "<b>Tom & Jerry</b>", "reference": "トム＆ジェリー", "hypothesis": "<script>alert(1)</script>",
@@ -24,67 +35,339 @@ ROWS = [
 ]
 
 
+def step(data: bytes, origin: str, **extra) -> dict:
+    """A trace step as decoding/base.py writes it (partial UTF-8 shown with backslash escapes)."""
+    return {"piece": data.decode("utf-8", "backslashreplace"), "piece_bytes": data.hex(),
+            "ids": {"gemma3_270m": [1], "smollm2_135m": [2]}, "logprob": {"gemma3_270m": -0.1, "smollm2_135m": -0.7},
+            "origin": origin, **extra}
+
+
+# " 今日" in one Gemma piece; ル (e3 83 ab) as two SmolLM2 byte pieces; "。"; the end step.
+RU = "ル".encode()
+UNITE_TRACE = [step(" 今日".encode(), "both", top=[[" 今日", 0.5], [" 今", 0.2]], union=9),
+               step(RU[:2], "smollm2_135m", top=[["\\xe3\\x83", 0.4], ["は", 0.3]], union=11),
+               step(RU[2:], "lookup", top=[["\\xab", 0.9]], union=4),
+               step("。".encode(), "both", top=[["。", 0.8]], union=5),
+               step(b"", "both", end=True, top=[["<end>", 0.9]], union=3)]
+
+
+def charwise_step(char: str, origin: str, p: dict, top: list, fast: bool = False) -> dict:
+    data = char.encode()
+    return {"piece": char, "piece_bytes": data.hex(), "ids": {"gemma3_270m": [4], "smollm2_135m": []},
+            "logprob": {m: -0.2 for m in p}, "origin": origin, "p": p, "score": top[0][1], "top": top,
+            "argmax": {m: char for m in p}, "covers": {"gemma3_270m": 2, "smollm2_135m": 5}, "fastpath": fast}
+
+
+def test_one_chip_per_character_with_a_character_split_across_steps():
+    chips = character_chips(UNITE_TRACE)
+    assert [c.text for c in chips] == [" ", "今", "日", "ル", "。", ""]
+    assert [c.steps for c in chips] == [[0], [0], [0], [1, 2], [3], [4]]
+    assert [c.kind for c in chips] == ["char"] * 5 + ["end"]
+    tip = chip_tooltip(chips[3], UNITE_TRACE)
+    assert tip.startswith("'ル' U+30EB · bytes e3 83 ab") and "assembled from 2 steps: 1, 2" in tip
+    assert "step 1 · piece: '\\\\xe3\\\\x83' (2 bytes) · origin: smollm2_135m" in tip and "step 2 · " in tip
+
+    page = render_html([{"id": "a", "source": "x", "reference": "今日ル。", "hypothesis": "今日ル。",
+                         "method": "unite", "models": ["gemma3_270m", "smollm2_135m"], "trace": UNITE_TRACE}], None, "t")
+    chips_div = re.search(r"<div class=\"chips\">(.*?)</div>", page, re.S).group(1)
+    assert len(re.findall(r'<span class="c[ "]', chips_div)) == 6  # one chip per character, plus the end chip
+    assert "xe3" not in re.sub(r'title="[^"]*"', "", chips_div)  # no byte chips: the bytes are one character
+    # one box per step: the three characters of step 0 share one, ル (steps 1+2) is one dashed box
+    assert len(re.findall(r'<span class="g ', chips_div)) == 4 and chips_div.count("multi") == 1
+
+
+def test_bytes_that_never_complete_a_character_are_one_chip():
+    chips = character_chips([step("あ".encode(), "both"), step(RU[:2], "gemma3_270m")])
+    assert [(c.text, c.kind) for c in chips] == [("あ", "char"), ("\\xe3\\x83", "incomplete")]
+
+
+def test_legend_says_what_each_colour_means_for_the_method():
+    rows = [{"id": "a", "source": "x", "hypothesis": "今日ル。", "method": "unite",
+             "models": ["gemma3_270m", "smollm2_135m"], "trace": UNITE_TRACE}]
+    legend = render_html(rows, None, "t").split("<h2>Legend</h2>")[1].split("</table>")[0]
+    assert "in every model&#x27;s top-k" in legend and "first token of its spelling" in legend
+    assert "proposed by smollm2_135m only" in legend and "gemma3_270m</span>" not in legend  # only origins that occur
+    spec = [{"id": "a", "source": "x", "hypothesis": "やあ", "method": "speculative", "models": ["g", "d"],
+             "trace": [step("や".encode(), "draft"), step("あ".encode(), "target")]}]
+    legend = render_html(spec, None, "t").split("<h2>Legend</h2>")[1]
+    assert "proposed by the draft model, accepted by the target" in legend and "correction" in legend
+    char = [{"id": "a", "source": "x", "hypothesis": "や", "method": "charwise", "models": ["gemma3_270m", "smollm2_135m"],
+             "trace": [charwise_step("や", "gemma3_270m", {"gemma3_270m": 0.6, "smollm2_135m": 0.3}, [["や", 0.45]])]}]
+    legend = render_html(char, None, "t").split("<h2>Legend</h2>")[1].split("</table>")[0]
+    assert "the most likely next character of gemma3_270m only" in legend
+    # shapes are explained where they occur: charwise has no multi-character steps, no split characters
+    assert "one box of several characters" not in legend and "several steps" not in legend
+    unite = render_html(rows, None, "t").split("<h2>Legend</h2>")[1].split("</table>")[0]
+    assert "one box of several characters" in unite and "several steps" in unite and "end of sequence; a space" in unite
+
+
+def test_tooltips_show_member_probabilities_and_decision_scores():
+    tip = step_tooltip(ROWS[0]["trace"][0])
+    assert "smollm2_135m: p=0.135  ids [7, 8]" in tip and "gemma3_270m: p=0.905" in tip and "union size: 12" in tip
+    assert "top by decision score: ▶' <script>' 0.6000 · '\"' 0.1000" in tip
+    assert "proposed ['や'], accepted 0" in step_tooltip(ROWS[1]["trace"][0])
+    char = charwise_step("ル", "both", {"gemma3_270m": 0.61, "smollm2_135m": 0.55}, [["ル", 0.58], ["ロ", 0.2], ["<end>", 0.01]],
+                         fast=True)
+    tip = step_tooltip(char, 7)
+    assert tip.startswith("step 7 · piece: 'ル' (3 bytes) · origin: both")
+    assert "gemma3_270m: p=0.819  ids [4]  most likely 'ル'  covers 2" in tip
+    assert "fused score: 0.5800  (fast path" in tip and "▶'ル' 0.5800 · 'ロ' 0.2000 · '<end>' 0.0100" in tip
+    # a candidate ranked above the chosen one is visible: the marker is not on the first entry
+    assert "top by decision score: 'x' 0.5000 · ▶'y' 0.4000" in step_tooltip(step(b"y", "both", top=[["x", 0.5], ["y", 0.4]]))
+
+
 def test_all_model_text_is_escaped():
     page = render_html(ROWS, {"bleu": 1.0, "agreement_rate": 0.5}, "run <x>")
-    assert "<script>" not in page and "&lt;script&gt;" in page
+    assert "<script>alert" not in page and "alert(1)</script>" not in page and "&lt;script&gt;alert" in page
+    assert page.count("<script>") == 1  # the page's own sorting script, nothing from the data
     assert "<b>Tom" not in page and "&lt;b&gt;Tom &amp; Jerry" in page
     assert "run &lt;x&gt;" in page
     # tooltips are attribute values: quotes are escaped too
-    assert 'title="piece: &#x27; &lt;script&gt;&#x27;' in page and "&quot;" in page
+    titles = re.findall(r'title="([^"]*)"', page)
+    assert any("piece: &#x27; &lt;script&gt;&#x27;" in t for t in titles) and any("&quot;" in t for t in titles)
 
 
-def test_tooltip_has_ids_probabilities_and_candidates():
-    tip = step_tooltip(ROWS[0]["trace"][0])
-    assert "smollm2_135m: ids [7, 8]" in tip and "p=0.905" in tip and "union size: 12" in tip
-    assert "proposed ['や'], accepted 0" in step_tooltip(ROWS[1]["trace"][0])
+def test_segment_line_has_sentence_scores_comet_length_ratio_and_agreement(tmp_path):
+    rows = [{"id": "a", "source": "x", "reference": "今日は天気がいいです。", "hypothesis": "今日は天気が良いです。",
+             "stats": {"agreement_rate": 0.25}, "trace": []},
+            {"id": "b", "source": "y", "reference": "駅はどこですか", "hypothesis": "駅", "trace": []},
+            {"id": "c", "source": "z", "reference": None, "hypothesis": "参照なし", "trace": []}]
+    jsonl = tmp_path / "run.jsonl"
+    jsonl.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    jsonl.with_suffix(".comet.jsonl").write_text('{"id": "a", "comet": 0.8123}\n{"id": "b", "comet": 0.31}\n')
+    page, _ = write_trace_report(jsonl, segment=None)
+    text = page.read_text(encoding="utf-8")
+    scores = segment_scores([r["hypothesis"] for r in rows[:2]], [r["reference"] for r in rows[:2]])
+    assert f"chrF {scores.chrf[0]:.1f} · BLEU {scores.bleu[0]:.1f} · COMET 0.812 · length 1.00× reference · agreement 0.25" in text
+    assert f"chrF {scores.chrf[1]:.1f} · BLEU {scores.bleu[1]:.1f} · COMET 0.310 · length 0.14× reference" in text
+    # the sort data carries the same numbers
+    sections = dict(re.findall(r'<section id="seg(\d)" data-order="\d" data-bleu="[^"]*" data-chrf="([^"]*)"', text))
+    assert float(sections["0"]) == scores.chrf[0] and sections["2"] == ""
+    assert 'id="sort"' in text and '<option value="comet">COMET</option>' in text
 
 
-def _write_run(folder, name, method, bleu, tps, rows=ROWS):
+def test_diff_against_the_reference():
+    assert diff_html("今朝の天気", "今日の天気") == "今<del>朝</del><ins>日</ins>の天気"
+    assert diff_html("<a>", "<b>") == "&lt;<del>a</del><ins>b</ins>&gt;"
+
+
+def test_flags_for_repetition_truncated_prompts_empty_output_and_the_step_limit():
+    assert repetition("今日は" + "メ" * 9) == "runaway repetition: 'メ' ×9"
+    assert repetition("ルカ" * 8) == "runaway repetition: 'ルカ' ×8"
+    assert repetition("メ" * 7) is None and repetition("a" + " " * 12 + "b") is None
+    row = {"id": "a", "source": "x", "hypothesis": "", "warnings": ["prompt truncated to the model's max_input_tokens"],
+           "trace": [step(b"a", "both")] * 4}
+    assert segment_flags(row, max_steps=4) == ["empty output", "prompt truncated to the model's max_input_tokens",
+                                               "stopped at max_new_tokens=4"]
+    assert segment_flags({**row, "hypothesis": "ok", "warnings": []}, max_steps=5) == []
+    page = render_html([{**row, "hypothesis": "メ" * 12}], None, "t")
+    assert "⚠ runaway repetition: &#x27;メ&#x27; ×12" in page and 'data-flagged="1"' in page
+
+
+def _write_run(folder, name, method, bleu, tps, rows=ROWS, **metrics):
     jsonl = folder / f"{name}.jsonl"
-    jsonl.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    jsonl.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     jsonl.with_suffix(".metrics.json").write_text(json.dumps(
         {"run_name": name, "method": method, "models": ["gemma3_270m"], "dataset": "sample_en_ja", "segments": 2,
-         "bleu": bleu, "chrf": 30.0, "comet": None, "tokens_per_s": tps, "agreement_rate": 0.5}))
+         "bleu": bleu, "chrf": 30.0, "comet": None, "tokens_per_s": tps, "agreement_rate": 0.5, **metrics}))
     return jsonl
 
 
 def test_trace_command_writes_html_and_png(tmp_path):
     jsonl = _write_run(tmp_path, "unite__x__sample_en_ja", "unite", 10.0, 5.0)
     html_path, png = write_trace_report(jsonl, segment=0)
-    assert html_path.read_text().count('class="chip"') >= 4 and "bleu: 10.0" in html_path.read_text()
+    assert html_path.read_text().count('<span class="c') >= 4 and "bleu: 10.0" in html_path.read_text()
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _config(decoding: dict, seed: int = 0) -> dict:
+    return {"config": {"decoding": decoding, "prompt": {"system": None}, "seed": seed}}
+
+
+def test_report_has_the_options_that_distinguish_runs(tmp_path):
+    _write_run(tmp_path, "greedy__m__d", "greedy", 12.5, 8.0, **_config({"name": "greedy", "max_new_tokens": 96}))
+    _write_run(tmp_path, "beam__m__d", "beam", 13.0, 3.0,
+               **_config({"name": "beam", "max_new_tokens": 96, "num_beams": 4, "length_penalty": 1.0}))
+    _write_run(tmp_path, "unite__m__d__1", "unite", 14.0, 4.0,
+               **_config({"name": "unite", "max_new_tokens": 96, "top_k": 10, "weights": None, "temperature": 0.0}))
+    _write_run(tmp_path, "unite__m__d__2", "unite", 15.0, 4.0,
+               **_config({"name": "unite", "max_new_tokens": 48, "top_k": 5, "weights": [1, 0], "temperature": 0.0}))
+    report = Report.build(find_runs(tmp_path))
+    # key options always; max_new_tokens because it differs; not temperature/length_penalty (one value each)
+    assert report.option_keys == ["weights", "top_k", "num_beams", "max_new_tokens"]
+    rows = {r["run_name"]: r for r in report.rows()}
+    assert rows["unite__m__d__2"]["weights"] == "[1, 0]" and rows["unite__m__d__1"]["weights"] == "null"
+    assert rows["greedy__m__d"]["top_k"] == "—" and rows["beam__m__d"]["num_beams"] == "4"
+    md = report.to_markdown()
+    assert md.splitlines()[0] == ("| run_name | method | models | weights | top_k | num_beams | max_new_tokens | dataset | "
+                                  "segments | bleu | chrf | comet | tokens_per_s | acceptance_rate | agreement_rate |")
+    assert "| unite__m__d__2 | unite | gemma3_270m | [1, 0] | 5 | — | 48 | sample_en_ja | 2 | 15.00 | 30.00 | — | 4.00 |" in md
+    paths = report.write(tmp_path)
+    header = next(csv.reader(paths[1].open(encoding="utf-8")))
+    assert header[:7] == ["run_name", "method", "models", "weights", "top_k", "num_beams", "max_new_tokens"]
+
+
+def test_options_from_overrides_when_the_run_has_no_config():
+    options = RunOptions.from_metrics({"provenance": {"overrides": [
+        "models=gemma3_smollm2", "decoding=unite", "decoding.top_k=5", "+decoding.weights=[1,0]", "dataset.limit=5",
+        "prompt.system=訳して", "seed=3"]}})
+    assert options.values == {"top_k": "5", "weights": "[1,0]", "prompt.system": "訳して", "seed": "3"}
+    assert not options.complete and options.cell("num_beams") == "(default)"
+    from pathlib import Path
+
+    from eval.report import Run
+
+    runs = [Run(Path(name), m, None, None) for name, m in (
+        ("a.jsonl", {"provenance": {"overrides": ["decoding.top_k=5"]}}),
+        ("b.jsonl", {"provenance": {"overrides": ["decoding.single_weight=0.3"]}}),
+        ("c.jsonl", {"provenance": {"overrides": []}}))]
+    assert distinguishing_options(runs) == ["top_k", "single_weight"]  # an override against a default differs
+
+
+def _bootstrap_rows(hypotheses, domains=("news", "speech")):
+    references = [f"今日は天気がいいので、{i}番目の駅まで歩いて行きます。" for i in range(40)]
+    return [{"id": f"s{i}", "source": f"source {i}", "reference": ref, "hypothesis": hyp, "domain": domains[i % 2]}
+            for i, (ref, hyp) in enumerate(zip(references, hypotheses(references)))]
+
+
+def test_paired_bootstrap_markers_against_a_baseline(tmp_path):
+    good = _bootstrap_rows(lambda refs: refs)
+    poor = _bootstrap_rows(lambda refs: [r[:6] + "電車" for r in refs])
+    _write_run(tmp_path, "greedy__poor", "greedy", 5.0, 8.0, rows=poor)
+    _write_run(tmp_path, "unite__good", "unite", 90.0, 4.0, rows=good)
+    _write_run(tmp_path, "beam__same", "beam", 5.0, 3.0, rows=poor)
+    report = Report.build(find_runs(tmp_path), baseline="greedy__poor")
+    good_boot, same_boot = report.bootstraps["unite__good"], report.bootstraps["beam__same"]
+    assert good_boot.segments == 40 and good_boot.bleu_p < 0.05 and good_boot.bleu_delta > 0
+    assert good_boot.marker("bleu") == "▲" and good_boot.marker("chrf") == "▲"
+    assert same_boot.bleu_delta == 0 and same_boot.marker("bleu") == "" and "greedy__poor" not in report.bootstraps
+    md = report.to_markdown()
+    assert "| 90.00 ▲ | 30.00 ▲ |" in md and "| **baseline** greedy__poor |" in md and "paired bootstrap" in md
+    # a worse run gets ▼ when the good run is the baseline
+    assert Report.build(find_runs(tmp_path), baseline="unite__good").bootstraps["greedy__poor"].marker("chrf") == "▼"
+    rows = {r["run_name"]: r for r in report.rows()}
+    assert rows["unite__good"]["bleu_p"] == good_boot.bleu_p and rows["greedy__poor"]["bleu_p"] is None
+    # too few segments to resample: p-values in the CSV, no marker
+    few = tmp_path / "few"
+    few.mkdir()
+    _write_run(few, "greedy__poor", "greedy", 5.0, 8.0, rows=poor[:10])
+    _write_run(few, "unite__good", "unite", 90.0, 4.0, rows=good[:10])
+    boot = Report.build(find_runs(few), baseline="greedy__poor").bootstraps["unite__good"]
+    assert boot.segments == 10 and boot.bleu_p < 0.05 and boot.marker("bleu") == ""
+
+
+def test_per_domain_scores(tmp_path):
+    rows = _bootstrap_rows(lambda refs: [r[:10] for r in refs])
+    _write_run(tmp_path, "greedy__d", "greedy", 5.0, 8.0, rows=rows)
+    report = Report.build(find_runs(tmp_path))
+    news = [r for r in rows if r["domain"] == "news"]
+    expected = corpus_scores([r["hypothesis"] for r in news], [r["reference"] for r in news])
+    assert report.domains["greedy__d"]["news"]["bleu"] == expected["bleu"]
+    md = report.to_markdown()
+    assert "## Per domain" in md and f"| greedy__d | {expected['bleu']:.2f} / {expected['chrf']:.2f} (20) |" in md
+    paths = report.write(tmp_path)
+    domains = list(csv.DictReader((tmp_path / "report_domains.csv").open(encoding="utf-8")))
+    assert [d["domain"] for d in domains] == ["news", "speech"] and tmp_path / "report_domains.csv" in paths
+    # rows without a domain: no per-domain section
+    _write_run(tmp_path, "greedy__d", "greedy", 5.0, 8.0)
+    assert "Per domain" not in Report.build(find_runs(tmp_path)).to_markdown()
+
+
+def test_spread_keeps_labels_apart_in_order():
+    heights = [0.5, 0.51, 0.49, 0.9, 0.95]
+    placed = spread(heights, 0.05)
+    ordered = sorted(range(5), key=lambda i: heights[i])
+    assert [placed[i] for i in ordered] == sorted(placed)  # same order as the points
+    assert all(b - a >= 0.05 - 1e-9 for a, b in zip(sorted(placed), sorted(placed)[1:]))
+    assert 0 <= min(placed) and max(placed) <= 1
+
+
+def test_plot_labels_do_not_overlap(tmp_path):
+    for i in range(8):  # eight runs at nearly the same point
+        _write_run(tmp_path, f"unite__m__d__{i}", "unite", 14.0 + i * 0.01, 4.0 + i * 0.01,
+                   **_config({"name": "unite", "top_k": i + 1}))
+    report = Report.build(find_runs(tmp_path))
+    figure = report.figure()
+    renderer = figure.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in figure.axes[0].texts]
+    assert len(boxes) == 8 and all(t.get_text().startswith("unite top_k=") for t in figure.axes[0].texts)
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    assert max(b.x1 for b in boxes) <= figure.bbox.width  # inside the figure
 
 
 def test_report_collects_every_run(tmp_path):
     (tmp_path / "a").mkdir()
     _write_run(tmp_path / "a", "greedy__m__d", "greedy", 12.5, 8.0)
     _write_run(tmp_path, "unite__m__d", "unite", 14.0, 4.0)
-    rows = collect(tmp_path)
-    assert [r["method"] for r in rows] == ["unite", "greedy"]  # best BLEU first
-    assert "| unite | gemma3_270m | sample_en_ja | 2 | 14.00 | 30.00 | — | 4.00 |" in to_markdown(rows)
-    md, csv_path, png = write_report(tmp_path)
+    report = Report.build(find_runs(tmp_path))
+    assert [r["method"] for r in report.rows()] == ["unite", "greedy"]  # best BLEU first
+    assert "| unite__m__d | unite | gemma3_270m | sample_en_ja | 2 | 14.00 | 30.00 | — | 4.00 |" in report.to_markdown()
+    md, csv_path, png = report.write(tmp_path)
     assert csv_path.read_text().splitlines()[0].startswith("run_name,method,models")
     assert png.stat().st_size > 0
 
 
-@pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")),
-                    reason="Chromium is not installed (Debian package 'chromium')")
-def test_trace_page_renders_in_headless_chromium(tmp_path):
-    jsonl = _write_run(tmp_path, "run", "unite", 10.0, 5.0)
-    html_path, _ = write_trace_report(jsonl, segment=None)
-    shot = tmp_path / "shot.png"
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                    "--disable-component-update", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-                    f"--screenshot={shot}", "--window-size=1000,800", html_path.as_uri()],
-                   check=True, capture_output=True, timeout=120)
-    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 5000
+def test_matplotlib_finds_a_cjk_font_installed_after_its_cache(tmp_path, monkeypatch):
+    """A font list cached before the CJK font was installed (what made labels show as escapes) is refreshed."""
+    if "CJK" not in subprocess.run(["fc-list"], capture_output=True, text=True).stdout:
+        pytest.skip("no CJK font installed (Debian: apt-get install fonts-noto-cjk; make fonts)")
+    import matplotlib
+    from matplotlib import font_manager
+
+    import eval.plots as plots
+
+    stale = font_manager.FontManager()
+    stale.ttflist = [f for f in stale.ttflist if not plots._draws_japanese(f.fname)]
+    monkeypatch.setattr(font_manager, "fontManager", stale)
+    monkeypatch.setattr(matplotlib, "get_cachedir", lambda: str(tmp_path))
+    plots.cjk_font.cache_clear()
+    try:
+        font = plots.use_cjk_font()
+        assert font in plots.CJK_FONTS
+        assert any(tmp_path.glob("fontlist-*.json"))  # saved, so later processes find it at once
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots()
+        ax.set_title("今日は天気がいいです")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fig.savefig(tmp_path / "ja.png")
+        plt.close(fig)
+        assert not [w for w in caught if "missing from font" in str(w.message)]
+    finally:
+        plots.cjk_font.cache_clear()
+
+
+def _chromium_dom(page, query=""):
+    """The page's DOM after its scripts ran, as headless Chromium has it."""
+    proc = subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                           "--dump-dom", page.resolve().as_uri() + query],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+needs_chromium = pytest.mark.skipif(chromium() is None, reason="Chromium is not installed (Debian: apt-get install "
+                                                               "chromium; make fonts)")
+
+
+@needs_chromium
+def test_trace_page_renders_and_sorts_in_headless_chromium(tmp_path):
+    rows = [{"id": f"s{i}", "source": "x", "reference": "今日は天気がいいです。", "hypothesis": hyp, "method": "unite",
+             "models": ["gemma3_270m", "smollm2_135m"], "trace": UNITE_TRACE}
+            for i, hyp in enumerate(["今日は雨です。", "今日は天気がいいです。", "駅"])]
+    jsonl = _write_run(tmp_path, "run", "unite", 10.0, 5.0, rows=rows)
+    page, _ = write_trace_report(jsonl, segment=None)
+    shot = screenshot(page, tmp_path / "trace.png", 1200, 1400)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20000
+    dom = _chromium_dom(page, "?sort=chrf&direction=desc")
+    order = re.findall(r'<section id="seg(\d)"', dom)
+    assert order == ["1", "0", "2"]  # exact match first, the one-character hypothesis last
+    hidden = re.findall(r'<section id="seg(\d)"[^>]*hidden', _chromium_dom(page, "?below=50"))
+    assert hidden == ["1"]
 
 
 def _cli(module, *args, cwd):
-    import os
-    import sys
-
     from conftest import ROOT
 
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=cwd, capture_output=True, text=True,
@@ -128,8 +411,32 @@ def test_report_with_one_corrupt_metrics_file_names_it_and_the_fix(tmp_path, con
     assert f"{corrupt} {problem}" in line and "fix or delete that file" in line
 
 
+def test_report_with_a_corrupt_results_file_or_comet_file_or_unknown_baseline(tmp_path):
+    jsonl = _write_run(tmp_path, "greedy__m__d", "greedy", 12.5, 8.0)
+    line = _one_error_line(_cli("eval.report", tmp_path, "--baseline", "nothing", cwd=tmp_path))
+    assert "--baseline nothing matches no run: give one of greedy__m__d" in line
+    jsonl.with_suffix(".comet.jsonl").write_text('{"id": "s1"}\n')
+    line = _one_error_line(_cli("eval.report", tmp_path, cwd=tmp_path))
+    assert "greedy__m__d.comet.jsonl:1 has no 'comet'" in line
+    jsonl.with_suffix(".comet.jsonl").unlink()
+    jsonl.write_bytes(GOOD_LINE + b"{oops\n")
+    assert f"{jsonl}:2 is not valid JSON" in _one_error_line(_cli("eval.report", tmp_path, cwd=tmp_path))
+
+
 def test_trace_command_with_a_corrupt_metrics_file_beside_the_jsonl(tmp_path):
     jsonl = _write_run(tmp_path, "run", "unite", 10.0, 5.0)
     jsonl.with_suffix(".metrics.json").write_text("{")
     line = _one_error_line(_cli("eval.trace", jsonl, cwd=tmp_path))
     assert f"{jsonl.with_suffix('.metrics.json')} is not valid JSON" in line
+
+
+def test_report_table_goes_to_wandb_as_a_table(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    _write_run(tmp_path, "greedy__m__d", "greedy", 12.5, 8.0, sweep="multirun/2025-01-01/10-00-00")
+    _write_run(tmp_path, "unite__m__d", "unite", 14.0, 4.0, sweep="multirun/2025-01-01/10-00-00")
+    proc = _cli("eval.report", tmp_path, "--wandb", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (table_file,) = tmp_path.glob("wandb/offline-run-*/files/media/table/report_*.table.json")
+    table = json.loads(table_file.read_text(encoding="utf-8"))
+    assert table["columns"][:3] == ["run_name", "method", "models"] and len(table["data"]) == 2
+    assert list(tmp_path.glob("wandb/offline-run-*/files/media/images/report_plot_*.png"))
