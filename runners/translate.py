@@ -91,7 +91,7 @@ def run_metrics(run: RunConfig, rows: list[dict], selected_ids: list[str]) -> tu
 
 def segment_row(run: RunConfig, seg: Segment, hypothesis: str, n_new_tokens: int, time_s: float, trace: list,
                 stats: dict, warnings: list[str]) -> dict:
-    return {"id": seg.id, "source": seg.source, "reference": seg.reference, "hypothesis": hypothesis,
+    return {"id": seg.id, "source": seg.source, "reference": seg.reference, "domain": seg.domain, "hypothesis": hypothesis,
             "method": run.decoding_name, "models": [m.label for m in run.models], "n_new_tokens": n_new_tokens,
             "time_s": round(time_s, 4), "warnings": warnings, "stats": stats, "trace": trace}
 
@@ -147,7 +147,7 @@ def write_run_files(run: RunConfig, results: ResultsFile, selected_ids: list[str
     with results.exclusive() as now:
         if len(now) == len(rows):
             _write_atomically(metrics_path, json.dumps(metrics, ensure_ascii=False, indent=2) + "\n")
-            _write_atomically(trace_path, render_html(rows, metrics, run.run_name))
+            _write_atomically(trace_path, render_html(rows, metrics, run.run_name, segment_comet=comet_segments))
             if comet_segments is not None:
                 _write_atomically(comet_path, "".join(json.dumps({"id": sid, "comet": score}) + "\n"
                                                       for sid, score in comet_segments.items()))
