@@ -41,7 +41,7 @@ class UniteDecoder(FusionDecoder):
         if cfg.primary is not None and not 0 <= cfg.primary < len(models):
             raise FusemtError(f"decoding.primary={cfg.primary}: must index models.members (0..{len(models) - 1})")
 
-    def score(self, candidates: list[Candidate], recent: list[bytes]) -> list[float]:
+    def score(self, candidates: list[Candidate], text: bytes) -> list[float]:
         totals = [sum(c.probs[m] for c in candidates) for m in range(len(self.models))]
         primary = self.cfg.primary
         return [sum(w * (c.probs[m] / totals[m] if totals[m] > 0 else 0.0) for m, w in enumerate(self.weights))

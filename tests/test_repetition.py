@@ -1,0 +1,32 @@
+"""The repetition guard judges characters of the text, however the candidate pieces split them."""
+
+from decoding.repetition import RepetitionGuard
+
+ME = "メ".encode()  # b"\xe3\x83\xa1"
+
+
+def test_a_run_is_stopped_at_the_limit_whatever_the_pieces():
+    guard = RepetitionGuard(max_char_repeats=3)
+    assert not guard.blocks("今メメ".encode(), ME)
+    assert guard.blocks("今メメメ".encode(), ME)
+    # alternating partial pieces, as a byte-level BPE model spells メ: judged when メ completes
+    text = "今メメメ".encode()
+    assert not guard.blocks(text, ME[:2])
+    assert guard.blocks(text + ME[:2], ME[2:])
+    assert not guard.blocks(text + ME[:2], "ア".encode()[2:])  # the same lead bytes completing another character
+    # a piece that completes the fourth メ and goes on is blocked too
+    assert guard.blocks(text, ME + "です".encode())
+
+
+def test_ngrams_are_compared_as_characters():
+    guard = RepetitionGuard(no_repeat_ngram_size=2)
+    assert guard.blocks("ルカル".encode(), "カ".encode())
+    assert guard.blocks("ルカル".encode() + "カ".encode()[:1], "カ".encode()[1:])
+    assert not guard.blocks("ルカル".encode(), "ル".encode())
+    assert not guard.blocks("ルカ".encode(), "ル".encode())
+    assert guard.blocks(b"abc ", b"abc")  # "ab" again, completed inside one piece
+
+
+def test_off_by_default():
+    guard = RepetitionGuard()
+    assert not guard.active and not guard.blocks(ME * 20, ME)
