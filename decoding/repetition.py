@@ -12,18 +12,20 @@ from decoding.vocab import complete_utf8_prefix
 
 
 class RepetitionGuard:
-    """Forbids a candidate whose bytes would complete a run of more than ``max_char_repeats``
-    equal characters, or a character n-gram of size ``no_repeat_ngram_size`` that the text already
-    contains. 0 turns either check off. A candidate that ends inside a character is judged on the
-    characters it completes; the character it leaves open is judged when it completes."""
+    """Forbids a candidate whose bytes would complete a unit of 1..``repeat_unit`` characters
+    occurring more than ``max_repeats`` times in a row (``メメメ…``, ``ゼルゼル…``), or a character
+    n-gram of size ``no_repeat_ngram_size`` that the text already contains. 0 turns either check
+    off. A candidate that ends inside a character is judged on the characters it completes; the
+    character it leaves open is judged when it completes."""
 
-    def __init__(self, max_char_repeats: int = 0, no_repeat_ngram_size: int = 0):
-        self.max_char_repeats = max_char_repeats
+    def __init__(self, max_repeats: int = 0, repeat_unit: int = 1, no_repeat_ngram_size: int = 0):
+        self.max_repeats = max_repeats
+        self.repeat_unit = repeat_unit
         self.no_repeat_ngram_size = no_repeat_ngram_size
 
     @property
     def active(self) -> bool:
-        return bool(self.max_char_repeats or self.no_repeat_ngram_size)
+        return bool(self.max_repeats or self.no_repeat_ngram_size)
 
     def blocks(self, text: bytes, piece: bytes) -> bool:
         """Whether appending ``piece`` to the generated ``text`` repeats too much."""
@@ -35,8 +37,10 @@ class RepetitionGuard:
 
     def _repeats_at(self, chars: str, i: int) -> bool:
         """Whether the character at ``i`` (the text so far being ``chars[:i]``) breaks a limit."""
-        n = self.max_char_repeats
-        if n and i >= n and chars[i - n:i + 1] == chars[i] * (n + 1):
-            return True
+        end, n = i + 1, self.max_repeats
+        for unit in range(1, self.repeat_unit + 1) if n else ():
+            span = (n + 1) * unit
+            if end >= span and chars[end - span:end] == chars[end - unit:end] * (n + 1):
+                return True
         size = self.no_repeat_ngram_size
-        return bool(size) and i + 1 >= size and chars.find(chars[i + 1 - size:i + 1], 0, i) >= 0
+        return bool(size) and end >= size and chars.find(chars[end - size:end], 0, i) >= 0

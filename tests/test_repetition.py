@@ -6,7 +6,7 @@ ME = "メ".encode()  # b"\xe3\x83\xa1"
 
 
 def test_a_run_is_stopped_at_the_limit_whatever_the_pieces():
-    guard = RepetitionGuard(max_char_repeats=3)
+    guard = RepetitionGuard(max_repeats=3)
     assert not guard.blocks("今メメ".encode(), ME)
     assert guard.blocks("今メメメ".encode(), ME)
     # alternating partial pieces, as a byte-level BPE model spells メ: judged when メ completes
@@ -16,6 +16,15 @@ def test_a_run_is_stopped_at_the_limit_whatever_the_pieces():
     assert not guard.blocks(text + ME[:2], "ア".encode()[2:])  # the same lead bytes completing another character
     # a piece that completes the fourth メ and goes on is blocked too
     assert guard.blocks(text, ME + "です".encode())
+
+
+def test_units_of_several_characters():
+    guard = RepetitionGuard(max_repeats=2, repeat_unit=2)
+    assert not guard.blocks("ゼルゼル".encode(), "ゼ".encode())
+    assert guard.blocks("ゼルゼルゼ".encode(), "ル".encode())
+    assert guard.blocks("ゼルゼルゼ".encode() + "ル".encode()[:2], "ル".encode()[2:])
+    assert not RepetitionGuard(max_repeats=2, repeat_unit=1).blocks("ゼルゼルゼ".encode(), "ル".encode())
+    assert not guard.blocks("ゼルゼルゼ".encode(), "ロ".encode())
 
 
 def test_ngrams_are_compared_as_characters():

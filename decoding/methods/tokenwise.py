@@ -4,8 +4,9 @@ Each model proposes its top-k next pieces (compared as bytes). A piece proposed 
 scores the weighted mean of their probabilities; a piece proposed by only some scores the
 weighted mean of the proposers' probabilities times ``single_weight``; the end candidate is
 further multiplied by ``eos_weight``. A repetition guard over the text (``RepetitionGuard``)
-forbids a piece that would complete a character repeated more than ``max_char_repeats`` times in
-a row and, optionally, any repeated character n-gram of ``no_repeat_ngram_size``.
+forbids a piece that would complete a unit of 1..``repeat_unit`` characters repeated more than
+``max_repeats`` times in a row and, optionally, any repeated character n-gram of
+``no_repeat_ngram_size``.
 """
 
 import math
@@ -25,12 +26,13 @@ class TokenwiseDecoder(FusionDecoder):
         top_k: int = 5
         single_weight: float = 0.5
         eos_weight: float = 1.0
-        max_char_repeats: int = 7  # most times one character may appear in a row; 0: off
+        max_repeats: int = 7  # most times a unit of up to repeat_unit characters may occur in a row; 0: off
+        repeat_unit: int = 4
         no_repeat_ngram_size: int = 0  # no character n-gram of this size twice; 0: off
 
     def __init__(self, cfg, models, prompt, render_input_text=False):
         super().__init__(cfg, models, prompt, render_input_text)
-        self.guard = RepetitionGuard(cfg.max_char_repeats, cfg.no_repeat_ngram_size)
+        self.guard = RepetitionGuard(cfg.max_repeats, cfg.repeat_unit, cfg.no_repeat_ngram_size)
 
     def score(self, candidates: list[Candidate], text: bytes) -> list[float]:
         scores = []
