@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 from stream_checks import canonical_violation
-from tiny_models import SLIDING_WINDOW, tiny_gemma3, tiny_llama
+from tiny_models import SLIDING_WINDOW, tiny_gemma3, tiny_llama, tiny_mistral
 
 from decoding.stream import ModelStream, common_prefix_len, sliding_window
 
@@ -41,8 +41,8 @@ def random_walk(model, seed: int, steps: int = 40, prompt_lens=(5, 2 * SLIDING_W
     return worst, cached
 
 
-@pytest.mark.parametrize("make", [lambda: tiny_gemma3("sdpa"), lambda: tiny_gemma3("eager"), tiny_llama],
-                         ids=["gemma3-sdpa", "gemma3-eager", "llama"])
+@pytest.mark.parametrize("make", [lambda: tiny_gemma3("sdpa"), lambda: tiny_gemma3("eager"), tiny_mistral, tiny_llama],
+                         ids=["gemma3-sdpa", "gemma3-eager", "mistral", "llama"])
 def test_cache_path_equals_recompute_beyond_the_sliding_window(make):
     worst, stream = random_walk(make(), seed=0)
     assert worst < 1e-5
@@ -59,6 +59,7 @@ def test_gemma_cache_path_equals_recompute_beyond_512_tokens(gemma):
 
 def test_sliding_window_is_read_from_the_config():
     assert sliding_window(tiny_gemma3().model.config) == SLIDING_WINDOW
+    assert sliding_window(tiny_mistral().model.config) == SLIDING_WINDOW
     assert sliding_window(tiny_llama().model.config) is None
 
 

@@ -15,7 +15,8 @@ from functools import lru_cache
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                          MistralForCausalLM, PreTrainedTokenizerFast)
 
 from decoding.model import LoadedModel, ModelSpec
 
@@ -71,3 +72,12 @@ def tiny_llama(seed: int = 1) -> LoadedModel:
     torch.manual_seed(seed)
     config = LlamaConfig(num_hidden_layers=2, max_position_embeddings=512, **_sizes(tokenizer))
     return LoadedModel(spec=ModelSpec(name="tiny_llama"), tokenizer=tokenizer, model=LlamaForCausalLM(config).eval())
+
+
+def tiny_mistral(seed: int = 2) -> LoadedModel:
+    """Mistral: every layer slides (no ``layer_types``; the model takes one mask), byte-level BPE tokenizer."""
+    tokenizer = byte_level_tokenizer()
+    torch.manual_seed(seed)
+    config = MistralConfig(num_hidden_layers=2, sliding_window=SLIDING_WINDOW, max_position_embeddings=512,
+                           **_sizes(tokenizer))
+    return LoadedModel(spec=ModelSpec(name="tiny_mistral"), tokenizer=tokenizer, model=MistralForCausalLM(config).eval())

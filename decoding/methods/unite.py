@@ -16,6 +16,9 @@ The variant implemented, exactly:
 6. Optional ``primary`` (index into models.members): only candidates that the primary model
    spells as one token of its own vocabulary can be chosen, so its tokenizer defines the output
    (as in the UniTE reference code); the scores are unchanged.
+
+The trace's ``top`` lists candidates by the fused score of step 5 (what the argmax compares),
+leaving out those ``primary`` forbids.
 """
 
 import math
