@@ -8,6 +8,7 @@ looks only at the characters a candidate completes, so it behaves the same whate
 
 from __future__ import annotations
 
+from decoding.errors import FusemtError
 from decoding.vocab import complete_utf8_prefix
 
 
@@ -19,6 +20,10 @@ class RepetitionGuard:
     character it leaves open is judged when it completes."""
 
     def __init__(self, max_repeats: int = 0, repeat_unit: int = 1, no_repeat_ngram_size: int = 0):
+        for option, value, least in (("max_repeats", max_repeats, 0), ("repeat_unit", repeat_unit, 1),
+                                     ("no_repeat_ngram_size", no_repeat_ngram_size, 0)):
+            if value < least:
+                raise FusemtError(f"decoding.{option}={value}: must be at least {least}")
         self.max_repeats = max_repeats
         self.repeat_unit = repeat_unit
         self.no_repeat_ngram_size = no_repeat_ngram_size

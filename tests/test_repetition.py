@@ -1,5 +1,8 @@
 """The repetition guard judges characters of the text, however the candidate pieces split them."""
 
+import pytest
+
+from decoding.errors import FusemtError
 from decoding.repetition import RepetitionGuard
 
 ME = "メ".encode()  # b"\xe3\x83\xa1"
@@ -39,3 +42,10 @@ def test_ngrams_are_compared_as_characters():
 def test_off_by_default():
     guard = RepetitionGuard()
     assert not guard.active and not guard.blocks(ME * 20, ME)
+
+
+@pytest.mark.parametrize("options", [dict(max_repeats=-1), dict(repeat_unit=0), dict(no_repeat_ngram_size=-2)])
+def test_bad_options_name_the_option(options):
+    (name, value), = options.items()
+    with pytest.raises(FusemtError, match=f"decoding.{name}={value}"):
+        RepetitionGuard(**options)
