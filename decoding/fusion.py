@@ -30,7 +30,7 @@ import torch
 
 from decoding.base import TRUNCATED, DecodeOutput, Decoder, find_stop, trace_step, traced_output
 from decoding.stream import ModelStream, common_prefix_len, open_streams
-from decoding.vocab import complete_utf8_prefix
+from decoding.vocab import complete_utf8_prefix, utf8_pending
 from decoding.prompt import stop_strings
 
 END = None  # the candidate key shared by every model's end tokens
@@ -119,13 +119,14 @@ class FusionDecoder(Decoder):
         if not state.active:
             return False
         texts = [bytes(state.text[i]) for i in state.active]
+        pending = torch.tensor([utf8_pending(text) for text in texts])
         unfinished = [text[len(complete_utf8_prefix(text)):] for text in texts]
         may_end = len(state.steps[state.active[0]]) >= self.cfg.min_new_tokens  # all live rows are at the same step
         logprobs, top = [], []
         for stream in state.streams:
             lp = stream.logprobs()
             vocab = stream.model.vocab
-            allowed = vocab.admissible(unfinished)
+            allowed = vocab.admissible(pending, unfinished)
             allowed[:, vocab.end_id_tensor] = may_end
             masked = lp.masked_fill(~allowed, -math.inf)
             values, ids = masked.topk(min(self.cfg.top_k, masked.shape[1]), dim=-1)

@@ -19,9 +19,9 @@ class RepetitionGuard:
     off. A candidate that ends inside a character is judged on the characters it completes; the
     character it leaves open is judged when it completes."""
 
-    def __init__(self, max_repeats: int = 0, repeat_unit: int = 1, no_repeat_ngram_size: int = 0):
-        for option, value, least in (("max_repeats", max_repeats, 0), ("repeat_unit", repeat_unit, 1),
-                                     ("no_repeat_ngram_size", no_repeat_ngram_size, 0)):
+    def __init__(self, max_repeats: int = 0, no_repeat_ngram_size: int = 0, repeat_unit: int = 1):
+        for option, value, least in (("max_repeats", max_repeats, 0), ("no_repeat_ngram_size", no_repeat_ngram_size, 0),
+                                     ("repeat_unit", repeat_unit, 1)):
             if value < least:
                 raise FusemtError(f"decoding.{option}={value}: must be at least {least}")
         self.max_repeats = max_repeats

@@ -185,8 +185,8 @@ class ModelStream:
         return keep, spelled
 
     def select_rows(self, keep: list[int]) -> None:
-        """Keep only these rows (finished sequences leave the batch)."""
-        self.tokens = [self.tokens[i] for i in keep]
+        """Keep only these rows (finished sequences leave the batch); a row listed twice is copied."""
+        self.tokens = [list(self.tokens[i]) for i in keep]
         self.prompt_len = [self.prompt_len[i] for i in keep]
         self.cached = [self.cached[i] for i in keep]
         self.rollbacks = [self.rollbacks[i] for i in keep]

@@ -196,21 +196,23 @@ class ByteVocab:
             first_byte=first,
         )
 
-    def admissible(self, unfinished: list[bytes]) -> torch.Tensor:
+    def admissible(self, pending: torch.Tensor, unfinished: list[bytes] | None = None) -> torch.Tensor:
         """[B, V] mask of text tokens that keep the text a valid UTF-8 prefix.
 
-        ``unfinished[b]`` is the bytes of sequence b's cut-off final character (b"" when its text
-        ends on a character boundary). A token must first supply exactly the continuation bytes
-        still needed (or all of its bytes, if shorter), starting with a byte that may follow
-        ``unfinished[b]``, then continue with valid UTF-8.
+        ``pending[b]`` is how many continuation bytes sequence b still needs. A token must first
+        supply exactly those (or all of its bytes, if shorter), then continue with valid UTF-8.
+        ``unfinished[b]``, the bytes of sequence b's cut-off final character (b"" when none), also
+        narrows the byte right after a lead byte (E0, ED, F0, F4 allow less than 80..BF).
         """
-        pending = torch.tensor([utf8_pending(u) for u in unfinished], dtype=torch.int16)[:, None]
-        low, high = torch.tensor([utf8_next_byte_range(u) for u in unfinished], dtype=torch.int16).reshape(-1, 2).T
+        pending = pending.to(torch.int16)[:, None]
         lead, length = self.lead_continuation[None, :], self.length[None, :]
         completes = (lead == pending) & self.tail_valid[None, :]
         stays_inside = (length <= pending) & (lead == length)
-        follows = (self.first_byte[None, :] >= low[:, None]) & (self.first_byte[None, :] <= high[:, None])
-        return self.is_text[None, :] & (completes | stays_inside) & follows
+        allowed = self.is_text[None, :] & (completes | stays_inside)
+        if unfinished is not None:
+            low, high = torch.tensor([utf8_next_byte_range(u) for u in unfinished], dtype=torch.int16).reshape(-1, 2).T
+            allowed &= (self.first_byte[None, :] >= low[:, None]) & (self.first_byte[None, :] <= high[:, None])
+        return allowed
 
     def longest_prefix_token(self, data: bytes) -> int | None:
         """The id of the longest vocabulary token that is a prefix of ``data``."""

@@ -110,3 +110,16 @@ def test_byte_fallback_pieces_become_the_characters_token_once_it_completes():
     appended, dropped = stream.sync_canonical(0, ru + "ール".encode())
     assert stream.generated(0) == tokenizer.encode("ルール", add_special_tokens=False)
     assert dropped == 1 and len(stream.generated(0)) < len("ルール".encode())
+
+
+def test_select_rows_copies_a_row_listed_twice_and_the_copies_diverge():
+    model = tiny_gemma3()
+    cached, reference = (ModelStream(model, [[5, 6, 7], [8, 9]], recompute=flag) for flag in (False, True))
+    for stream in (cached, reference):
+        stream.logprobs()
+        stream.select_rows([1, 1, 0])
+        stream.append(0, [10, 11])
+        stream.append(1, [12])
+        stream.append(2, [13] * 20)  # past the 8-token window
+    assert cached.tokens[0] == [8, 9, 10, 11] and cached.tokens[1] == [8, 9, 12]
+    assert (cached.logprobs() - reference.logprobs()).abs().max() < 1e-5

@@ -32,7 +32,7 @@ class TokenwiseDecoder(FusionDecoder):
 
     def __init__(self, cfg, models, prompt, render_input_text=False):
         super().__init__(cfg, models, prompt, render_input_text)
-        self.guard = RepetitionGuard(cfg.max_repeats, cfg.repeat_unit, cfg.no_repeat_ngram_size)
+        self.guard = RepetitionGuard(cfg.max_repeats, cfg.no_repeat_ngram_size, cfg.repeat_unit)
 
     def score(self, candidates: list[Candidate], text: bytes) -> list[float]:
         scores = []
