@@ -1,22 +1,36 @@
 """Per-model incremental decoding state for a batch: token ids, KV cache and rollbacks.
 
 Every sequence keeps its own token ids, and the batch shares one HF ``DynamicCache`` in which
-each row owns the columns marked valid in ``column_mask``. Appending a different number of
-tokens per row pads the new chunk on the left (masked); rolling a row back masks its last
-columns out. Masked columns cost a little memory but no recomputation, so per-step cost stays
-flat however often a model's tokenisation changes. ``recompute=True`` is the slow reference
-path: a full forward pass over every sequence at every step, no cache.
+each row owns the columns whose entry in ``column_pos`` (the position of the token held there)
+is not -1. Appending a different number of tokens per row pads the new chunk on the left
+(masked); rolling a row back masks its last columns out. Masked columns cost a little memory
+but no recomputation, so per-step cost stays flat however often a model's tokenisation changes.
+``recompute=True`` is the slow reference path: a full forward pass over every sequence at every
+step, no cache.
+
+Sliding-window layers (Gemma 3: 512 tokens) would see masked columns as part of their window:
+HF builds that window over cache columns and its sliding cache layers keep only the last
+window of columns. For such models every layer keeps all its columns and the attention masks
+are built here from token positions, so a query sees exactly the tokens of its own row within
+``window`` positions, and the cached path equals the recompute path at any length.
+
+Canonical streams: ``sync_canonical`` keeps a row's ids equal to the model's own tokenizer's
+encoding of the generated text (checked against the prompt boundary of the embedded models:
+the prompt's ids followed by the encoding of the generated text alone are the encoding of the
+whole text), except over an unfinished final character; it rolls back only the tail that changed.
 """
 
 from __future__ import annotations
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import get_layer_types_and_kwargs
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 from decoding.prompt import render_prompt
-from decoding.vocab import utf8_pending
+from decoding.vocab import complete_utf8_prefix, utf8_pending
 
-RETOKENIZE_WINDOW = 4  # own tokens re-tokenised together with newly appended bytes
+RETOKENIZE_WINDOW = 4  # own tokens re-tokenised together with newly appended bytes (append_bytes)
 
 
 def common_prefix_len(a: list[int], b: list[int]) -> int:
@@ -26,6 +40,18 @@ def common_prefix_len(a: list[int], b: list[int]) -> int:
     return n
 
 
+def sliding_window(config) -> int | None:
+    """The window of a decoder whose layers are full or sliding-window attention, with at least one
+    sliding layer (Gemma 2/3, Mistral, ...); None otherwise (the column mask alone is then exact)."""
+    text_config = config.get_text_config(decoder=True)
+    layer_types, kwargs = get_layer_types_and_kwargs(text_config)
+    windows = {k["sliding_window"] for t, k in zip(layer_types, kwargs) if t == "sliding_attention"}
+    if not windows or not set(layer_types) <= {"full_attention", "sliding_attention"}:
+        return None
+    assert len(windows) == 1, f"one sliding window per model expected, got {windows}"
+    return windows.pop()
+
+
 class ModelStream:
     def __init__(self, model, prompt_ids: list[list[int]], recompute: bool = False):
         self.model = model
@@ -33,9 +59,12 @@ class ModelStream:
         self.tokens = [list(row) for row in prompt_ids]  # current tokenisation of prompt + output
         self.prompt_len = [len(row) for row in prompt_ids]
         self.cached = [0] * len(prompt_ids)  # how many of tokens[r] sit in valid cache columns
-        self.columns: list[list[int]] = [[] for _ in prompt_ids]  # cache column of each cached token
-        self.column_mask = torch.zeros(len(prompt_ids), 0, dtype=torch.long)
-        self.cache = None if recompute else DynamicCache(config=model.model.config)
+        # position of the token in each cache column of each row; -1: masked (padding or rolled back)
+        self.column_pos = torch.zeros(len(prompt_ids), 0, dtype=torch.long)
+        config = model.model.config
+        self.window = sliding_window(config)
+        # With a sliding window every layer keeps all its columns (masks come from positions).
+        self.cache = None if recompute else DynamicCache() if self.window else DynamicCache(config=config)
         self.forward_passes = 0
         self.rollbacks = [0] * len(prompt_ids)  # per row: how many times cached tokens were dropped
 
@@ -57,8 +86,7 @@ class ModelStream:
         del self.tokens[row][-n:]
         keep = min(self.cached[row], len(self.tokens[row]))
         if keep < self.cached[row]:
-            self.column_mask[row, self.columns[row][keep:]] = 0
-            del self.columns[row][keep:]
+            self.column_pos[row][self.column_pos[row] >= keep] = -1
             self.cached[row] = keep
             self.rollbacks[row] += 1
 
@@ -79,8 +107,8 @@ class ModelStream:
         tail_bytes = b"".join(vocab.token_bytes[t] or b"" for t in old_tail) + data
         new, drop = None, 0
         if not utf8_pending(tail_bytes):
-            new_tail = self.model.tokenizer.encode(tail_bytes.decode("utf-8", errors="replace"), add_special_tokens=False)
-            if b"".join(vocab.token_bytes[t] or b"" for t in new_tail) == tail_bytes:
+            new_tail = self.encode(tail_bytes)
+            if new_tail is not None:
                 common = common_prefix_len(old_tail, new_tail)
                 new, drop = new_tail[common:], len(old_tail) - common
         if new is None:
@@ -89,16 +117,64 @@ class ModelStream:
         self.append(row, new)
         return new, drop
 
-    def sync_to_ids(self, row: int, ids: list[int]) -> None:
-        """Make this row's generated tokens equal ``ids``: roll back past the common prefix, append the rest."""
+    def encode(self, text: bytes) -> list[int] | None:
+        """This model's tokenizer's encoding of ``text``; None when it does not spell exactly those
+        bytes (a tokenizer that normalises the text, or ``text`` that is not valid UTF-8)."""
+        vocab = self.model.vocab
+        ids = self.model.tokenizer.encode(text.decode("utf-8", errors="replace"), add_special_tokens=False)
+        return ids if b"".join(vocab.token_bytes[t] or b"" for t in ids) == text else None
+
+    def sync_to_ids(self, row: int, ids: list[int]) -> tuple[list[int], int]:
+        """Make this row's generated tokens equal ``ids``: roll back past the common prefix, append
+        the rest. Returns (ids appended, tokens rolled back)."""
         generated = self.generated(row)
         common = common_prefix_len(generated, ids)
         self.rollback(row, len(generated) - common)
         self.append(row, ids[common:])
+        return ids[common:], len(generated) - common
 
     def sync_to_bytes(self, row: int, text: bytes) -> None:
         """Make this row's generated tokens spell ``text``: keep the longest prefix of tokens that
         spells a prefix of it, roll back the rest, append the remainder in this model's tokens."""
+        keep, spelled = self._spelling_prefix(row, text)
+        self.rollback(row, len(self.generated(row)) - keep)
+        if spelled < len(text):
+            self.append_bytes(row, text[spelled:])
+
+    def sync_canonical(self, row: int, text: bytes) -> tuple[list[int], int]:
+        """Make this row's generated tokens the model's canonical tokens for the generated ``text``.
+
+        Complete ``text``: exactly ``encode(text)``. Text ending inside a character: the row's own
+        tokens that already spell the text and reach into that character are kept (the piece a
+        model chose itself, or byte tokens from an earlier step), the text before them is encoded,
+        and the bytes still missing are spelled longest-match (byte tokens); the next sync after
+        the character completes replaces them by the canonical encoding. Only the tail that differs
+        is rolled back. Returns (ids appended, tokens rolled back), as ``sync_to_ids``.
+
+        A tokenizer that normalises text (its encoding does not spell the bytes) falls back to
+        ``sync_to_bytes``.
+        """
+        vocab, generated = self.model.vocab, self.generated(row)
+        complete = len(complete_utf8_prefix(text))
+        keep, spelled = self._spelling_prefix(row, text)
+        first, start = keep, spelled  # generated[first:keep] is kept, text[:start] encoded
+        if spelled > complete:  # own tokens reach into the unfinished character: keep them
+            while start > complete or (start < len(text) and text[start] & 0xC0 == 0x80):
+                first -= 1
+                start -= len(vocab.token_bytes[generated[first]])
+        else:
+            start = spelled = complete
+        head = self.encode(text[:start])
+        if head is None:
+            before = list(generated)
+            self.sync_to_bytes(row, text)
+            after = self.generated(row)
+            common = common_prefix_len(before, after)
+            return after[common:], len(before) - common
+        return self.sync_to_ids(row, head + generated[first:keep] + vocab.segment(text[spelled:]))
+
+    def _spelling_prefix(self, row: int, text: bytes) -> tuple[int, int]:
+        """(tokens, bytes): the longest prefix of this row's generated tokens that spells a prefix of ``text``."""
         vocab, spelled, keep = self.model.vocab, 0, 0
         for tid in self.generated(row):
             piece = vocab.token_bytes[tid] or b""
@@ -106,19 +182,16 @@ class ModelStream:
                 break
             spelled += len(piece)
             keep += 1
-        self.rollback(row, len(self.generated(row)) - keep)
-        if spelled < len(text):
-            self.append_bytes(row, text[spelled:])
+        return keep, spelled
 
     def select_rows(self, keep: list[int]) -> None:
-        """Keep only these rows (finished sequences leave the batch)."""
-        self.tokens = [self.tokens[i] for i in keep]
+        """Keep only these rows (finished sequences leave the batch); a row listed twice is copied."""
+        self.tokens = [list(self.tokens[i]) for i in keep]
         self.prompt_len = [self.prompt_len[i] for i in keep]
         self.cached = [self.cached[i] for i in keep]
-        self.columns = [self.columns[i] for i in keep]
         self.rollbacks = [self.rollbacks[i] for i in keep]
         index = torch.tensor(keep, dtype=torch.long)
-        self.column_mask = self.column_mask[index]
+        self.column_pos = self.column_pos[index]
         if self.cache is not None and self.cache.get_seq_length() > 0:
             self.cache.batch_select_indices(index.to(self.model.device))
 
@@ -143,27 +216,53 @@ class ModelStream:
         for r in range(self.rows):
             if self.cached[r] == len(self.tokens[r]):
                 # Nothing new (the text was already spelled): score the last token again.
-                self.column_mask[r, self.columns[r].pop()] = 0
+                self.column_pos[r][self.column_pos[r] == self.cached[r] - 1] = -1
                 self.cached[r] -= 1
         pending = [self.tokens[r][self.cached[r]:] for r in range(self.rows)]
         width = max(len(p) for p in pending)
         assert min(len(p) for p in pending) > 0, "every row needs at least one new token per step"
         ids = torch.full((self.rows, width), self._pad_id(), dtype=torch.long)
-        chunk_mask = torch.zeros(self.rows, width, dtype=torch.long)
-        positions = torch.zeros(self.rows, width, dtype=torch.long)
+        chunk_pos = torch.full((self.rows, width), -1, dtype=torch.long)
         for r, new in enumerate(pending):
             n = len(new)
             ids[r, width - n:] = torch.tensor(new)
-            chunk_mask[r, width - n:] = 1
-            positions[r, width - n:] = torch.arange(self.cached[r], self.cached[r] + n)
-        start = self.column_mask.shape[1]
-        self.column_mask = torch.cat([self.column_mask, chunk_mask], dim=1)
+            chunk_pos[r, width - n:] = torch.arange(self.cached[r], self.cached[r] + n)
+        start = self.column_pos.shape[1]
+        self.column_pos = torch.cat([self.column_pos, chunk_pos], dim=1)
         device = self.model.device
-        out = self.model.forward(ids.to(device), self.column_mask.to(device), positions.to(device), self.cache, keep)
+        mask = self._attention_masks(start, width) if self.window else (self.column_pos >= 0).long().to(device)
+        out = self.model.forward(ids.to(device), mask, chunk_pos.clamp_min(0).to(device), self.cache, keep)
         for r, new in enumerate(pending):
-            self.columns[r].extend(range(start + width - len(new), start + width))
             self.cached[r] += len(new)
         return self._pad_keep(out, keep)
+
+    def _attention_masks(self, start: int, width: int):
+        """Masks for the chunk in columns ``start..start+width`` of a model with sliding-window layers,
+        in the format of its attention implementation: a query attends to the valid columns of its
+        row at positions up to its own (and within ``window`` of it for sliding layers); padding
+        queries attend to themselves only."""
+        config = self.model.model.config
+        text_config = config.get_text_config(decoder=True)
+        device = self.model.device
+        pos = self.column_pos.to(device)
+
+        def visible(window: int | None):
+            def mask_function(batch_idx, head_idx, q_idx, kv_idx):
+                q_pos, kv_pos = pos[batch_idx, q_idx], pos[batch_idx, kv_idx]
+                seen = (kv_pos >= 0) & (kv_pos <= q_pos)
+                if window is not None:
+                    seen = seen & (q_pos - kv_pos < window)
+                return seen | (q_idx == kv_idx)
+            return mask_function
+
+        build = ALL_MASK_ATTENTION_FUNCTIONS[config._attn_implementation]
+        masks = {kind: build(batch_size=self.rows, q_length=width, kv_length=pos.shape[1], q_offset=start, kv_offset=0,
+                             mask_function=visible(window), attention_mask=None, allow_is_causal_skip=False,
+                             dtype=self.model.model.dtype, config=text_config, device=device)
+                 for kind, window in (("full_attention", None), ("sliding_attention", self.window))}
+        if getattr(text_config, "layer_types", None) is None:  # a single-type model takes one mask tensor
+            return masks["sliding_attention"]
+        return masks
 
     @staticmethod
     def _pad_keep(out: torch.Tensor, keep: int) -> torch.Tensor:

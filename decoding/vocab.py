@@ -43,16 +43,32 @@ def _decoder_types(tokenizer) -> set[str]:
 
 
 def _utf8_lead_len(b: int) -> int:
-    """Length of the UTF-8 character that starts with byte b (0 for a continuation byte)."""
+    """Length of the UTF-8 character that starts with byte b; 0 for a byte that starts none (a
+    continuation byte, or C0, C1, F5..FF, which never occur in UTF-8)."""
     if b < 0x80:
         return 1
-    if b < 0xC0:
+    if b < 0xC2:
         return 0
     if b < 0xE0:
         return 2
     if b < 0xF0:
         return 3
-    return 4
+    return 4 if b < 0xF5 else 0
+
+
+# The byte after these lead bytes has a narrower range than 80..BF: no overlong forms, no
+# surrogates, nothing past U+10FFFF.
+_SECOND_BYTE = {0xE0: (0xA0, 0xBF), 0xED: (0x80, 0x9F), 0xF0: (0x90, 0xBF), 0xF4: (0x80, 0x8F)}
+
+
+def utf8_next_byte_range(unfinished: bytes) -> tuple[int, int]:
+    """(low, high): the bytes that may follow ``unfinished``, the bytes of a cut-off character
+    (anything when it is empty)."""
+    if not unfinished:
+        return 0x00, 0xFF
+    if len(unfinished) == 1:
+        return _SECOND_BYTE.get(unfinished[0], (0x80, 0xBF))
+    return 0x80, 0xBF
 
 
 def utf8_pending(data: bytes) -> int:
@@ -92,6 +108,9 @@ def _split_continuation(data: bytes) -> tuple[int, bool]:
         chunk = rest[i : i + need]
         if any(not (0x80 <= c < 0xC0) for c in chunk[1:]):
             return lead, False
+        low, high = utf8_next_byte_range(chunk[:1])
+        if len(chunk) > 1 and not low <= chunk[1] <= high:
+            return lead, False
         if len(chunk) == need:
             try:
                 chunk.decode("utf-8")
@@ -118,6 +137,7 @@ class ByteVocab:
     is_text: torch.Tensor  # [V] adds text (not a special/control token)
     max_token_bytes: int
     end_id_tensor: torch.Tensor  # end_ids as a sorted index tensor
+    first_byte: torch.Tensor  # [V] first byte of each token (-1 for special tokens)
 
     @classmethod
     def from_tokenizer(cls, tokenizer, vocab_size: int, extra_end_ids: set[int] | None = None) -> "ByteVocab":
@@ -155,13 +175,14 @@ class ByteVocab:
         bytes_to_ids: dict[bytes, list[int]] = {}
         lead = torch.zeros(len(token_bytes), dtype=torch.int16)
         length = torch.zeros(len(token_bytes), dtype=torch.int16)
+        first = torch.full((len(token_bytes),), -1, dtype=torch.int16)
         tail_ok = torch.zeros(len(token_bytes), dtype=torch.bool)
         for tid, data in enumerate(token_bytes):
             if not data:
                 continue
             bytes_to_ids.setdefault(data, []).append(tid)
             n_lead, ok = _split_continuation(data)
-            lead[tid], length[tid], tail_ok[tid] = n_lead, len(data), ok
+            lead[tid], length[tid], tail_ok[tid], first[tid] = n_lead, len(data), ok, data[0]
         return cls(
             token_bytes=token_bytes,
             end_ids=end_ids,
@@ -172,19 +193,26 @@ class ByteVocab:
             is_text=length > 0,
             max_token_bytes=int(length.max()) if len(token_bytes) else 0,
             end_id_tensor=torch.tensor(sorted(end_ids), dtype=torch.long),
+            first_byte=first,
         )
 
-    def admissible(self, pending: torch.Tensor) -> torch.Tensor:
+    def admissible(self, pending: torch.Tensor, unfinished: list[bytes] | None = None) -> torch.Tensor:
         """[B, V] mask of text tokens that keep the text a valid UTF-8 prefix.
 
         ``pending[b]`` is how many continuation bytes sequence b still needs. A token must first
         supply exactly those (or all of its bytes, if shorter), then continue with valid UTF-8.
+        ``unfinished[b]``, the bytes of sequence b's cut-off final character (b"" when none), also
+        narrows the byte right after a lead byte (E0, ED, F0, F4 allow less than 80..BF).
         """
         pending = pending.to(torch.int16)[:, None]
         lead, length = self.lead_continuation[None, :], self.length[None, :]
         completes = (lead == pending) & self.tail_valid[None, :]
         stays_inside = (length <= pending) & (lead == length)
-        return self.is_text[None, :] & (completes | stays_inside)
+        allowed = self.is_text[None, :] & (completes | stays_inside)
+        if unfinished is not None:
+            low, high = torch.tensor([utf8_next_byte_range(u) for u in unfinished], dtype=torch.int16).reshape(-1, 2).T
+            allowed &= (self.first_byte[None, :] >= low[:, None]) & (self.first_byte[None, :] <= high[:, None])
+        return allowed
 
     def longest_prefix_token(self, data: bytes) -> int | None:
         """The id of the longest vocabulary token that is a prefix of ``data``."""

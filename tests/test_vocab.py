@@ -28,6 +28,16 @@ def test_admissible_keeps_text_valid_utf8():
     assert not ok[:, :2].any()  # special tokens add no text
 
 
+def test_admissible_refuses_bytes_that_never_occur_in_utf8():
+    # E0 80 would be overlong, F4 90 past U+10FFFF, ED A0 a surrogate, C0 and F5 start no character
+    vocab = ByteVocab.build([None, b"\x80", b"\x90", b"\xa0", b"\xc0", b"\xf5", b"\xe0\x80", b"\xf4\x90", b"\xe3\x82"],
+                            frozenset({0}))
+    unfinished = [b"", b"\xe0", b"\xf4", b"\xed", b"\xf0"]
+    ok = vocab.admissible(torch.tensor([utf8_pending(u) for u in unfinished]), unfinished)
+    allowed = [{i for i in range(len(vocab.token_bytes)) if ok[r, i]} for r in range(5)]
+    assert allowed == [{8}, {3}, {1}, {1, 2}, {2, 3}]
+
+
 def test_segment_and_longest_prefix():
     vocab = toy_vocab()
     assert vocab.segment(KA + b" a") == [6, 2, 3]

@@ -3,8 +3,10 @@
 Each model proposes its top-k next pieces (compared as bytes). A piece proposed by every model
 scores the weighted mean of their probabilities; a piece proposed by only some scores the
 weighted mean of the proposers' probabilities times ``single_weight``; the end candidate is
-further multiplied by ``eos_weight``. A repetition guard forbids a piece chosen
-``max_piece_repeats`` times in a row and, optionally, any repeated piece n-gram.
+further multiplied by ``eos_weight``. A repetition guard over the text (``RepetitionGuard``)
+forbids a piece that would complete a unit of 1..``repeat_unit`` characters repeated more than
+``max_repeats`` times in a row and, optionally, any repeated character n-gram of
+``no_repeat_ngram_size``.
 """
 
 import math
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 
 from decoding.base import register
 from decoding.fusion import END, Candidate, FusionDecoder
+from decoding.repetition import RepetitionGuard
 
 
 @register
@@ -23,10 +26,24 @@ class TokenwiseDecoder(FusionDecoder):
         top_k: int = 5
         single_weight: float = 0.5
         eos_weight: float = 1.0
-        max_piece_repeats: int = 8  # 0: off
-        no_repeat_ngram_size: int = 0  # 0: off
+        max_repeats: int = 7  # most times a unit of up to repeat_unit characters may occur in a row; 0: off
+        repeat_unit: int = 4
+        no_repeat_ngram_size: int = 0  # no character n-gram of this size twice; 0: off
 
-    def score(self, candidates: list[Candidate], recent: list[bytes]) -> list[float]:
+    @classmethod
+    def check_config(cls, cfg, n_models: int) -> None:
+        super().check_config(cfg, n_models)
+        cls.repetition_guard(cfg)  # refuses bad limits at start-up
+
+    @staticmethod
+    def repetition_guard(cfg) -> RepetitionGuard:
+        return RepetitionGuard(cfg.max_repeats, cfg.no_repeat_ngram_size, cfg.repeat_unit)
+
+    def __init__(self, cfg, models, prompt, render_input_text=False):
+        super().__init__(cfg, models, prompt, render_input_text)
+        self.guard = self.repetition_guard(cfg)
+
+    def score(self, candidates: list[Candidate], text: bytes) -> list[float]:
         scores = []
         for c in candidates:
             proposers = [m for m, p in enumerate(c.proposed) if p]
@@ -35,17 +52,7 @@ class TokenwiseDecoder(FusionDecoder):
             score = mean if len(proposers) == len(self.models) else mean * self.cfg.single_weight
             if c.key is END:
                 score *= self.cfg.eos_weight
-            elif self._repeats(c.key, recent):
+            elif self.guard.blocks(text, c.key):
                 score = -math.inf
             scores.append(score)
         return scores
-
-    def _repeats(self, piece: bytes, recent: list[bytes]) -> bool:
-        n = self.cfg.max_piece_repeats
-        if n and len(recent) >= n and all(p == piece for p in recent[-n:]):
-            return True
-        size = self.cfg.no_repeat_ngram_size
-        if size and len(recent) >= size:
-            gram = tuple(recent[-(size - 1):]) + (piece,) if size > 1 else (piece,)
-            return any(tuple(recent[i:i + size]) == gram for i in range(len(recent) - size + 1))
-        return False

@@ -16,6 +16,9 @@ The variant implemented, exactly:
 6. Optional ``primary`` (index into models.members): only candidates that the primary model
    spells as one token of its own vocabulary can be chosen, so its tokenizer defines the output
    (as in the UniTE reference code); the scores are unchanged.
+
+The trace's ``top`` lists candidates by the fused score of step 5 (what the argmax compares),
+leaving out those ``primary`` forbids.
 """
 
 import math
@@ -42,7 +45,7 @@ class UniteDecoder(FusionDecoder):
         if cfg.primary is not None and not 0 <= cfg.primary < n_models:
             raise FusemtError(f"decoding.primary={cfg.primary}: must index models.members (0..{n_models - 1})")
 
-    def score(self, candidates: list[Candidate], recent: list[bytes]) -> list[float]:
+    def score(self, candidates: list[Candidate], text: bytes) -> list[float]:
         totals = [sum(c.probs[m] for c in candidates) for m in range(len(self.models))]
         primary = self.cfg.primary
         return [sum(w * (c.probs[m] / totals[m] if totals[m] > 0 else 0.0) for m, w in enumerate(self.weights))
