@@ -31,7 +31,7 @@ import torch
 from decoding.base import TRUNCATED, DecodeOutput, Decoder, find_stop, trace_step, traced_output
 from decoding.errors import FusemtError
 from decoding.stream import ModelStream, common_prefix_len, open_streams
-from decoding.vocab import complete_utf8_prefix
+from decoding.vocab import complete_utf8_prefix, utf8_pending
 from decoding.prompt import stop_strings
 
 END = None  # the candidate key shared by every model's end tokens
