@@ -111,11 +111,11 @@ class ModelStream:
             self.append_bytes(row, text[spelled:])
 
     def select_rows(self, keep: list[int]) -> None:
-        """Keep only these rows (finished sequences leave the batch)."""
-        self.tokens = [self.tokens[i] for i in keep]
+        """Keep only these rows (finished sequences leave the batch); a row listed twice is copied."""
+        self.tokens = [list(self.tokens[i]) for i in keep]
         self.prompt_len = [self.prompt_len[i] for i in keep]
         self.cached = [self.cached[i] for i in keep]
-        self.columns = [self.columns[i] for i in keep]
+        self.columns = [list(self.columns[i]) for i in keep]
         self.rollbacks = [self.rollbacks[i] for i in keep]
         index = torch.tensor(keep, dtype=torch.long)
         self.column_mask = self.column_mask[index]
