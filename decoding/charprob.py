@@ -319,12 +319,15 @@ class CoverBeam:
         total = sum(h.weight * h.mass for h in self.hypotheses() if h.scored)
         return self.log_scale + math.log(total) if total > 0 else -math.inf
 
-    def frontier(self) -> list[tuple[int, ...]]:
-        """Unscored nodes worth a forward pass (weight at least the threshold share of the mass),
-        after expanding the scored ones (which creates the ahead nodes of the next character)."""
-        self.masses()
+    def frontier(self, next_char: bool = True) -> list[tuple[int, ...]]:
+        """Unscored nodes worth a forward pass (weight at least the threshold share of the mass).
+        For the next character, after expanding the scored ones (which creates its ahead nodes);
+        otherwise only the cover hypotheses of the text (all that P(prefix text) needs)."""
+        if next_char:
+            self.masses()
+        nodes = self.nodes.values() if next_char else self.hypotheses()
         floor = self.cfg.prune_threshold * self.bound()
-        return [node.path for node in self.nodes.values() if not node.scored and node.weight > 0 and node.weight >= floor]
+        return [node.path for node in nodes if not node.scored and node.weight > 0 and node.weight >= floor]
 
     def needed_paths(self) -> list[tuple[int, ...]]:
         """Token paths whose KV must stay available: scored nodes, and the parents of unscored ones."""
@@ -562,12 +565,13 @@ class CharModel:
         return tuple(ids) if b"".join(self.model.vocab.token_bytes[i] or b"" for i in ids) == text else None
 
 
-def score_level(book: RowBook, todo: list[tuple[int, CoverBeam]], live: list[tuple[int, CoverBeam]]) -> bool:
+def score_level(book: RowBook, todo: list[tuple[int, CoverBeam]], live: list[tuple[int, CoverBeam]],
+                next_char: bool = True) -> bool:
     """One level: every frontier node of the ``todo`` beams (several beams may share a sequence's
     rows) scored in one call; the paths the ``live`` beams still need keep their rows."""
     requests: dict[tuple[int, tuple[int, ...]], list[CoverBeam]] = {}
     for seq, beam in todo:
-        for path in beam.frontier():
+        for path in beam.frontier(next_char):
             requests.setdefault((seq, path), []).append(beam)
     if not requests:
         return False
@@ -576,3 +580,22 @@ def score_level(book: RowBook, todo: list[tuple[int, CoverBeam]], live: list[tup
         for beam in requests[key]:
             beam.score(key[1], logprobs)
     return True
+
+
+def exact_prefix_probs(stream, logprobs: torch.Tensor, queries: list[tuple[int, bytes]], cfg: CoverConfig) -> list[float]:
+    """P(the next bytes of row ``r`` start with ``data``) for each query (r, data): summed over the
+    model's tokenizations of ``data`` from the row's context (``logprobs[r]``: its next-token
+    log-probabilities). The extra forward passes use duplicates of the stream's rows, one call per
+    level for all queries; the stream is left as it was."""
+    tables = char_tables(stream.model.vocab)
+    book = RowBook(stream, list(range(stream.rows)), pinned=stream.rows)
+    beams = []
+    for row, data in queries:
+        beam = CoverBeam(tables, cfg)
+        beam.score((), logprobs[row])
+        beam.advance(data)
+        beams.append((row, beam))
+    while score_level(book, beams, [], next_char=False):
+        pass
+    book.release()
+    return [math.exp(beam.prefix_logprob()) for _, beam in beams]

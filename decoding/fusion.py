@@ -126,7 +126,7 @@ class FusionDecoder(Decoder):
             logprobs.append(lp)
             top.append((values.tolist(), ids.tolist()))
         candidates = [self._candidates(row, top) for row in range(len(state.active))]
-        self._look_up(candidates, logprobs)
+        self._look_up(candidates, logprobs, state.streams)
         finished = []
         for row, seq in enumerate(state.active):
             for m in range(len(self.models)):
@@ -172,11 +172,13 @@ class FusionDecoder(Decoder):
                     cand.probs[m], cand.exact[m], cand.proposed[m], cand.ids[m] = p, True, True, tid
         return list(by_key.values())
 
-    def _look_up(self, candidates: list[list[Candidate]], logprobs: list[torch.Tensor]) -> None:
+    def _look_up(self, candidates: list[list[Candidate]], logprobs: list[torch.Tensor], streams: list[ModelStream]) -> None:
         """Score every candidate a model did not propose, in one gather per model.
 
         Its probability is that of a token with exactly those bytes; if the model has none, that
         of the first token of its spelling of them (the longest vocabulary token that is a prefix).
+        ``streams`` (each model's rows, in ``candidates`` order) serve methods that score with
+        further forward passes (``unite`` with ``lookup=exact``).
         """
         for m, model in enumerate(self.models):
             vocab = model.vocab

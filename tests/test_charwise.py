@@ -343,3 +343,55 @@ def test_pair_runs_one_step_per_character(rule):
         chars = [s for s in out.trace if not s.get("end") and "stop" not in s]
         assert all(len(bytes.fromhex(s["piece_bytes"]).decode()) == 1 for s in chars)
         assert out.stats["forward_passes"]["gemma3_270m"] > 0 and out.stats["forward_passes"]["smollm2_135m"] > 0
+
+
+# --- unite with lookup=exact -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_exact_prefix_probs_from_a_stream_leave_it_unchanged(kind):
+    from decoding.charprob import exact_prefix_probs
+
+    model = toy_model(kind)
+    prompts = [model.tokenizer(s)["input_ids"] for s in ["ab", "aい b"]]
+    stream = ModelStream(model, prompts)
+    logprobs = stream.logprobs()
+    queries = [(0, "あい".encode()), (1, b" a"), (1, "い".encode()[:2]), (0, b"x")]
+    probs = exact_prefix_probs(stream, logprobs, queries, CoverConfig(beam_size=0, prune_threshold=0.0))
+    for (row, data), p in zip(queries, probs):
+        assert close(p, brute_prefix_prob(model, tuple(prompts[row]), data))
+    assert stream.tokens == prompts
+    stream.append(0, [model.tokenizer.convert_tokens_to_ids("a")])
+    stream.append(1, [model.tokenizer.convert_tokens_to_ids("b")])
+    after = stream.logprobs()
+    for row, prompt in enumerate(prompts):
+        context = tuple(prompt) + (int(stream.tokens[row][-1]),)
+        assert torch.allclose(after[row], model.model(torch.tensor([context]), torch.ones(1, len(context)),
+                                                      None).logits[0, -1].log_softmax(-1))
+
+
+def test_unite_exact_lookup_scores_candidates_by_their_prefix_probability(monkeypatch):
+    import decoding.methods.unite as unite
+
+    monkeypatch.setattr(unite, "CoverConfig", lambda: EXACT)
+    sp, bpe = toy_model("sp", sharpness=2.0), toy_model("bpe", seed=2, sharpness=2.0)
+    decoder = unite.UniteDecoder(unite.UniteDecoder.Config(name="unite", top_k=3, lookup="exact"), [sp, bpe], TOY_PROMPT)
+    seen, look_up = [], decoder._look_up
+
+    def spy(candidates, logprobs, streams):
+        contexts = [[tuple(stream.tokens[r]) for r in range(stream.rows)] for stream in streams]
+        look_up(candidates, logprobs, streams)
+        seen.append((contexts, candidates))
+
+    decoder._look_up = spy
+    state = decoder.prepare(["ab", "aい"])
+    for _ in range(4):
+        decoder.step(state)
+    checked = 0
+    for contexts, candidates in seen:
+        for row, cands in enumerate(candidates):
+            for cand in cands:
+                for m, model in enumerate((sp, bpe)):
+                    if not cand.proposed[m] and cand.key is not None:
+                        assert close(cand.probs[m], brute_prefix_prob(model, contexts[m][row], cand.key))
+                        checked += 1
+    assert checked > 10 and unite.UniteDecoder.Config().lookup == "first_token"
