@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from decoding.stream import ModelStream
 from decoding.vocab import ByteVocab
 
 
@@ -110,8 +111,6 @@ class Plan:
     and the tokens that stop inside it (positions in the sorted vocabulary, with the bytes after
     the open string)."""
 
-    lo: int
-    hi: int
     chars: Groups
     partials: list[tuple[int, bytes]]
 
@@ -121,7 +120,6 @@ class CharTables:
 
     def __init__(self, vocab: ByteVocab):
         ids = sorted((i for i, b in enumerate(vocab.token_bytes) if b), key=lambda i: vocab.token_bytes[i])
-        self.vocab = vocab
         self.order = torch.tensor(ids, dtype=torch.long)  # sorted position -> token id
         self.keys: list[bytes] = [vocab.token_bytes[i] for i in ids]
         self.end_ids = torch.tensor(sorted(vocab.end_ids), dtype=torch.long)
@@ -177,7 +175,7 @@ class CharTables:
             if size and is_char(key):
                 chars.append((key, i, end))
             i = end
-        return Plan(lo, hi, Groups.of(chars), partials)
+        return Plan(Groups.of(chars), partials)
 
     def _completions(self, lo: int, hi: int, n: int) -> Groups:
         """Tokens whose first ``n`` bytes are continuation bytes, grouped by those bytes."""
@@ -241,6 +239,11 @@ class Node:
     @property
     def scored(self) -> bool:
         return self.cum is not None
+
+    def allows(self, char: bytes | None) -> bool:
+        """Whether this node's covers can spell ``char`` (END: only from a node at a token boundary
+        of the text or before it, not from one inside the next character)."""
+        return not self.started if char is None else char.startswith(self.started)
 
     def prob(self, pos: int) -> float:
         return float(self.cum[pos + 1 - self.lo] - self.cum[pos - self.lo])
@@ -319,7 +322,7 @@ class CoverBeam:
         total = sum(h.weight * h.mass for h in self.hypotheses() if h.scored)
         return self.log_scale + math.log(total) if total > 0 else -math.inf
 
-    def frontier(self, next_char: bool = True) -> list[tuple[int, ...]]:
+    def frontier(self, next_char: bool = True) -> list[Node]:
         """Unscored nodes worth a forward pass (weight at least the threshold share of the mass).
         For the next character, after expanding the scored ones (which creates its ahead nodes);
         otherwise only the cover hypotheses of the text (all that P(prefix text) needs)."""
@@ -327,7 +330,7 @@ class CoverBeam:
             self.masses()
         nodes = self.nodes.values() if next_char else self.hypotheses()
         floor = self.cfg.prune_threshold * self.bound()
-        return [node.path for node in nodes if not node.scored and node.weight > 0 and node.weight >= floor]
+        return [node for node in nodes if not node.scored and node.weight > 0 and node.weight >= floor]
 
     def needed_paths(self) -> list[tuple[int, ...]]:
         """Token paths whose KV must stay available: scored nodes, and the parents of unscored ones."""
@@ -541,8 +544,6 @@ class CharModel:
     """One member over a batch: the stream rows that hold its contexts and a cover beam per sequence."""
 
     def __init__(self, model, prompt_ids: list[list[int]], cfg: CoverConfig, backoff: int, recompute: bool):
-        from decoding.stream import ModelStream
-
         self.model = model
         self.tables = char_tables(model.vocab)
         split = [split_anchor(model.vocab, ids, backoff) for ids in prompt_ids]
@@ -554,10 +555,11 @@ class CharModel:
             if prefix:
                 beam.advance(prefix)
 
-    def score_frontier(self, todo: list[int], live: list[int]) -> bool:
-        """Score the frontier of the ``todo`` sequences' beams in one forward call (the rows of every
-        ``live`` sequence are kept); False when there was nothing to score."""
-        return score_level(self.book, [(s, self.beams[s]) for s in todo], [(s, self.beams[s]) for s in live])
+    def score(self, selection: dict[int, list[tuple[int, ...]]], live: list[int]) -> bool:
+        """Score the selected nodes (paths per sequence) in one forward call, keeping the rows every
+        ``live`` sequence still needs; False when there was nothing to score."""
+        requests = [(seq, self.beams[seq], path) for seq, paths in selection.items() for path in paths]
+        return score_level(self.book, requests, [(s, self.beams[s]) for s in live])
 
     def canonical_path(self, text: bytes) -> tuple[int, ...] | None:
         """This model's own encoding of ``text``, if it spells exactly those bytes."""
@@ -565,19 +567,18 @@ class CharModel:
         return tuple(ids) if b"".join(self.model.vocab.token_bytes[i] or b"" for i in ids) == text else None
 
 
-def score_level(book: RowBook, todo: list[tuple[int, CoverBeam]], live: list[tuple[int, CoverBeam]],
-                next_char: bool = True) -> bool:
-    """One level: every frontier node of the ``todo`` beams (several beams may share a sequence's
+def score_level(book: RowBook, requests: list[tuple[int, CoverBeam, tuple[int, ...]]],
+                live: list[tuple[int, CoverBeam]]) -> bool:
+    """One level: the requested nodes (sequence, beam, path; several beams may share a sequence's
     rows) scored in one call; the paths the ``live`` beams still need keep their rows."""
-    requests: dict[tuple[int, tuple[int, ...]], list[CoverBeam]] = {}
-    for seq, beam in todo:
-        for path in beam.frontier(next_char):
-            requests.setdefault((seq, path), []).append(beam)
     if not requests:
         return False
+    wanted: dict[tuple[int, tuple[int, ...]], list[CoverBeam]] = {}
+    for seq, beam, path in requests:
+        wanted.setdefault((seq, path), []).append(beam)
     keep = [(seq, path) for seq, beam in live for path in beam.needed_paths()]
-    for key, logprobs in book.score(list(requests), keep).items():
-        for beam in requests[key]:
+    for key, logprobs in book.score(list(wanted), keep).items():
+        for beam in wanted[key]:
             beam.score(key[1], logprobs)
     return True
 
@@ -595,7 +596,7 @@ def exact_prefix_probs(stream, logprobs: torch.Tensor, queries: list[tuple[int, 
         beam.score((), logprobs[row])
         beam.advance(data)
         beams.append((row, beam))
-    while score_level(book, beams, [], next_char=False):
+    while score_level(book, [(row, beam, node.path) for row, beam in beams for node in beam.frontier(next_char=False)], []):
         pass
     book.release()
     return [math.exp(beam.prefix_logprob()) for _, beam in beams]

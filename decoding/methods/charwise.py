@@ -17,10 +17,16 @@ The variant implemented, exactly:
    text) forbids candidates; END is forbidden before ``min_new_tokens`` characters.
 5. ``temperature=0``: the best score (ties: the smaller character, END last). ``temperature>0``:
    a sample with probability proportional to score^(1/temperature).
-6. Fast path (greedy only, ``fast_path``): when, for one allowed candidate, a lower bound of P_m(c)
-   from the covers scored so far exceeds 1/2 for every member with a positive weight, c is the
-   argmax of either rule: it is emitted without scoring the other candidates, and the covers it
-   leaves unscored are scored later (nothing is lost). Counted in the stat ``fastpath_share``.
+6. Certified early choice (greedy only, ``fast_path``): every unscored node can add at most its
+   weight to the characters it can spell and to the normaliser, so the scored nodes give each
+   P_m(c) a lower and an upper bound. The candidate whose fused lower bound beats the fused upper
+   bound of every other candidate, and of any character outside the candidates, is the argmax of
+   the fully scored rule: it is emitted at once; until then only the nodes that can move the
+   leader's or a contender's bounds are scored. The covers left unscored stay in the beam and are
+   scored when needed later (nothing is lost). The fast path of the issue is the simplest such
+   certificate (a lower bound above 1/2 in every weighted member; ``fastpath_share``); trace
+   steps decided before everything was scored have ``resolved: false`` and lower bounds as
+   probabilities and scores (``resolved_share`` counts the others).
 7. Stops at END, a stop string (as the other methods), or ``max_new_tokens`` **characters**.
 
 Cost: every member scores the nodes a level needs (closed tokens, tokens ending inside the next
@@ -42,7 +48,7 @@ from typing import Optional
 import torch
 
 from decoding.base import TRUNCATED, DecodeOutput, Decoder, find_stop, register, trace_step, traced_output
-from decoding.charprob import CharMasses, CharModel, CoverConfig
+from decoding.charprob import CharMasses, CharModel, CoverBeam, CoverConfig, Node
 from decoding.errors import FusemtError
 from decoding.fusion import FusionDecoder, unique_names
 from decoding.prompt import render_prompt, stop_strings
@@ -62,7 +68,8 @@ class CharwiseState:
     text: list[bytearray]
     steps: list[list] = field(default_factory=list)
     agree: list[int] = field(default_factory=list)
-    fast: list[int] = field(default_factory=list)
+    fast: list[int] = field(default_factory=list)  # steps decided by the fast path (LB > 1/2 in every member)
+    resolved: list[int] = field(default_factory=list)  # steps decided with every node above the threshold scored
     truncated: list[bool] = field(default_factory=list)
 
 
@@ -72,8 +79,50 @@ class Choice:
     probs: list[float]  # per member: P_m(char | text) (a lower bound on the fast path)
     score: float
     ranked: list[tuple[Optional[bytes], float]]  # candidates by fused score, best first
-    fast: bool
     tops: list[Optional[bytes]]  # per member: its most likely character
+    resolved: bool  # every node above the threshold was scored: probs and scores are exact
+    fast: bool = False  # the fast path: a lower bound above 1/2 in every weighted member
+
+
+class Bounds:
+    """What one member knows so far about P_m(c | text): the masses of its scored nodes, and its
+    unscored nodes, each of which can add at most its weight to the characters it allows (and to
+    the normaliser)."""
+
+    def __init__(self, beam: CoverBeam):
+        self.pending: list[Node] = beam.frontier()
+        self.masses: CharMasses = beam.masses()
+        self.low = self.masses.total  # the normaliser, once everything is scored, is at least this
+        self.high = self.low + sum(node.weight for node in self.pending)
+        self.chain = self._heaviest_chain()
+
+    def lower(self, char: Optional[bytes]) -> float:
+        return self.masses.mass(char) / self.high if self.high > 0 else 0.0
+
+    def upper(self, char: Optional[bytes]) -> float:
+        if self.low <= 0:
+            return 1.0
+        return min(1.0, (self.masses.mass(char) + sum(n.weight for n in self.pending if n.allows(char))) / self.low)
+
+    def upper_rest(self, top: list[tuple[Optional[bytes], float]], k: int) -> float:
+        """An upper bound for any character outside this member's ``top`` list (its ``k`` best)."""
+        if self.low <= 0:
+            return 1.0
+        below = top[-1][1] if len(top) >= k else 0.0
+        anywhere = sum(node.weight for node in self.pending if not node.started)
+        return min(1.0, (below + anywhere + sum(node.weight for node in self.chain)) / self.low)
+
+    def _heaviest_chain(self) -> list[Node]:
+        """The unscored nodes inside the next character that one character can be compatible with
+        at once (their first bytes are prefixes of each other), of the largest total weight."""
+        ahead = [node for node in self.pending if node.started]
+        best, best_weight = [], 0.0
+        for node in ahead:
+            chain = [other for other in ahead if node.started.startswith(other.started)]
+            weight = sum(other.weight for other in chain)
+            if weight > best_weight:
+                best, best_weight = chain, weight
+        return best
 
 
 @register
@@ -122,27 +171,27 @@ class CharwiseDecoder(Decoder):
         n = len(sources)
         return CharwiseState(sources=sources, members=members, stops=stops, active=list(range(n)),
                              text=[bytearray() for _ in range(n)], steps=[[] for _ in range(n)], agree=[0] * n,
-                             fast=[0] * n, truncated=truncated)
+                             fast=[0] * n, resolved=[0] * n, truncated=truncated)
 
     @torch.inference_mode()
     def step(self, state: CharwiseState) -> bool:
-        """One character for every live sequence: score levels until each is decided."""
+        """One character for every live sequence: score levels of nodes until each is decided."""
         if not state.active:
             return False
         choices: dict[int, Choice] = {}
         todo = list(state.active)
         while todo:
-            if self.cfg.fast_path and self.cfg.temperature == 0:
-                for seq in todo:
-                    fast = self._fast_choice(state, seq)
-                    if fast is not None:
-                        choices[seq] = fast
-                todo = [seq for seq in todo if seq not in choices]
-            scored = [member.score_frontier(todo, state.active) for member in state.members]
-            if not any(scored):
-                break
-        for seq in todo:
-            choices[seq] = self._choose(state, seq)
+            wanted: list[dict[int, list[tuple[int, ...]]]] = [{} for _ in state.members]
+            for seq in todo:
+                choice, paths = self._plan(state, seq)
+                if choice is not None:
+                    choices[seq] = choice
+                for m, member_paths in enumerate(paths):
+                    if member_paths:
+                        wanted[m][seq] = member_paths
+            todo = [seq for seq in todo if seq not in choices]
+            for member, selection in zip(state.members, wanted):
+                member.score(selection, state.active)
         finished = [seq for seq in state.active if self._apply(state, seq, choices[seq])]
         state.active = [seq for seq in state.active if seq not in finished]
         return bool(state.active)
@@ -153,6 +202,7 @@ class CharwiseDecoder(Decoder):
             n_steps = len(state.steps[seq])
             stats = {"steps": n_steps, "agreement_rate": round(state.agree[seq] / max(n_steps, 1), 4),
                      "fastpath_share": round(state.fast[seq] / max(n_steps, 1), 4),
+                     "resolved_share": round(state.resolved[seq] / max(n_steps, 1), 4),
                      "forward_passes": {n: m.book.calls[seq] for n, m in zip(self.names, state.members)},
                      "cache_crops": {n: m.book.crops[seq] for n, m in zip(self.names, state.members)}}
             outputs.append(traced_output(state.steps[seq], state.stops, stats, [TRUNCATED] if state.truncated[seq] else []))
@@ -174,22 +224,45 @@ class CharwiseDecoder(Decoder):
             return 0.0
         return math.exp(sum(w * math.log(p) for w, p in zip(self.weights, probs) if w > 0))
 
-    def _fast_choice(self, state: CharwiseState, seq: int) -> Optional[Choice]:
-        """The certified choice, if one allowed character has a lower bound above 1/2 in every weighted member."""
-        bests = []
-        for member, w in zip(state.members, self.weights):
-            if w > 0:
-                beam = member.beams[seq]
-                top = beam.masses().top(1)
-                if not top or top[0][1] <= beam.bound() / 2:
-                    return None
-                bests.append(top[0][0])
-        char = bests[0]
-        if any(b != char for b in bests) or not self._allowed(state, seq, char):
-            return None
-        probs = [m.beams[seq].masses().mass(char) / m.beams[seq].bound() for m in state.members]
-        score = self._fuse(probs)
-        return Choice(char, probs, score, [(char, score)], fast=True, tops=[char] * len(probs))
+    def _plan(self, state: CharwiseState, seq: int) -> tuple[Optional[Choice], list[list[tuple[int, ...]]]]:
+        """Decide the sequence's next character now, or say which nodes each member must score first.
+
+        Fully scored: the choice by the fused scores (``_choose``). Greedy with ``fast_path``: the
+        candidate whose fused lower bound beats every other candidate's fused upper bound (and that
+        of any character outside the candidates) is certified; otherwise the nodes that can still
+        change the leader's or a contender's bounds are scored. Otherwise: every unscored node.
+        """
+        bounds = [Bounds(member.beams[seq]) for member in state.members]
+        if all(not b.pending for b in bounds):
+            return self._choose(state, seq), []
+        if not (self.cfg.fast_path and self.cfg.temperature == 0):
+            return None, [[node.path for node in b.pending] for b in bounds]
+        tops = [b.masses.top(self.cfg.top_k) for b in bounds]
+        candidates = [c for c in dict.fromkeys([c for top in tops for c, _ in top] + [END]) if self._allowed(state, seq, c)]
+        lows = {c: [b.lower(c) for b in bounds] for c in candidates}
+        order = sorted(candidates, key=lambda c: (-self._fuse(lows[c]), c is END, c or b""))
+        leader = order[0] if order else END
+        lead = self._fuse(lows.get(leader, [0.0] * len(bounds)))
+        caps = [1.0 - x for x in lows.get(leader, [0.0] * len(bounds))]  # any other character's probability
+        contenders = [c for c in candidates if c != leader
+                      and self._fuse([min(b.upper(c), cap) for b, cap in zip(bounds, caps)]) >= lead]
+        rest = self._fuse([min(b.upper_rest(top, self.cfg.top_k), cap) for b, top, cap in zip(bounds, tops, caps)]) >= lead
+        if lead > 0 and not contenders and not rest:
+            probs = lows[leader]
+            fast = all(p > 0.5 for p, w in zip(probs, self.weights) if w > 0)
+            return Choice(leader, probs, lead, [(c, self._fuse(lows[c])) for c in order], fast=fast, resolved=False,
+                          tops=[top[0][0] if top else END for top in tops]), []
+        watched = [leader] + contenders
+        wanted = [[node for node in b.pending if any(node.allows(c) for c in watched)
+                   or (rest and (not node.started or node in b.chain))] for b in bounds]
+        if not any(wanted):  # only the normalisers are uncertain: score everything
+            wanted = [b.pending for b in bounds]
+        # One member per level, the one whose unscored mass weighs most in the fused scores: the
+        # others' forward passes are often not needed at all (CPU cost is the sum of the passes).
+        influence = [w * sum(node.weight for node in nodes) / max(b.low, 1e-30)
+                     for w, nodes, b in zip(self.weights, wanted, bounds)]
+        first = max(range(len(bounds)), key=lambda m: (bool(wanted[m]), influence[m]))
+        return None, [[node.path for node in nodes] if m == first else [] for m, nodes in enumerate(wanted)]
 
     def _choose(self, state: CharwiseState, seq: int) -> Choice:
         masses: list[CharMasses] = [member.beams[seq].masses() for member in state.members]
@@ -209,7 +282,7 @@ class CharwiseDecoder(Decoder):
             weights = torch.tensor([max(s, 0.0) ** (1.0 / self.cfg.temperature) for s in scores], dtype=torch.float64)
             if weights.sum() > 0:
                 pick = int(torch.multinomial(weights, 1, generator=self.generator))
-        return Choice(candidates[pick], probs[pick], scores[pick], ranked, fast=False,
+        return Choice(candidates[pick], probs[pick], scores[pick], ranked, resolved=True,
                       tops=[top[0][0] if top else END for top in tops])
 
     # --- appending ---------------------------------------------------------------------------------
@@ -218,6 +291,7 @@ class CharwiseDecoder(Decoder):
         agree = all(t == choice.char for t in choice.tops)
         state.agree[seq] += len(set(choice.tops)) == 1
         state.fast[seq] += choice.fast
+        state.resolved[seq] += choice.resolved
         origin = ("both" if len(self.names) == 2 else "all") if agree else \
             "+".join(n for n, t in zip(self.names, choice.tops) if t == choice.char) or "fused"
         extra = {"p": {n: round(p, 6) for n, p in zip(self.names, choice.probs)},
@@ -227,7 +301,8 @@ class CharwiseDecoder(Decoder):
                  "argmax": {n: "<end>" if t is END else t.decode("utf-8", "backslashreplace")
                             for n, t in zip(self.names, choice.tops)},
                  "covers": {n: len(m.beams[seq].hypotheses()) for n, m in zip(self.names, state.members)},
-                 "fastpath": choice.fast}
+                 "fastpath": choice.fast,
+                 "resolved": choice.resolved}
         logprob = {n: (math.log(p) if p > 0 else None) for n, p in zip(self.names, choice.probs)}
         if choice.char is END:
             state.steps[seq].append(trace_step(b"", ids={n: [] for n in self.names}, logprob=logprob, origin=origin,
