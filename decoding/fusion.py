@@ -75,6 +75,23 @@ def unique_names(models) -> list[str]:
     return names
 
 
+def check_fusion_options(cfg, n_models: int) -> None:
+    """The options every fusion method shares (FusionDecoder.Config): top_k, temperature, weights."""
+    if cfg.top_k < 1:
+        raise FusemtError(f"decoding.top_k={cfg.top_k}: must be at least 1")
+    if cfg.temperature < 0:
+        raise FusemtError(f"decoding.temperature={cfg.temperature}: must be >= 0 (0: argmax)")
+    weights = cfg.weights
+    if weights is not None and (len(weights) != n_models or any(w < 0 for w in weights) or sum(weights) <= 0):
+        raise FusemtError(f"decoding.weights={list(weights)}: need {n_models} non-negative weights, not all 0")
+
+
+def normalized_weights(weights: Optional[list[float]], n_models: int) -> list[float]:
+    """Member weights summing to 1 (equal when not given)."""
+    weights = weights if weights is not None else [1.0] * n_models
+    return [w / sum(weights) for w in weights]
+
+
 class FusionDecoder(Decoder):
     """Base of the token-level ensembles: subclasses implement ``score``."""
 
@@ -91,19 +108,12 @@ class FusionDecoder(Decoder):
     @classmethod
     def check_config(cls, cfg, n_models: int) -> None:
         super().check_config(cfg, n_models)
-        if cfg.top_k < 1:
-            raise FusemtError(f"decoding.top_k={cfg.top_k}: must be at least 1")
-        if cfg.temperature < 0:
-            raise FusemtError(f"decoding.temperature={cfg.temperature}: must be >= 0 (0: argmax)")
-        weights = cfg.weights
-        if weights is not None and (len(weights) != n_models or any(w < 0 for w in weights) or sum(weights) <= 0):
-            raise FusemtError(f"decoding.weights={list(weights)}: need {n_models} non-negative weights, not all 0")
+        check_fusion_options(cfg, n_models)
 
     def __init__(self, cfg, models, prompt, render_input_text=False):
         super().__init__(cfg, models, prompt, render_input_text)
         self.names = unique_names(models)
-        weights = cfg.weights if cfg.weights is not None else [1.0] * len(models)
-        self.weights = [w / sum(weights) for w in weights]
+        self.weights = normalized_weights(cfg.weights, len(models))
         self.generator = torch.Generator().manual_seed(cfg.seed)
 
     # --- method hook -------------------------------------------------------------------------
@@ -141,7 +151,7 @@ class FusionDecoder(Decoder):
             logprobs.append(lp)
             top.append((values.tolist(), ids.tolist()))
         candidates = [self._candidates(row, top) for row in range(len(state.active))]
-        self._look_up(candidates, logprobs)
+        self._look_up(candidates, logprobs, state.streams)
         finished = []
         for row, seq in enumerate(state.active):
             for m in range(len(self.models)):
@@ -187,11 +197,13 @@ class FusionDecoder(Decoder):
                     cand.probs[m], cand.exact[m], cand.proposed[m], cand.ids[m] = p, True, True, tid
         return list(by_key.values())
 
-    def _look_up(self, candidates: list[list[Candidate]], logprobs: list[torch.Tensor]) -> None:
+    def _look_up(self, candidates: list[list[Candidate]], logprobs: list[torch.Tensor], streams: list[ModelStream]) -> None:
         """Score every candidate a model did not propose, in one gather per model.
 
         Its probability is that of a token with exactly those bytes; if the model has none, that
         of the first token of its spelling of them (the longest vocabulary token that is a prefix).
+        ``streams`` (each model's rows, in ``candidates`` order) serve methods that score with
+        further forward passes (``unite`` with ``lookup=exact``).
         """
         for m, model in enumerate(self.models):
             vocab = model.vocab

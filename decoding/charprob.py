@@ -1,0 +1,602 @@
+"""Next-character probabilities of a token-level language model, summed over its tokenizations.
+
+The exact quantity (see ``shared/notes/character-level-fusion.md``): for text ``s`` (bytes after
+the model's *anchor*, the prompt tokens it conditions on), a *cover* is a token sequence whose
+bytes start with ``s`` and whose bytes without its last token are a proper prefix of ``s``. The
+probability that the model's output starts with ``s`` is the sum of the covers' probabilities,
+and P(next character c | s) = P(prefix s·c) / P(prefix s); END is the probability that the output
+is exactly ``s`` (a tokenization of ``s``, then an end token). Every model then speaks the same
+alphabet, whatever its tokenizer (SentencePiece with ``<0xE3>`` byte fallback and ``▁``, byte-level
+BPE with partial UTF-8 pieces, duplicate spellings of one byte string).
+
+Data structures
+  * ``CharTables`` (once per vocabulary): the text tokens sorted by their bytes, so the tokens that
+    start with any byte string are one contiguous range, and the probability mass of a range is a
+    difference of two entries of a cumulative sum. Precomputed groups of that order: by first
+    character (all characters the vocabulary can start with), by leading continuation bytes (to
+    complete a character another token started), and, cached per open prefix, by the character
+    after it.
+  * ``Node``: a token path T after the anchor with weight P(T), the text offset where its bytes
+    end, and, once *scored* (one forward pass), the cumulative next-token probabilities. A node
+    whose bytes end before the end of ``s`` is a cover hypothesis: its covers are T plus one token
+    that starts with the rest of ``s`` (the *open* bytes), of mass ``weight × M(open)``. A node
+    ending exactly at ``s`` is a closed token (it waits for the next character); a node ending
+    inside the next character is *ahead* (it holds the character's first bytes).
+  * ``CoverBeam``: the nodes of one model for one sequence. The next character's masses: from a
+    cover hypothesis, the tokens that extend its open bytes by a whole character; from a closed
+    node, every first character of a token, and END; from an ahead node, the tokens that complete
+    its character. Tokens that end inside the next character create ahead nodes, which need a
+    forward pass of their own: scoring proceeds in levels (at most one per byte of a character,
+    usually one or two), every level one batched call per model.
+  * ``advance(bytes)``: the text grows; nodes whose bytes the new text continues stay, scored ones
+    spawn their closing children (T + a token that ends inside the new text), unscored ones stay
+    pending with their weight as an upper bound until they are scored. Pruning (the named
+    approximation): cover hypotheses are kept if among the ``beam_size`` largest and at least
+    ``prune_threshold`` of the total; unscored nodes below the threshold are never scored. With
+    ``beam_size=0`` (no limit) and ``prune_threshold=0`` everything is exact.
+  * ``RowBook``: the rows of the model's ``ModelStream`` hold token paths; a new path duplicates the
+    row that shares its longest prefix (``select_rows`` with repeated indices), rolls back and
+    appends, so every forward pass of a level, for every node of every sequence, is one call.
+
+Masses of bytes that cannot be valid UTF-8 (a token that breaks a character), of special tokens
+other than end tokens, and of pruned nodes are left out; ``CharMasses.probs`` renormalises over
+the characters and END.
+"""
+
+from __future__ import annotations
+
+import bisect
+import codecs
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from decoding.stream import ModelStream
+from decoding.vocab import ByteVocab
+
+
+def utf8_char_len(lead: int) -> int:
+    """Bytes of the UTF-8 character that starts with byte ``lead``; 0 for a byte no character starts with."""
+    if lead < 0x80:
+        return 1
+    if lead < 0xC2:  # continuation bytes, overlong C0/C1
+        return 0
+    return 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4 if lead < 0xF5 else 0
+
+
+def is_char(data: bytes) -> bool:
+    """Exactly one valid UTF-8 character."""
+    try:
+        return len(data.decode("utf-8")) == 1
+    except UnicodeDecodeError:
+        return False
+
+
+def is_partial_char(data: bytes) -> bool:
+    """A proper prefix of some valid UTF-8 character."""
+    if not data or not 0 < len(data) < utf8_char_len(data[0]):
+        return False
+    try:
+        return codecs.getincrementaldecoder("utf-8")().decode(data, final=False) == ""
+    except UnicodeDecodeError:
+        return False
+
+
+def _is_continuation(data: bytes) -> bool:
+    return all(0x80 <= b < 0xC0 for b in data)
+
+
+@dataclass
+class Groups:
+    """Ranges ``lo[i]..hi[i]`` of the sorted vocabulary whose tokens share ``keys[i]`` at one offset."""
+
+    keys: list[bytes]
+    lo: np.ndarray
+    hi: np.ndarray
+
+    @classmethod
+    def of(cls, items: list[tuple[bytes, int, int]]) -> "Groups":
+        return cls([k for k, _, _ in items], np.array([lo for _, lo, _ in items], dtype=np.int64),
+                   np.array([hi for _, _, hi in items], dtype=np.int64))
+
+    def masses(self, cum: np.ndarray, offset: int = 0) -> np.ndarray:
+        return cum[self.hi - offset] - cum[self.lo - offset]
+
+
+@dataclass
+class Plan:
+    """How the tokens that start with an open byte string continue: grouped by the next character,
+    and the tokens that stop inside it (positions in the sorted vocabulary, with the bytes after
+    the open string)."""
+
+    chars: Groups
+    partials: list[tuple[int, bytes]]
+
+
+class CharTables:
+    """Per-vocabulary tables: text tokens in byte order and their groupings (built once, cached)."""
+
+    def __init__(self, vocab: ByteVocab):
+        ids = sorted((i for i, b in enumerate(vocab.token_bytes) if b), key=lambda i: vocab.token_bytes[i])
+        self.order = torch.tensor(ids, dtype=torch.long)  # sorted position -> token id
+        self.keys: list[bytes] = [vocab.token_bytes[i] for i in ids]
+        self.end_ids = torch.tensor(sorted(vocab.end_ids), dtype=torch.long)
+        root = self._walk(b"", 0, len(self.keys))
+        self.root = root.chars
+        self.root_index = {k: i for i, k in enumerate(root.chars.keys)}
+        self.root_partials = root.partials
+        lo, hi = bisect.bisect_left(self.keys, b"\x80"), bisect.bisect_left(self.keys, b"\xc0")
+        # Tokens made of continuation bytes only: completions of a character another token started.
+        self.completions = {n: self._completions(lo, hi, n) for n in (1, 2, 3)}
+        self.short_continuations = [(i, self.keys[i]) for i in range(lo, hi)
+                                    if len(self.keys[i]) <= 2 and _is_continuation(self.keys[i])]
+        self._plans: dict[bytes, Plan] = {}
+        self._valid: dict[bytes, np.ndarray] = {}
+
+    # --- ranges ------------------------------------------------------------------------------------
+    def range_of(self, prefix: bytes, lo: int = 0, hi: int | None = None) -> tuple[int, int]:
+        """Sorted positions of the tokens that start with ``prefix``."""
+        hi = len(self.keys) if hi is None else hi
+        start = bisect.bisect_left(self.keys, prefix, lo, hi)
+        return start, self._range_end(prefix, start, hi)
+
+    def _range_end(self, prefix: bytes, lo: int, hi: int) -> int:
+        stripped = prefix.rstrip(b"\xff")
+        if not stripped:
+            return hi
+        return bisect.bisect_left(self.keys, stripped[:-1] + bytes([stripped[-1] + 1]), lo, hi)
+
+    def exact(self, data: bytes, lo: int = 0, hi: int | None = None) -> range:
+        """Sorted positions of the tokens whose bytes are exactly ``data`` (a vocabulary may spell one
+        byte string with several ids, e.g. ``A`` and ``<0x41>``)."""
+        hi = len(self.keys) if hi is None else hi
+        start = bisect.bisect_left(self.keys, data, lo, hi)
+        return range(start, bisect.bisect_right(self.keys, data, start, hi))
+
+    # --- groupings ---------------------------------------------------------------------------------
+    def _walk(self, prefix: bytes, lo: int, hi: int) -> Plan:
+        """Group the tokens in ``lo..hi`` (all starting with ``prefix``) by the character after it."""
+        n, chars, partials = len(prefix), [], []
+        i = lo
+        while i < hi and len(self.keys[i]) == n:
+            i += 1  # the token that is exactly ``prefix`` closes there: not a continuation
+        while i < hi:
+            rest = self.keys[i][n:]
+            size = utf8_char_len(rest[0])
+            if size and len(rest) < size:
+                if is_partial_char(rest):
+                    partials.append((i, rest))
+                i += 1
+                continue
+            key = rest[:size] if size else rest[:1]
+            end = self._range_end(prefix + key, i, hi)
+            if size and is_char(key):
+                chars.append((key, i, end))
+            i = end
+        return Plan(Groups.of(chars), partials)
+
+    def _completions(self, lo: int, hi: int, n: int) -> Groups:
+        """Tokens whose first ``n`` bytes are continuation bytes, grouped by those bytes."""
+        items, i = [], lo
+        while i < hi:
+            key = self.keys[i][:n]
+            if len(key) == n and _is_continuation(key):
+                end = self._range_end(key, i, hi)
+                items.append((key, i, end))
+                i = end
+            else:
+                i += 1
+        return Groups.of(items)
+
+    def plan(self, open_bytes: bytes) -> Plan:
+        """The grouping of the tokens that extend ``open_bytes`` (cached per byte string)."""
+        plan = self._plans.get(open_bytes)
+        if plan is None:
+            if len(self._plans) > 200_000:
+                self._plans.clear()
+            plan = self._plans[open_bytes] = self._walk(open_bytes, *self.range_of(open_bytes))
+        return plan
+
+    def valid_completions(self, started: bytes) -> np.ndarray:
+        """Mask over ``completions[n]`` of the byte strings that complete the character ``started``."""
+        mask = self._valid.get(started)
+        if mask is None:
+            groups = self.completions[utf8_char_len(started[0]) - len(started)]
+            mask = self._valid[started] = np.array([is_char(started + k) for k in groups.keys], dtype=bool)
+        return mask
+
+
+_TABLES: dict[int, tuple[ByteVocab, CharTables]] = {}
+
+
+def char_tables(vocab: ByteVocab) -> CharTables:
+    """The tables of a vocabulary, built on first use (a second for a 262k vocabulary)."""
+    entry = _TABLES.get(id(vocab))
+    if entry is None or entry[0] is not vocab:
+        entry = _TABLES[id(vocab)] = (vocab, CharTables(vocab))
+    return entry[1]
+
+
+@dataclass
+class Node:
+    """A token path after the anchor, its weight (P(path), divided by the beam's scale) and where
+    its bytes end in the text. Scored nodes hold cumulative next-token probabilities over the sorted
+    positions ``lo..`` (only the range they still need once they are cover hypotheses)."""
+
+    path: tuple[int, ...]
+    weight: float
+    start: int  # text offset where the path's bytes end (past the text for an ahead node)
+    started: bytes = b""  # ahead node: the first bytes of the next character, inside its last token
+    cum: np.ndarray | None = None
+    lo: int = 0
+    end: float = 0.0  # P(END | path)
+    mass: float = 1.0  # cover hypothesis: M(open bytes), the mass of the tokens that extend them
+    spawned: int = 0  # text offset up to which its closing children exist
+    expanded: int = -1  # text length its next-character expansion was added at
+
+    @property
+    def scored(self) -> bool:
+        return self.cum is not None
+
+    def allows(self, char: bytes | None) -> bool:
+        """Whether this node's covers can spell ``char`` (END: only from a node at a token boundary
+        of the text or before it, not from one inside the next character)."""
+        return not self.started if char is None else char.startswith(self.started)
+
+    def prob(self, pos: int) -> float:
+        return float(self.cum[pos + 1 - self.lo] - self.cum[pos - self.lo])
+
+    def range_mass(self, lo: int, hi: int) -> float:
+        return float(self.cum[hi - self.lo] - self.cum[lo - self.lo])
+
+
+@dataclass
+class CharMasses:
+    """Unnormalised next-character masses of one model (relative to its beam's scale): root
+    characters as a dense vector over ``CharTables.root``, other characters in a dict, and END."""
+
+    tables: CharTables
+    dense: np.ndarray
+    extra: dict[bytes, float] = field(default_factory=dict)
+    end: float = 0.0
+
+    def mass(self, char: bytes | None) -> float:
+        if char is None:
+            return self.end
+        i = self.tables.root_index.get(char)
+        return (float(self.dense[i]) if i is not None else 0.0) + self.extra.get(char, 0.0)
+
+    @property
+    def total(self) -> float:
+        """Mass of every character and END (invalid, special and pruned mass left out)."""
+        return float(self.dense.sum()) + sum(self.extra.values()) + self.end
+
+    def prob(self, char: bytes | None) -> float:
+        total = self.total
+        return self.mass(char) / total if total > 0 else 0.0
+
+    def top(self, k: int) -> list[tuple[bytes | None, float]]:
+        """The ``k`` most likely characters (END included) with their masses, best first."""
+        best: dict[bytes | None, float] = {None: self.end} if self.end > 0 else {}
+        nonzero = np.flatnonzero(self.dense)
+        if len(nonzero) > k:
+            nonzero = nonzero[np.argpartition(-self.dense[nonzero], k)[:k]]
+        for i in nonzero:
+            best[self.tables.root.keys[i]] = float(self.dense[i])
+        for char, m in self.extra.items():
+            best[char] = self.mass(char)
+        return sorted(best.items(), key=lambda cm: (-cm[1], cm[0] is None, cm[0] or b""))[:k]
+
+
+@dataclass
+class CoverConfig:
+    beam_size: int = 8  # cover hypotheses kept per model and sequence; 0: no limit
+    prune_threshold: float = 1e-3  # drop hypotheses (and never score nodes) below this share of the mass
+
+
+class CoverBeam:
+    """The cover hypotheses of one model for one sequence, and the nodes of its next character."""
+
+    def __init__(self, tables: CharTables, cfg: CoverConfig):
+        self.tables, self.cfg = tables, cfg
+        self.text = bytearray()
+        self.nodes: dict[tuple[int, ...], Node] = {(): Node((), 1.0, 0)}
+        self.log_scale = 0.0  # log of the factor every weight was divided by
+        self._masses: CharMasses | None = None
+
+    # --- queries -----------------------------------------------------------------------------------
+    def hypotheses(self) -> list[Node]:
+        """Cover hypotheses of the text (the anchor itself while the text is empty)."""
+        n = len(self.text)
+        return [node for node in self.nodes.values() if node.start < n or (n == 0 and node.start == 0)]
+
+    def bound(self) -> float:
+        """An upper bound of P(prefix text) / scale (exact once every hypothesis is scored)."""
+        return sum(h.weight * h.mass if h.scored else h.weight for h in self.hypotheses())
+
+    def prefix_logprob(self) -> float:
+        """log P(the output starts with the text), summed over the scored covers (score the frontier
+        first: unscored hypotheses left then are those below the pruning threshold)."""
+        total = sum(h.weight * h.mass for h in self.hypotheses() if h.scored)
+        return self.log_scale + math.log(total) if total > 0 else -math.inf
+
+    def frontier(self, next_char: bool = True) -> list[Node]:
+        """Unscored nodes worth a forward pass (weight at least the threshold share of the mass).
+        For the next character, after expanding the scored ones (which creates its ahead nodes);
+        otherwise only the cover hypotheses of the text (all that P(prefix text) needs)."""
+        if next_char:
+            self.masses()
+        nodes = self.nodes.values() if next_char else self.hypotheses()
+        floor = self.cfg.prune_threshold * self.bound()
+        return [node for node in nodes if not node.scored and node.weight > 0 and node.weight >= floor]
+
+    def needed_paths(self) -> list[tuple[int, ...]]:
+        """Token paths whose KV must stay available: scored nodes, and the parents of unscored ones."""
+        return [node.path if node.scored else node.path[:-1] for node in self.nodes.values()]
+
+    def best_path(self) -> tuple[int, ...]:
+        """The complete tokens of the most probable cover hypothesis."""
+        return max(self.hypotheses(), key=lambda h: h.weight * h.mass if h.scored else 0.0).path
+
+    def masses(self) -> CharMasses:
+        """Next-character masses from every scored node (new ahead nodes are added unscored)."""
+        if self._masses is None:
+            self._masses = CharMasses(self.tables, np.zeros(len(self.tables.root.keys)))
+        for node in list(self.nodes.values()):
+            if node.scored and node.expanded != len(self.text):
+                node.expanded = len(self.text)
+                self._expand(node, self._masses)
+        return self._masses
+
+    # --- scoring -----------------------------------------------------------------------------------
+    def score(self, path: tuple[int, ...], logprobs: torch.Tensor) -> None:
+        """Attach the next-token distribution after ``path`` (one forward pass) to its node."""
+        node = self.nodes[path]
+        probs = logprobs.double().exp()
+        node.end = float(probs[self.tables.end_ids].sum())
+        cum = np.zeros(len(self.tables.keys) + 1)
+        cum[1:] = probs[self.tables.order].cumsum(0).numpy()
+        node.cum, node.lo = cum, 0
+        n = len(self.text)
+        if node.start <= n:
+            self._spawn_closings(node)
+            if node.start < n:
+                self._open(node)
+
+    def _spawn_closings(self, node: Node) -> None:
+        """Children T + t for every token t that closes inside the text (after what was spawned)."""
+        text, n = bytes(self.text), len(self.text)
+        for j in range(max(node.spawned, node.start) + 1, n + 1):
+            for pos in self.tables.exact(text[node.start:j]):
+                path = node.path + (int(self.tables.order[pos]),)
+                if path not in self.nodes:
+                    self.nodes[path] = Node(path, node.weight * node.prob(pos), j, spawned=j)
+        node.spawned = n
+
+    def _open(self, node: Node) -> None:
+        """Make a scored node a cover hypothesis of the text: the mass of its open bytes, and only
+        the cumulative sums it still needs; a node no token extends is dropped."""
+        lo, hi = self.tables.range_of(bytes(self.text[node.start:]), node.lo, node.lo + len(node.cum) - 1)
+        node.mass = node.range_mass(lo, hi)
+        if node.mass <= 0:
+            del self.nodes[node.path]
+            return
+        node.cum, node.lo = node.cum[lo - node.lo: hi - node.lo + 1], lo
+
+    def _expand(self, node: Node, out: CharMasses) -> None:
+        """Add a scored node's next-character masses to ``out``; create its ahead children."""
+        n, tables, w = len(self.text), self.tables, node.weight
+        children: list[tuple[int, bytes]] = []
+        if node.start < n:  # cover hypothesis: tokens that extend its open bytes
+            plan = tables.plan(bytes(self.text[node.start:]))
+            for key, m in zip(plan.chars.keys, plan.chars.masses(node.cum, node.lo)):
+                if m > 0:
+                    out.extra[key] = out.extra.get(key, 0.0) + w * float(m)
+            children = plan.partials
+        elif node.start == n:  # closed token: any first character, or the end
+            out.dense += w * tables.root.masses(node.cum, node.lo)
+            out.end += w * node.end
+            children = tables.root_partials
+        else:  # ahead node: tokens that complete its character
+            need = utf8_char_len(node.started[0]) - len(node.started)
+            groups, valid = tables.completions[need], tables.valid_completions(node.started)
+            for key, m, ok in zip(groups.keys, groups.masses(node.cum, node.lo), valid):
+                if ok and m > 0:
+                    char = node.started + key
+                    out.extra[char] = out.extra.get(char, 0.0) + w * float(m)
+            children = [(pos, key) for pos, key in tables.short_continuations
+                        if len(key) < need and is_partial_char(node.started + key)]
+        for pos, rest in children:
+            p = node.prob(pos)
+            if p > 0:
+                path = node.path + (int(tables.order[pos]),)
+                started = node.started + rest if node.start > n else rest
+                self.nodes.setdefault(path, Node(path, w * p, n + len(started), started=started))
+
+    # --- the text grows ----------------------------------------------------------------------------
+    def advance(self, data: bytes, canonical: tuple[int, ...] | None = None) -> None:
+        """Append ``data`` (a character, or any bytes for a forced prefix) to the text, keep the nodes
+        it is consistent with, spawn closings, prune and rescale. With ``canonical`` (the model's own
+        encoding of the new text) only nodes on that path stay, unless none of them is a hypothesis."""
+        old = len(self.text)
+        self.text += data
+        n = len(self.text)
+        for node in list(self.nodes.values()):
+            if node.start > old and not (node.start <= n and data.startswith(node.started)):
+                del self.nodes[node.path]  # an ahead node for another character
+                continue
+            node.started = b""
+            if node.scored:
+                self._spawn_closings(node)
+        for node in list(self.nodes.values()):
+            if node.scored and node.start < n and node.path in self.nodes:
+                self._open(node)
+        if canonical is not None:
+            on_path = [node for node in self.nodes.values() if node.path == canonical[: len(node.path)]]
+            if any(node.start < n for node in on_path):
+                self.nodes = {node.path: node for node in on_path}
+        self._prune()
+        self._masses = None
+
+    def _prune(self) -> None:
+        n = len(self.text)
+        hyps = sorted(self.hypotheses(), key=lambda h: -(h.weight * h.mass if h.scored else h.weight))
+        contrib = [h.weight * h.mass if h.scored else h.weight for h in hyps]
+        total = sum(contrib)
+        if total <= 0:
+            return
+        floor, limit = self.cfg.prune_threshold * total, self.cfg.beam_size or len(hyps)
+        for rank, (h, c) in enumerate(zip(hyps, contrib)):
+            if rank >= limit or c < floor:
+                del self.nodes[h.path]
+        for node in list(self.nodes.values()):
+            if node.start == n and n > 0 and node.weight < floor:
+                del self.nodes[node.path]  # a closed token too unlikely to ever be scored
+            else:
+                node.weight /= total
+        self.log_scale += math.log(total)
+
+
+class RowBook:
+    """Which token path each row of a ``ModelStream`` holds, and one forward call for many new paths.
+
+    Paths are token ids after a sequence's anchor (``base`` tokens of its rows). To score a path,
+    the row of the same sequence sharing its longest prefix is duplicated (``select_rows`` with
+    repeated indices copies a row and its KV cache), rolled back to the shared prefix and extended;
+    paths still needed later stay a prefix of some row. The first ``pinned`` rows are kept as they
+    are (another method's rows, restored by ``release``).
+    """
+
+    def __init__(self, stream, seqs: list[int], pinned: int = 0):
+        self.stream = stream
+        self.seq = list(seqs)
+        self.paths: list[tuple[int, ...]] = [() for _ in seqs]
+        self.base = {s: len(stream.tokens[r]) for r, s in enumerate(seqs)}
+        self.pinned = pinned
+        self.calls: dict[int, int] = {s: 0 for s in seqs}  # forward calls each sequence took part in
+        self.crops: dict[int, int] = {s: 0 for s in seqs}  # rows rolled back over cached tokens
+
+    def score(self, requests: list[tuple[int, tuple[int, ...]]], keep: list[tuple[int, tuple[int, ...]]]
+              ) -> dict[tuple[int, tuple[int, ...]], torch.Tensor]:
+        """Next-token log-probabilities after each requested (sequence, path), in one call."""
+        requests = list(dict.fromkeys(requests))
+        targets = [(r, self.paths[r]) for r in range(self.pinned)]
+        targets += [(self._closest_row(seq, path), path) for seq, path in requests]
+        for seq, path in keep:
+            if not any(self.seq[src] == seq and p[:len(path)] == path for src, p in targets):
+                src = self._closest_row(seq, path)
+                targets.append((src, self.paths[src] if self.paths[src][:len(path)] == path else path))
+        stream, sources = self.stream, [src for src, _ in targets]
+        if sources != list(range(stream.rows)):
+            stream.select_rows(sources)
+        for row, (src, path) in enumerate(targets):
+            old = self.paths[src]
+            common = 0
+            while common < min(len(old), len(path)) and old[common] == path[common]:
+                common += 1
+            if common < len(old):
+                stream.rollback(row, len(old) - common)
+                self.crops[self.seq[src]] += 1
+            stream.append(row, list(path[common:]))
+        self.seq = [self.seq[src] for src in sources]
+        self.paths = [path for _, path in targets]
+        logprobs = stream.logprobs()
+        for seq in {seq for seq, _ in requests}:
+            self.calls[seq] += 1
+        row_of = {(self.seq[r], self.paths[r]): r for r in range(len(targets) - 1, self.pinned - 1, -1)}
+        return {key: logprobs[row_of[key]] for key in requests}
+
+    def _closest_row(self, seq: int, path: tuple[int, ...]) -> int:
+        best, best_len = None, -1
+        for r in range(len(self.paths)):
+            if self.seq[r] != seq:
+                continue
+            p, common = self.paths[r], 0
+            while common < min(len(p), len(path)) and p[common] == path[common]:
+                common += 1
+            if common > best_len or (common == best_len and len(p) < len(self.paths[best])):
+                best, best_len = r, common
+        assert best is not None, f"sequence {seq} has no row"
+        return best
+
+    def release(self) -> None:
+        """Back to the pinned rows only."""
+        self.stream.select_rows(list(range(self.pinned)))
+        self.seq, self.paths = self.seq[: self.pinned], self.paths[: self.pinned]
+
+
+def split_anchor(vocab: ByteVocab, prompt_ids: list[int], backoff: int) -> tuple[list[int], bytes]:
+    """(anchor ids, the prompt bytes after them): the last ``backoff`` text tokens of the prompt are
+    re-covered, so a token may span the prompt's end (``:`` + `` 今`` as ``: 今``); more are backed
+    off while the rest would start inside a character; special tokens and the first token stay."""
+    cut, data = len(prompt_ids), b""
+    while cut > 1 and (len(prompt_ids) - cut < backoff or (data and 0x80 <= data[0] < 0xC0)):
+        piece = vocab.token_bytes[prompt_ids[cut - 1]]
+        if not piece:
+            break
+        cut, data = cut - 1, piece + data
+    return prompt_ids[:cut], data
+
+
+class CharModel:
+    """One member over a batch: the stream rows that hold its contexts and a cover beam per sequence."""
+
+    def __init__(self, model, prompt_ids: list[list[int]], cfg: CoverConfig, backoff: int, recompute: bool):
+        self.model = model
+        self.tables = char_tables(model.vocab)
+        split = [split_anchor(model.vocab, ids, backoff) for ids in prompt_ids]
+        self.stream = ModelStream(model, [anchor for anchor, _ in split], recompute=recompute)
+        self.book = RowBook(self.stream, list(range(len(split))))
+        self.beams = [CoverBeam(self.tables, cfg) for _ in split]
+        self.prefix_len = [len(prefix) for _, prefix in split]
+        for beam, (_, prefix) in zip(self.beams, split):
+            if prefix:
+                beam.advance(prefix)
+
+    def score(self, selection: dict[int, list[tuple[int, ...]]], live: list[int]) -> bool:
+        """Score the selected nodes (paths per sequence) in one forward call, keeping the rows every
+        ``live`` sequence still needs; False when there was nothing to score."""
+        requests = [(seq, self.beams[seq], path) for seq, paths in selection.items() for path in paths]
+        return score_level(self.book, requests, [(s, self.beams[s]) for s in live])
+
+    def canonical_path(self, text: bytes) -> tuple[int, ...] | None:
+        """This model's own encoding of ``text``, if it spells exactly those bytes."""
+        ids = self.model.tokenizer.encode(text.decode("utf-8"), add_special_tokens=False)
+        return tuple(ids) if b"".join(self.model.vocab.token_bytes[i] or b"" for i in ids) == text else None
+
+
+def score_level(book: RowBook, requests: list[tuple[int, CoverBeam, tuple[int, ...]]],
+                live: list[tuple[int, CoverBeam]]) -> bool:
+    """One level: the requested nodes (sequence, beam, path; several beams may share a sequence's
+    rows) scored in one call; the paths the ``live`` beams still need keep their rows."""
+    if not requests:
+        return False
+    wanted: dict[tuple[int, tuple[int, ...]], list[CoverBeam]] = {}
+    for seq, beam, path in requests:
+        wanted.setdefault((seq, path), []).append(beam)
+    keep = [(seq, path) for seq, beam in live for path in beam.needed_paths()]
+    for key, logprobs in book.score(list(wanted), keep).items():
+        for beam in wanted[key]:
+            beam.score(key[1], logprobs)
+    return True
+
+
+def exact_prefix_probs(stream, logprobs: torch.Tensor, queries: list[tuple[int, bytes]], cfg: CoverConfig) -> list[float]:
+    """P(the next bytes of row ``r`` start with ``data``) for each query (r, data): summed over the
+    model's tokenizations of ``data`` from the row's context (``logprobs[r]``: its next-token
+    log-probabilities). The extra forward passes use duplicates of the stream's rows, one call per
+    level for all queries; the stream is left as it was."""
+    tables = char_tables(stream.model.vocab)
+    book = RowBook(stream, list(range(stream.rows)), pinned=stream.rows)
+    beams = []
+    for row, data in queries:
+        beam = CoverBeam(tables, cfg)
+        beam.score((), logprobs[row])
+        beam.advance(data)
+        beams.append((row, beam))
+    while score_level(book, [(row, beam, node.path) for row, beam in beams for node in beam.frontier(next_char=False)], []):
+        pass
+    book.release()
+    return [math.exp(beam.prefix_logprob()) for _, beam in beams]

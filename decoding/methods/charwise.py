@@ -1,0 +1,341 @@
+"""``decoding=charwise``: character-level ensembling across tokenizers, from each member's exact
+probability of string prefixes (``decoding/charprob.py``).
+
+The variant implemented, exactly:
+1. Each member m gives P_m(c | text) for every character c and END: its probability that the output
+   starts with text·c (summed over the tokenizations that cover it) over that of text, after its
+   prompt's anchor (the prompt without its last ``prompt_backoff`` text tokens, whose bytes are
+   re-covered, so a token may span the prompt's end). Covers are kept as a beam per member and
+   sequence (``beam_size`` hypotheses, ``prune_threshold`` share; 0 and 0: exact), or only the
+   member's own canonical tokenization (``covers=canonical``, as CharED). Mass on bytes that are
+   not valid UTF-8, on special tokens other than end tokens, and on pruned covers is left out
+   and the rest renormalised.
+2. Candidates: the union of the members' ``top_k`` characters, and END.
+3. ``rule=mixture``: score(c) = sum_m w_m P_m(c). ``rule=product``: prod_m P_m(c)^w_m, renormalised
+   over the candidates (a weighted geometric mean). Weights: ``weights``, normalised to sum 1.
+4. The repetition guard (``max_repeats``/``repeat_unit``, ``no_repeat_ngram_size``, over characters of the
+   text) forbids candidates; END is forbidden before ``min_new_tokens`` characters.
+5. ``temperature=0``: the best score (ties: the smaller character, END last). ``temperature>0``:
+   a sample with probability proportional to score^(1/temperature).
+6. Certified early choice (greedy only, ``fast_path``): every unscored node can add at most its
+   weight to the characters it can spell and to the normaliser, so the scored nodes give each
+   P_m(c) a lower and an upper bound. The candidate whose fused lower bound beats the fused upper
+   bound of every other candidate, and of any character outside the candidates, is the argmax of
+   the fully scored rule: it is emitted at once; until then only the nodes that can move the
+   leader's or a contender's bounds are scored. The covers left unscored stay in the beam and are
+   scored when needed later (nothing is lost). The fast path of the issue is the simplest such
+   certificate (a lower bound above 1/2 in every weighted member; ``fastpath_share``); trace
+   steps decided before everything was scored have ``resolved: false`` and lower bounds as
+   probabilities and scores (``resolved_share`` counts the others).
+7. Stops at END, a stop string (as the other methods), or ``max_new_tokens`` **characters**.
+
+Cost: every member scores the nodes a level needs (closed tokens, tokens ending inside the next
+character, pending covers) for every row of the batch in one forward call; a character needs one
+level, sometimes two (a byte-level BPE model that splits a kanji in two tokens), and none when the
+fast path fires before the first. The trace has one step per character: each member's probability
+of it, the fused score, ``top`` (candidates ranked by the fused score the choice was made by), the
+number of cover hypotheses per member, whether the fast path fired, each member's
+most likely character (``argmax``); ``ids`` are the tokens the member's most probable cover
+completed at that step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from decoding.base import TRUNCATED, DecodeOutput, Decoder, find_stop, register, trace_step, traced_output
+from decoding.charprob import CharMasses, CharModel, CoverBeam, CoverConfig, Node
+from decoding.errors import FusemtError
+from decoding.fusion import FusionDecoder, check_fusion_options, normalized_weights, unique_names
+from decoding.prompt import render_prompt, stop_strings
+from decoding.repetition import RepetitionGuard
+
+END = None  # the end candidate
+RULES = ("mixture", "product")
+COVERS = ("all", "canonical")
+
+
+@dataclass
+class CharwiseState:
+    sources: list[str]
+    members: list[CharModel]
+    stops: list[str]
+    active: list[int]
+    text: list[bytearray]
+    steps: list[list] = field(default_factory=list)
+    agree: list[int] = field(default_factory=list)
+    fast: list[int] = field(default_factory=list)  # steps decided by the fast path (LB > 1/2 in every member)
+    resolved: list[int] = field(default_factory=list)  # steps decided with every node above the threshold scored
+    truncated: list[bool] = field(default_factory=list)
+
+
+@dataclass
+class Choice:
+    char: Optional[bytes]  # the character's bytes, or END
+    probs: list[float]  # per member: P_m(char | text) (a lower bound on the fast path)
+    score: float
+    ranked: list[tuple[Optional[bytes], float]]  # candidates by fused score, best first
+    tops: list[Optional[bytes]]  # per member: its most likely character
+    resolved: bool  # every node above the threshold was scored: probs and scores are exact
+    fast: bool = False  # the fast path: a lower bound above 1/2 in every weighted member
+
+
+class Bounds:
+    """What one member knows so far about P_m(c | text): the masses of its scored nodes, and its
+    unscored nodes, each of which can add at most its weight to the characters it allows (and to
+    the normaliser)."""
+
+    def __init__(self, beam: CoverBeam):
+        self.pending: list[Node] = beam.frontier()
+        self.masses: CharMasses = beam.masses()
+        self.low = self.masses.total  # the normaliser, once everything is scored, is at least this
+        self.high = self.low + sum(node.weight for node in self.pending)
+        self.chain = self._heaviest_chain()
+
+    def lower(self, char: Optional[bytes]) -> float:
+        return self.masses.mass(char) / self.high if self.high > 0 else 0.0
+
+    def upper(self, char: Optional[bytes]) -> float:
+        if self.low <= 0:
+            return 1.0
+        return min(1.0, (self.masses.mass(char) + sum(n.weight for n in self.pending if n.allows(char))) / self.low)
+
+    def upper_rest(self, top: list[tuple[Optional[bytes], float]], k: int) -> float:
+        """An upper bound for any character outside this member's ``top`` list (its ``k`` best)."""
+        if self.low <= 0:
+            return 1.0
+        below = top[-1][1] if len(top) >= k else 0.0
+        anywhere = sum(node.weight for node in self.pending if not node.started)
+        return min(1.0, (below + anywhere + sum(node.weight for node in self.chain)) / self.low)
+
+    def _heaviest_chain(self) -> list[Node]:
+        """The unscored nodes inside the next character that one character can be compatible with
+        at once (their first bytes are prefixes of each other), of the largest total weight."""
+        ahead = [node for node in self.pending if node.started]
+        best, best_weight = [], 0.0
+        for node in ahead:
+            chain = [other for other in ahead if node.started.startswith(other.started)]
+            weight = sum(other.weight for other in chain)
+            if weight > best_weight:
+                best, best_weight = chain, weight
+        return best
+
+
+@register
+class CharwiseDecoder(Decoder):
+    name = "charwise"
+    min_models, max_models = 1, None
+
+    @dataclass
+    class Config(FusionDecoder.Config):
+        rule: str = "mixture"  # mixture | product
+        top_k: int = 10  # candidates: each member's top_k characters, and END
+        beam_size: int = 8  # cover hypotheses per member and sequence; 0: no limit
+        prune_threshold: float = 1e-3  # covers below this share of a member's mass are dropped
+        covers: str = "all"  # all | canonical (the member's own tokenization only, as CharED)
+        fast_path: bool = True
+        prompt_backoff: int = 1  # prompt text tokens re-covered (a token may span the prompt's end)
+        max_repeats: int = 7  # most times a unit of up to repeat_unit characters may occur in a row; 0: off
+        repeat_unit: int = 4
+        no_repeat_ngram_size: int = 0  # no character n-gram of this size twice; 0: off
+
+    @classmethod
+    def check_config(cls, cfg, n_models: int) -> None:
+        super().check_config(cfg, n_models)
+        check_fusion_options(cfg, n_models)
+        if cfg.rule not in RULES:
+            raise FusemtError(f"decoding.rule={cfg.rule}: use one of {', '.join(RULES)}")
+        if cfg.covers not in COVERS:
+            raise FusemtError(f"decoding.covers={cfg.covers}: use one of {', '.join(COVERS)}")
+        if cfg.beam_size < 0 or cfg.prune_threshold < 0:
+            raise FusemtError("decoding.beam_size and decoding.prune_threshold must be >= 0")
+        cls.repetition_guard(cfg)  # refuses bad limits at start-up
+
+    @staticmethod
+    def repetition_guard(cfg) -> RepetitionGuard:
+        return RepetitionGuard(cfg.max_repeats, cfg.no_repeat_ngram_size, cfg.repeat_unit)
+
+    def __init__(self, cfg, models, prompt, render_input_text=False):
+        super().__init__(cfg, models, prompt, render_input_text)
+        self.weights = normalized_weights(cfg.weights, len(models))
+        self.names = unique_names(models)
+        self.guard = self.repetition_guard(cfg)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.covers = CoverConfig(beam_size=cfg.beam_size, prune_threshold=cfg.prune_threshold)
+
+    # --- prepare / step / finish -------------------------------------------------------------------
+    def prepare(self, sources: list[str]) -> CharwiseState:
+        members, truncated = [], [False] * len(sources)
+        for model in self.models:
+            batch = render_prompt(model, sources, self.prompt, self.render_input_text)
+            rows = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+            members.append(CharModel(model, rows, self.covers, self.cfg.prompt_backoff, recompute=not self.cfg.use_cache))
+            truncated = [a or b for a, b in zip(truncated, batch["truncated"])]
+        stops = list(dict.fromkeys(s for m in self.models for s in stop_strings(m.tokenizer, self.prompt, m.spec.stop_strings)))
+        n = len(sources)
+        return CharwiseState(sources=sources, members=members, stops=stops, active=list(range(n)),
+                             text=[bytearray() for _ in range(n)], steps=[[] for _ in range(n)], agree=[0] * n,
+                             fast=[0] * n, resolved=[0] * n, truncated=truncated)
+
+    @torch.inference_mode()
+    def step(self, state: CharwiseState) -> bool:
+        """One character for every live sequence: score levels of nodes until each is decided."""
+        if not state.active:
+            return False
+        choices: dict[int, Choice] = {}
+        todo = list(state.active)
+        while todo:
+            wanted: list[dict[int, list[tuple[int, ...]]]] = [{} for _ in state.members]
+            for seq in todo:
+                choice, paths = self._plan(state, seq)
+                if choice is not None:
+                    choices[seq] = choice
+                for m, member_paths in enumerate(paths):
+                    if member_paths:
+                        wanted[m][seq] = member_paths
+            todo = [seq for seq in todo if seq not in choices]
+            for member, selection in zip(state.members, wanted):
+                member.score(selection, state.active)
+        finished = [seq for seq in state.active if self._apply(state, seq, choices[seq])]
+        state.active = [seq for seq in state.active if seq not in finished]
+        return bool(state.active)
+
+    def finish(self, state: CharwiseState) -> list[DecodeOutput]:
+        outputs = []
+        for seq in range(len(state.sources)):
+            n_steps = len(state.steps[seq])
+            stats = {"steps": n_steps, "agreement_rate": round(state.agree[seq] / max(n_steps, 1), 4),
+                     "fastpath_share": round(state.fast[seq] / max(n_steps, 1), 4),
+                     "resolved_share": round(state.resolved[seq] / max(n_steps, 1), 4),
+                     "forward_passes": {n: m.book.calls[seq] for n, m in zip(self.names, state.members)},
+                     "cache_crops": {n: m.book.crops[seq] for n, m in zip(self.names, state.members)}}
+            outputs.append(traced_output(state.steps[seq], state.stops, stats, [TRUNCATED] if state.truncated[seq] else []))
+        return outputs
+
+    # --- choosing ----------------------------------------------------------------------------------
+    def _may_end(self, state: CharwiseState, seq: int) -> bool:
+        return len(state.steps[seq]) >= self.cfg.min_new_tokens
+
+    def _allowed(self, state: CharwiseState, seq: int, char: Optional[bytes]) -> bool:
+        if char is END:
+            return self._may_end(state, seq)
+        return not self.guard.blocks(bytes(state.text[seq]), char)
+
+    def _fuse(self, probs: list[float]) -> float:
+        if self.cfg.rule == "mixture":
+            return sum(w * p for w, p in zip(self.weights, probs))
+        if any(p <= 0 for w, p in zip(self.weights, probs) if w > 0):
+            return 0.0
+        return math.exp(sum(w * math.log(p) for w, p in zip(self.weights, probs) if w > 0))
+
+    def _plan(self, state: CharwiseState, seq: int) -> tuple[Optional[Choice], list[list[tuple[int, ...]]]]:
+        """Decide the sequence's next character now, or say which nodes each member must score first.
+
+        Fully scored: the choice by the fused scores (``_choose``). Greedy with ``fast_path``: the
+        candidate whose fused lower bound beats every other candidate's fused upper bound (and that
+        of any character outside the candidates) is certified; otherwise the nodes that can still
+        change the leader's or a contender's bounds are scored. Otherwise: every unscored node.
+        """
+        bounds = [Bounds(member.beams[seq]) for member in state.members]
+        if all(not b.pending for b in bounds):
+            return self._choose(state, seq), []
+        if not (self.cfg.fast_path and self.cfg.temperature == 0):
+            return None, [[node.path for node in b.pending] for b in bounds]
+        tops = [b.masses.top(self.cfg.top_k) for b in bounds]
+        candidates = [c for c in dict.fromkeys([c for top in tops for c, _ in top] + [END]) if self._allowed(state, seq, c)]
+        lows = {c: [b.lower(c) for b in bounds] for c in candidates}
+        order = sorted(candidates, key=lambda c: (-self._fuse(lows[c]), c is END, c or b""))
+        leader = order[0] if order else END
+        lead = self._fuse(lows.get(leader, [0.0] * len(bounds)))
+        caps = [1.0 - x for x in lows.get(leader, [0.0] * len(bounds))]  # any other character's probability
+        contenders = [c for c in candidates if c != leader
+                      and self._fuse([min(b.upper(c), cap) for b, cap in zip(bounds, caps)]) >= lead]
+        rest = self._fuse([min(b.upper_rest(top, self.cfg.top_k), cap) for b, top, cap in zip(bounds, tops, caps)]) >= lead
+        if lead > 0 and not contenders and not rest:
+            probs = lows[leader]
+            fast = all(p > 0.5 for p, w in zip(probs, self.weights) if w > 0)
+            return Choice(leader, probs, lead, [(c, self._fuse(lows[c])) for c in order], fast=fast, resolved=False,
+                          tops=[top[0][0] if top else END for top in tops]), []
+        watched = [leader] + contenders
+        wanted = [[node for node in b.pending if any(node.allows(c) for c in watched)
+                   or (rest and (not node.started or node in b.chain))] for b in bounds]
+        if not any(wanted):  # only the normalisers are uncertain: score everything
+            wanted = [b.pending for b in bounds]
+        # One member per level, the one whose unscored mass weighs most in the fused scores: the
+        # others' forward passes are often not needed at all (CPU cost is the sum of the passes).
+        influence = [w * sum(node.weight for node in nodes) / max(b.low, 1e-30)
+                     for w, nodes, b in zip(self.weights, wanted, bounds)]
+        first = max(range(len(bounds)), key=lambda m: (bool(wanted[m]), influence[m]))
+        return None, [[node.path for node in nodes] if m == first else [] for m, nodes in enumerate(wanted)]
+
+    def _choose(self, state: CharwiseState, seq: int) -> Choice:
+        masses: list[CharMasses] = [member.beams[seq].masses() for member in state.members]
+        tops = [m.top(self.cfg.top_k) for m in masses]
+        candidates = list(dict.fromkeys([c for top in tops for c, _ in top] + [END]))
+        probs = [[m.prob(c) for m in masses] for c in candidates]
+        scores = [self._fuse(p) for p in probs]
+        if self.cfg.rule == "product" and sum(scores) > 0:
+            scores = [s / sum(scores) for s in scores]
+        scores = [s if self._allowed(state, seq, c) else -math.inf for c, s in zip(candidates, scores)]
+        order = sorted(range(len(candidates)), key=lambda i: (-scores[i], candidates[i] is END, candidates[i] or b""))
+        ranked = [(candidates[i], scores[i]) for i in order]
+        pick = order[0]
+        if scores[pick] <= 0 and self._may_end(state, seq):
+            pick = candidates.index(END)  # nothing allowed has any probability: end
+        elif self.cfg.temperature > 0:
+            weights = torch.tensor([max(s, 0.0) ** (1.0 / self.cfg.temperature) for s in scores], dtype=torch.float64)
+            if weights.sum() > 0:
+                pick = int(torch.multinomial(weights, 1, generator=self.generator))
+        return Choice(candidates[pick], probs[pick], scores[pick], ranked, resolved=True,
+                      tops=[top[0][0] if top else END for top in tops])
+
+    # --- appending ---------------------------------------------------------------------------------
+    def _apply(self, state: CharwiseState, seq: int, choice: Choice) -> bool:
+        """Append the choice to every member's beam; True when the sequence is finished."""
+        agree = all(t == choice.char for t in choice.tops)
+        state.agree[seq] += len(set(choice.tops)) == 1
+        state.fast[seq] += choice.fast
+        state.resolved[seq] += choice.resolved
+        origin = ("both" if len(self.names) == 2 else "all") if agree else \
+            "+".join(n for n, t in zip(self.names, choice.tops) if t == choice.char) or "fused"
+        extra = {"p": {n: round(p, 6) for n, p in zip(self.names, choice.probs)},
+                 "score": round(choice.score, 6),
+                 "top": [["<end>" if c is END else c.decode("utf-8", "backslashreplace"), round(s, 6)]
+                         for c, s in choice.ranked[:5] if s > -math.inf],
+                 "argmax": {n: "<end>" if t is END else t.decode("utf-8", "backslashreplace")
+                            for n, t in zip(self.names, choice.tops)},
+                 "covers": {n: len(m.beams[seq].hypotheses()) for n, m in zip(self.names, state.members)},
+                 "fastpath": choice.fast,
+                 "resolved": choice.resolved}
+        logprob = {n: (math.log(p) if p > 0 else None) for n, p in zip(self.names, choice.probs)}
+        if choice.char is END:
+            state.steps[seq].append(trace_step(b"", ids={n: [] for n in self.names}, logprob=logprob, origin=origin,
+                                               end=True, extra=extra))
+            return True
+        ids, retokenized = {}, {}
+        for m, member in enumerate(state.members):
+            beam = member.beams[seq]
+            canonical = None
+            if self.cfg.covers == "canonical":
+                canonical = member.canonical_path(bytes(beam.text) + choice.char)
+            before = beam.best_path()
+            beam.advance(choice.char, canonical)
+            after = beam.best_path()
+            common = 0
+            while common < min(len(before), len(after)) and before[common] == after[common]:
+                common += 1
+            ids[self.names[m]] = list(after[common:])
+            if common < len(before):
+                retokenized[self.names[m]] = len(before) - common
+        if retokenized:
+            extra["retokenized"] = retokenized
+        state.steps[seq].append(trace_step(choice.char, ids=ids, logprob=logprob, origin=origin, extra=extra))
+        start = len(state.text[seq])
+        state.text[seq].extend(choice.char)
+        if self._may_end(state, seq) and state.stops and find_stop(bytes(state.text[seq]), state.stops, start) is not None:
+            return True
+        return len(state.steps[seq]) >= self.cfg.max_new_tokens

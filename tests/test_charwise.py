@@ -1,0 +1,401 @@
+"""Character-level probabilities over covers (``decoding/charprob.py``) and ``decoding=charwise``.
+
+The exact invariants run on the scripted toy LM (``tests/toy_lm.py``, seconds) against brute-force
+enumeration of every tokenization; a few slow tests run the embedded Gemma 3 + SmolLM2 pair.
+"""
+
+import math
+
+import pytest
+import torch
+from conftest import compose_run
+from toy_lm import (TOY_PROMPT, brute_char_greedy, brute_end_prob, brute_prefix_prob, script, toy_model)
+
+from decoding.base import decoder_class
+from decoding.charprob import CharModel, CoverConfig, split_anchor
+from decoding.methods.charwise import CharwiseDecoder
+from decoding.stream import ModelStream
+
+EXACT = CoverConfig(beam_size=0, prune_threshold=0.0)
+KINDS = ["sp", "bpe"]
+TEXT = "aあい b あ"  # ASCII, kana, spaces; byte fallback (sp) and partial pieces (bpe) in its covers
+
+
+def char_model(model, prompts=None, cfg=EXACT, backoff=1, recompute=False):
+    prompts = prompts or [[model.tokenizer.bos_token_id]]
+    return CharModel(model, prompts, cfg, backoff, recompute)
+
+
+def resolve(member, seqs=(0,)):
+    while member.score({s: [node.path for node in member.beams[s].frontier()] for s in seqs}, list(seqs)):
+        pass
+    return [member.beams[s].masses() for s in seqs]
+
+
+def prefixes(text):
+    """(text so far, next character) along ``text``, then (text, None)."""
+    data = text.encode()
+    cuts = [i for i in range(len(data) + 1) if i == len(data) or data[i] & 0xC0 != 0x80]
+    return [(data[:a], data[a:b]) for a, b in zip(cuts, cuts[1:])] + [(data, None)]
+
+
+def close(a, b, rel=1e-9, abs_=1e-13):
+    return math.isclose(a, b, rel_tol=rel, abs_tol=abs_)
+
+
+# --- the exact quantity ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_masses_equal_brute_force_over_all_tokenizations(kind):
+    model = toy_model(kind)
+    member, context = char_model(model), (model.tokenizer.bos_token_id,)
+    beam = member.beams[0]
+    for text, char in prefixes(TEXT):
+        (masses,) = resolve(member)
+        scale = math.exp(beam.log_scale)
+        assert close(math.exp(beam.prefix_logprob()), brute_prefix_prob(model, context, text))
+        for c in ["a", "b", " ", "あ", "い", "x"]:
+            assert close(masses.mass(c.encode()) * scale, brute_prefix_prob(model, context, text + c.encode())), (text, c)
+        assert close(masses.end * scale, brute_end_prob(model, context, text))
+        if char:
+            beam.advance(char)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_next_character_distribution_is_normalised(kind):
+    model = toy_model(kind, valid_utf8=True)  # no mass is lost to invalid UTF-8: nothing to renormalise
+    member = char_model(model)
+    beam = member.beams[0]
+    for text, char in prefixes(TEXT):
+        (masses,) = resolve(member)
+        assert close(masses.total, beam.bound(), rel=1e-6)  # fp32 next-token probabilities
+        top = masses.top(1000)
+        assert len(top) > 5 and close(sum(masses.prob(c) for c, _ in top), 1.0, rel=1e-12)
+        if char:
+            beam.advance(char)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_chain_rule_equals_sum_over_tokenizations(kind):
+    model = toy_model(kind, valid_utf8=True)
+    member = char_model(model)
+    product = 1.0
+    for text, char in prefixes(TEXT):
+        (masses,) = resolve(member)
+        product *= masses.prob(char)
+        if char:
+            member.beams[0].advance(char)
+    assert close(product, brute_end_prob(model, (model.tokenizer.bos_token_id,), TEXT.encode()), rel=1e-7)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_prefix_consistency(kind):
+    model = toy_model(kind)
+    text = "aあ".encode()
+    member = char_model(model)
+    member.beams[0].advance(text)
+    (masses,) = resolve(member)
+    whole = member.beams[0].prefix_logprob()
+    parts = masses.end * math.exp(member.beams[0].log_scale)
+    invalid = math.exp(whole) - masses.total * math.exp(member.beams[0].log_scale)
+    for char, _ in masses.top(1000):
+        if char is not None:
+            longer = char_model(model)
+            longer.beams[0].advance(text + char)
+            resolve(longer)
+            parts += math.exp(longer.beams[0].prefix_logprob())
+    assert invalid >= 0 and close(math.exp(whole), parts + invalid)
+    # and the invalid share is what brute force leaves out of the valid characters and END
+    valid = sum(brute_prefix_prob(model, (model.tokenizer.bos_token_id,), text + c) for c, _ in masses.top(1000) if c)
+    assert close(parts, valid + brute_end_prob(model, (model.tokenizer.bos_token_id,), text))
+
+
+def test_pruning_is_a_lower_bound_rising_with_the_beam_and_exact_when_large():
+    model = toy_model("sp", sharpness=1.0)  # flat: many covers matter
+    text = "aあい bあ".encode()
+
+    def prefix_prob(cfg):
+        member = char_model(model, cfg=cfg)
+        for _, char in prefixes(text.decode())[:-1]:
+            resolve(member)
+            member.beams[0].advance(char)
+        resolve(member)
+        return math.exp(member.beams[0].prefix_logprob())
+
+    exact = brute_prefix_prob(model, (model.tokenizer.bos_token_id,), text)
+    pruned = [prefix_prob(CoverConfig(beam_size=k, prune_threshold=0.0)) for k in (1, 2, 3, 5, 8, 64)]
+    assert all(p <= exact * (1 + 1e-9) for p in pruned)
+    assert all(a <= b * (1 + 1e-9) for a, b in zip(pruned, pruned[1:]))
+    assert pruned[0] < exact * 0.999 and close(pruned[-1], exact) and close(prefix_prob(EXACT), exact)
+    assert prefix_prob(CoverConfig(beam_size=0, prune_threshold=0.05)) < exact
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_prompt_boundary_invariance(kind):
+    """The same distribution whether the prompt ends on a token boundary, inside a token or right
+    after a character the tokenizer splits, once the anchor is the same."""
+    model = toy_model(kind)
+    tok = model.tokenizer
+    whole = "ab aい"
+
+    def distribution(prompt, backoff):
+        ids = tok(prompt)["input_ids"]
+        member = char_model(model, [ids], backoff=backoff)
+        member.beams[0].advance(whole.encode()[len(prompt.encode()):])
+        (masses,) = resolve(member)
+        return split_anchor(model.vocab, ids, backoff)[0], {c: masses.prob(c) for c, _ in masses.top(50)}
+
+    anchor, reference = distribution("", 1)
+    for cut in ["a", "ab", "ab ", "ab a", whole]:  # "a": inside the token "ab"; "ab a": before the split い
+        other_anchor, dist = distribution(cut, 100)
+        assert other_anchor == anchor
+        assert dist.keys() == reference.keys() and all(close(dist[c], reference[c]) for c in dist)
+    # the default backoff re-covers the last token, and never ends the anchor inside a character
+    assert distribution("ab", 1)[0] == anchor
+    bpe = toy_model("bpe")
+    ids = bpe.tokenizer("aい")["input_ids"]  # a, e3 81, 84
+    assert split_anchor(bpe.vocab, ids, 1) == (ids[:2], "い".encode())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cache_equals_recompute(kind):
+    model = toy_model(kind)
+    prompts = [model.tokenizer(s)["input_ids"] for s in ["ab", "aい", "b a"]]
+    cached, fresh = char_model(model, prompts), char_model(model, prompts, recompute=True)
+    for _, char in prefixes("あ aい")[:-1]:
+        for a, b in zip(resolve(cached, (0, 1, 2)), resolve(fresh, (0, 1, 2))):
+            assert a.top(100) == b.top(100)
+        for member in (cached, fresh):
+            for beam in member.beams:
+                beam.advance(char)
+
+
+def test_select_rows_with_repeated_rows_copies_rows_and_cache():
+    model = toy_model("bpe")
+    bos = model.tokenizer.bos_token_id
+    stream = ModelStream(model, [[bos], [bos]])
+    stream.append(0, [3])
+    stream.append(1, [4])
+    stream.logprobs()
+    stream.select_rows([1, 0, 0])
+    stream.append(1, [16])
+    stream.append(2, [12, 13])
+    stream.rollback(0, 1)
+    stream.append(0, [5])
+    out = stream.logprobs()
+    for row, context in enumerate([(bos, 5), (bos, 3, 16), (bos, 3, 12, 13)]):
+        assert torch.equal(out[row], model.model(torch.tensor([context]), torch.ones(1, len(context)), None).logits[0, -1]
+                           .log_softmax(-1))
+    assert stream.tokens == [[bos, 5], [bos, 3, 16], [bos, 3, 12, 13]]
+
+
+# --- decoding=charwise on the toy ---------------------------------------------------------------------
+
+def charwise(models, sources, **options):
+    options = {"max_new_tokens": 12, "max_repeats": 0, **options}
+    return CharwiseDecoder(CharwiseDecoder.Config(name="charwise", **options), models, TOY_PROMPT).decode(sources)
+
+
+def raw(out):
+    return b"".join(bytes.fromhex(s["piece_bytes"]) for s in out.trace)
+
+
+EXACT_OPTIONS = {"beam_size": 0, "prune_threshold": 0.0, "max_new_tokens": 6}
+
+
+def reference_greedy(model, source, max_chars=6):
+    ids = model.tokenizer(source)["input_ids"]
+    anchor, prefix = split_anchor(model.vocab, ids, 1)
+    return brute_char_greedy(model, tuple(anchor), max_chars, prefix)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_model_with_itself_is_its_character_level_greedy(kind):
+    model = toy_model(kind, sharpness=3.0)
+    sources = ["ab", "aい", "b"]
+    for fast_path in (True, False):
+        outs = charwise([model, model], sources, fast_path=fast_path, **EXACT_OPTIONS)
+        assert [raw(o).decode() for o in outs] == [reference_greedy(model, s) for s in sources]
+        assert all(o.stats["agreement_rate"] == 1.0 for o in outs)
+
+
+def test_character_greedy_differs_from_token_greedy():
+    """Tokens w .3, xy .26, xz .24, xq .2: token greedy says w, the characters say x (mass .7), then y."""
+    model = toy_model("sp")
+    bos = model.tokenizer.bos_token_id
+    script(model, [bos], {"w": 0.3, "xy": 0.26, "xz": 0.24, "xq": 0.2})
+    for piece in ("w", "xy", "xz", "xq"):
+        script(model, [bos, model.tokenizer.convert_tokens_to_ids(piece)], {"</s>": 1.0})
+    token_greedy = model.tokenizer.convert_ids_to_tokens(int(model.model.next_logprobs((bos,)).argmax()))
+    assert token_greedy == "w"
+    for members in ([model], [model, model]):
+        (out,) = charwise(members, [""], **EXACT_OPTIONS)
+        assert out.text == "xy" == brute_char_greedy(model, (bos,), 5)
+        assert out.trace[0]["p"][model.name] == pytest.approx(0.7, abs=1e-6)
+
+
+@pytest.mark.parametrize("rule", ["mixture", "product"])
+def test_one_hot_weights_reproduce_the_member(rule):
+    sp, bpe = toy_model("sp", sharpness=3.0), toy_model("bpe", seed=1, sharpness=3.0)
+    sources = ["ab", "aい"]
+    for weights, member in (([1, 0], sp), ([0, 1], bpe)):
+        fused = charwise([sp, bpe], sources, weights=weights, rule=rule, **EXACT_OPTIONS)
+        alone = charwise([member], sources, rule=rule, **EXACT_OPTIONS)
+        assert [o.text for o in fused] == [o.text for o in alone]
+        assert [raw(o).decode() for o in fused] == [reference_greedy(member, s) for s in sources]
+
+
+@pytest.mark.parametrize("rule", ["mixture", "product"])
+def test_unanimity(rule):
+    sp, bpe = toy_model("sp", sharpness=2.0), toy_model("bpe", seed=3, sharpness=2.0)
+    outs = charwise([sp, bpe], ["ab", "aい", "b a", "あ"], rule=rule, max_new_tokens=16)
+    agreed = [s for o in outs for s in o.trace if len(set(s["argmax"].values())) == 1]
+    assert agreed and all(s["piece"] == s["argmax"][sp.name] or (s.get("end") and s["argmax"][sp.name] == "<end>")
+                          for s in agreed)
+
+
+def test_batch_of_8_equals_8_single_runs():
+    sp, bpe = toy_model("sp", sharpness=2.0), toy_model("bpe", seed=2, sharpness=2.0)
+    sources = ["ab", "aい", "b a", "あ", "a", "い b", "ba", "a あ"]
+    options = {"max_new_tokens": 10}
+    batched = charwise([sp, bpe], sources, **options)
+    single = [charwise([sp, bpe], [s], **options)[0] for s in sources]
+    assert [raw(o) for o in batched] == [raw(o) for o in single]
+    assert [[s["p"] for s in o.trace] for o in batched] == [[s["p"] for s in o.trace] for o in single]
+
+
+@pytest.mark.parametrize("rule", ["mixture", "product"])
+def test_cached_decoding_equals_recompute(rule):
+    sp, bpe = toy_model("sp", sharpness=2.0), toy_model("bpe", seed=2, sharpness=2.0)
+    sources = ["ab", "aい", "b a"]
+    cached = charwise([sp, bpe], sources, rule=rule)
+    recomputed = charwise([sp, bpe], sources, rule=rule, use_cache=False)
+    assert [[(s["piece"], s["p"]) for s in o.trace] for o in cached] == \
+        [[(s["piece"], s["p"]) for s in o.trace] for o in recomputed]
+
+
+@pytest.mark.parametrize("options", [{}, {"rule": "product"}, {"temperature": 0.8, "seed": 3},
+                                     {"covers": "canonical"}, {"beam_size": 2, "prune_threshold": 0.01}])
+def test_output_is_valid_utf8_one_step_per_character(options):
+    sp, bpe = toy_model("sp", sharpness=1.0), toy_model("bpe", seed=5, sharpness=1.0)  # flat: byte pieces are likely
+    outs = charwise([sp, bpe], ["ab", "aい", "b a", "あ"], max_new_tokens=20, **options)
+    for out in outs:
+        data = raw(out)
+        assert data.decode("utf-8") == data.decode("utf-8", errors="strict")
+        chars = [s for s in out.trace if not s.get("end")]
+        assert len(chars) <= 20 and all(len(bytes.fromhex(s["piece_bytes"]).decode()) == 1 for s in chars)
+        assert set(out.stats) >= {"steps", "fastpath_share", "forward_passes", "cache_crops", "agreement_rate"}
+        for s in out.trace:
+            assert set(s) >= {"piece", "ids", "logprob", "origin", "p", "score", "top", "covers", "fastpath"}
+            assert s["top"] and all(a[1] >= b[1] for a, b in zip(s["top"], s["top"][1:]))
+
+
+def test_fast_path_fires_and_changes_nothing():
+    """Certified early choices are the argmax of the fully scored rule (exactly so without pruning:
+    with pruning, the two orders of scoring prune slightly different covers)."""
+    sp, bpe = toy_model("sp", sharpness=4.0), toy_model("bpe", seed=4, sharpness=4.0)  # peaky: certifiable
+    sources = ["ab", "aい", "b a", "あ"]
+    fast = charwise([sp, bpe], sources, **EXACT_OPTIONS)
+    slow = charwise([sp, bpe], sources, fast_path=False, **EXACT_OPTIONS)
+    assert [raw(o) for o in fast] == [raw(o) for o in slow]
+    assert sum(o.stats["fastpath_share"] for o in fast) > 0 and all(o.stats["fastpath_share"] == 0 for o in slow)
+    assert all(o.stats["resolved_share"] < 1 for o in fast) and all(o.stats["resolved_share"] == 1 for o in slow)
+    for f, s in zip(fast, slow):
+        for a, b in zip(f.trace, s.trace):
+            if not a["resolved"]:  # lower bounds of the probabilities the slow path computes
+                assert all(a["p"][n] <= b["p"][n] + 1e-6 for n in a["p"]) and a["top"][0][0] == b["top"][0][0]
+            if a["fastpath"]:
+                assert all(p > 0.5 for p in a["p"].values())
+
+
+def test_config_mistakes_are_user_errors():
+    from decoding.errors import FusemtError
+
+    for bad in ({"rule": "max"}, {"covers": "some"}, {"weights": [1.0]}, {"beam_size": -1}):
+        with pytest.raises(FusemtError):
+            charwise([toy_model("sp"), toy_model("bpe")], ["a"], **bad)
+
+
+# --- the embedded pair (slow, short) --------------------------------------------------------------------
+
+SOURCES = ["The weather is nice today.", "Where is the train station?"]
+
+
+def decode(*overrides):
+    from decoding.model import load_model
+
+    run = compose_run(*overrides)
+    models = [load_model(spec) for spec in run.models]
+    return decoder_class(run.decoding_name)(run.decoding, models, run.prompt).decode(SOURCES)
+
+
+@pytest.mark.slow
+def test_one_hot_weights_on_the_pair_equal_gemma_with_itself():
+    common = ("decoding=charwise", "decoding.max_new_tokens=16")
+    fused = decode("models=gemma3_smollm2", "decoding.weights=[1,0]", *common)
+    itself = decode("models=pair", "models.members=[gemma3_270m,gemma3_270m]", *common)
+    assert [o.text for o in fused] == [o.text for o in itself]
+    assert all(o.text for o in fused)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rule", ["mixture", "product"])
+def test_pair_runs_one_step_per_character(rule):
+    outs = decode("models=gemma3_smollm2", "decoding=charwise", f"decoding.rule={rule}", "decoding.max_new_tokens=12")
+    for out in outs:
+        assert out.text and "\ufffd" not in out.text
+        chars = [s for s in out.trace if not s.get("end") and "stop" not in s]
+        assert all(len(bytes.fromhex(s["piece_bytes"]).decode()) == 1 for s in chars)
+        assert out.stats["forward_passes"]["gemma3_270m"] > 0 and out.stats["forward_passes"]["smollm2_135m"] > 0
+
+
+# --- unite with lookup=exact -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_exact_prefix_probs_from_a_stream_leave_it_unchanged(kind):
+    from decoding.charprob import exact_prefix_probs
+
+    model = toy_model(kind)
+    prompts = [model.tokenizer(s)["input_ids"] for s in ["ab", "aい b"]]
+    stream = ModelStream(model, prompts)
+    logprobs = stream.logprobs()
+    queries = [(0, "あい".encode()), (1, b" a"), (1, "い".encode()[:2]), (0, b"x")]
+    probs = exact_prefix_probs(stream, logprobs, queries, CoverConfig(beam_size=0, prune_threshold=0.0))
+    for (row, data), p in zip(queries, probs):
+        assert close(p, brute_prefix_prob(model, tuple(prompts[row]), data))
+    assert stream.tokens == prompts
+    stream.append(0, [model.tokenizer.convert_tokens_to_ids("a")])
+    stream.append(1, [model.tokenizer.convert_tokens_to_ids("b")])
+    after = stream.logprobs()
+    for row, prompt in enumerate(prompts):
+        context = tuple(prompt) + (int(stream.tokens[row][-1]),)
+        assert torch.allclose(after[row], model.model(torch.tensor([context]), torch.ones(1, len(context)),
+                                                      None).logits[0, -1].log_softmax(-1))
+
+
+def test_unite_exact_lookup_scores_candidates_by_their_prefix_probability(monkeypatch):
+    import decoding.methods.unite as unite
+
+    monkeypatch.setattr(unite, "CoverConfig", lambda: EXACT)
+    sp, bpe = toy_model("sp", sharpness=2.0), toy_model("bpe", seed=2, sharpness=2.0)
+    decoder = unite.UniteDecoder(unite.UniteDecoder.Config(name="unite", top_k=3, lookup="exact"), [sp, bpe], TOY_PROMPT)
+    seen, look_up = [], decoder._look_up
+
+    def spy(candidates, logprobs, streams):
+        contexts = [[tuple(stream.tokens[r]) for r in range(stream.rows)] for stream in streams]
+        look_up(candidates, logprobs, streams)
+        seen.append((contexts, candidates))
+
+    decoder._look_up = spy
+    state = decoder.prepare(["ab", "aい"])
+    for _ in range(4):
+        decoder.step(state)
+    checked = 0
+    for contexts, candidates in seen:
+        for row, cands in enumerate(candidates):
+            for cand in cands:
+                for m, model in enumerate((sp, bpe)):
+                    if not cand.proposed[m] and cand.key is not None:
+                        assert close(cand.probs[m], brute_prefix_prob(model, contexts[m][row], cand.key))
+                        checked += 1
+    assert checked > 10 and unite.UniteDecoder.Config().lookup == "first_token"
