@@ -28,6 +28,11 @@ class RepetitionGuard:
         self.repeat_unit = repeat_unit
         self.no_repeat_ngram_size = no_repeat_ngram_size
 
+    @classmethod
+    def from_config(cls, cfg) -> "RepetitionGuard":
+        """From a method's ``max_repeats``, ``no_repeat_ngram_size`` and ``repeat_unit`` options."""
+        return cls(cfg.max_repeats, cfg.no_repeat_ngram_size, cfg.repeat_unit)
+
     @property
     def active(self) -> bool:
         return bool(self.max_repeats or self.no_repeat_ngram_size)

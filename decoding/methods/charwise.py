@@ -153,17 +153,13 @@ class CharwiseDecoder(Decoder):
             raise FusemtError(f"decoding.covers={cfg.covers}: use one of {', '.join(COVERS)}")
         if cfg.beam_size < 0 or cfg.prune_threshold < 0:
             raise FusemtError("decoding.beam_size and decoding.prune_threshold must be >= 0")
-        cls.repetition_guard(cfg)  # refuses bad limits at start-up
-
-    @staticmethod
-    def repetition_guard(cfg) -> RepetitionGuard:
-        return RepetitionGuard(cfg.max_repeats, cfg.no_repeat_ngram_size, cfg.repeat_unit)
+        RepetitionGuard.from_config(cfg)  # refuses bad limits at start-up
 
     def __init__(self, cfg, models, prompt, render_input_text=False):
         super().__init__(cfg, models, prompt, render_input_text)
         self.weights = normalized_weights(cfg.weights, len(models))
         self.names = unique_names(models)
-        self.guard = self.repetition_guard(cfg)
+        self.guard = RepetitionGuard.from_config(cfg)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.covers = CoverConfig(beam_size=cfg.beam_size, prune_threshold=cfg.prune_threshold)
 

@@ -33,15 +33,11 @@ class TokenwiseDecoder(FusionDecoder):
     @classmethod
     def check_config(cls, cfg, n_models: int) -> None:
         super().check_config(cfg, n_models)
-        cls.repetition_guard(cfg)  # refuses bad limits at start-up
-
-    @staticmethod
-    def repetition_guard(cfg) -> RepetitionGuard:
-        return RepetitionGuard(cfg.max_repeats, cfg.no_repeat_ngram_size, cfg.repeat_unit)
+        RepetitionGuard.from_config(cfg)  # refuses bad limits at start-up
 
     def __init__(self, cfg, models, prompt, render_input_text=False):
         super().__init__(cfg, models, prompt, render_input_text)
-        self.guard = self.repetition_guard(cfg)
+        self.guard = RepetitionGuard.from_config(cfg)
 
     def score(self, candidates: list[Candidate], text: bytes) -> list[float]:
         scores = []
