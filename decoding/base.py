@@ -121,12 +121,11 @@ class Decoder(ABC):
         if not 0 <= cfg.min_new_tokens <= cfg.max_new_tokens:
             raise FusemtError(f"decoding.min_new_tokens={cfg.min_new_tokens}: must be between 0 and max_new_tokens")
 
-    def __init__(self, cfg: "Decoder.Config", models: list, prompt, render_input_text: bool = False):
+    def __init__(self, cfg: "Decoder.Config", models: list, prompt):
         self.check_config(cfg, len(models))
         self.cfg = cfg
         self.models = models
         self.prompt = prompt
-        self.render_input_text = render_input_text
 
     @abstractmethod
     def prepare(self, sources: list[str]) -> Any:

@@ -110,8 +110,8 @@ class FusionDecoder(Decoder):
         super().check_config(cfg, n_models)
         check_fusion_options(cfg, n_models)
 
-    def __init__(self, cfg, models, prompt, render_input_text=False):
-        super().__init__(cfg, models, prompt, render_input_text)
+    def __init__(self, cfg, models, prompt):
+        super().__init__(cfg, models, prompt)
         self.names = unique_names(models)
         self.weights = normalized_weights(cfg.weights, len(models))
         self.generator = torch.Generator().manual_seed(cfg.seed)
@@ -123,7 +123,7 @@ class FusionDecoder(Decoder):
 
     # --- prepare / step / finish -------------------------------------------------------------
     def prepare(self, sources: list[str]) -> FusionState:
-        streams, truncated = open_streams(self.models, sources, self.prompt, self.render_input_text,
+        streams, truncated = open_streams(self.models, sources, self.prompt,
                                           recompute=not self.cfg.use_cache)
         stops = list(dict.fromkeys(s for m in self.models for s in stop_strings(m.tokenizer, self.prompt, m.spec.stop_strings)))
         n = len(sources)

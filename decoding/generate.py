@@ -53,7 +53,7 @@ class GenerateDecoder(Decoder):
         raise NotImplementedError
 
     def prepare(self, sources: list[str]) -> GenerateState:
-        batch = render_prompt(self.models[0], sources, self.prompt, self.render_input_text)
+        batch = render_prompt(self.models[0], sources, self.prompt)
         return GenerateState(sources=sources, batch=batch)
 
     @torch.inference_mode()

@@ -61,7 +61,7 @@ def stop_strings(tokenizer, prompt: PromptConfig, model_stop_strings: list[str])
     return list(dict.fromkeys(list(model_stop_strings) + extra))
 
 
-def render_prompt(model, sources: list[str], prompt: PromptConfig, render_input_text: bool = False):
+def render_prompt(model, sources: list[str], prompt: PromptConfig):
     """Tokenise a batch of prompts for ``model`` (a LoadedModel): left-padded, with attention mask.
 
     Inputs longer than the model's ``max_input_tokens`` are cut from the left (the few-shot
@@ -69,9 +69,6 @@ def render_prompt(model, sources: list[str], prompt: PromptConfig, render_input_
     """
     tokenizer = model.tokenizer
     texts = [prompt_text(tokenizer, s, prompt) for s in sources]
-    if render_input_text:
-        for text in texts:
-            print(f"----- prompt for {model.name} -----\n{text}\n-----", flush=True)
     # Chat templates already contain BOS; plain prompts get the tokenizer's own special tokens.
     add_special = not uses_chat_template(tokenizer)
     ids = tokenizer(texts, add_special_tokens=add_special)["input_ids"]

@@ -287,11 +287,11 @@ class ModelStream:
         return self._pad_keep(self.model.forward(ids.to(device), mask.to(device), positions.to(device), None, keep), keep)
 
 
-def open_streams(models, sources: list[str], prompt, render_input_text: bool, recompute: bool):
+def open_streams(models, sources: list[str], prompt, recompute: bool):
     """One stream per model over the batch's rendered prompts, and which sources any model truncated."""
     streams, truncated = [], [False] * len(sources)
     for model in models:
-        batch = render_prompt(model, sources, prompt, render_input_text)
+        batch = render_prompt(model, sources, prompt)
         rows = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
         streams.append(ModelStream(model, rows, recompute=recompute))
         truncated = [a or b for a, b in zip(truncated, batch["truncated"])]

@@ -53,11 +53,6 @@ def test_render_prompt_truncates_from_the_left(prompt_cfg):
     assert model.tokenizer.decode(batch["input_ids"][0]).endswith("Japanese :")
 
 
-def test_render_input_text_prints(prompt_cfg, capsys):
-    render_prompt(stand_in_model(tiny_tokenizer(CHAT)), ["hello"], prompt_cfg, render_input_text=True)
-    assert "----- prompt for tiny -----" in capsys.readouterr().out
-
-
 @pytest.mark.slow
 def test_real_models_chat_and_plain(prompt_cfg, gemma, smollm):
     assert gemma.tokenizer.chat_template is None and smollm.tokenizer.chat_template is not None

@@ -155,8 +155,8 @@ class CharwiseDecoder(Decoder):
             raise FusemtError("decoding.beam_size and decoding.prune_threshold must be >= 0")
         RepetitionGuard.from_config(cfg)  # refuses bad limits at start-up
 
-    def __init__(self, cfg, models, prompt, render_input_text=False):
-        super().__init__(cfg, models, prompt, render_input_text)
+    def __init__(self, cfg, models, prompt):
+        super().__init__(cfg, models, prompt)
         self.weights = normalized_weights(cfg.weights, len(models))
         self.names = unique_names(models)
         self.guard = RepetitionGuard.from_config(cfg)
@@ -167,7 +167,7 @@ class CharwiseDecoder(Decoder):
     def prepare(self, sources: list[str]) -> CharwiseState:
         members, truncated = [], [False] * len(sources)
         for model in self.models:
-            batch = render_prompt(model, sources, self.prompt, self.render_input_text)
+            batch = render_prompt(model, sources, self.prompt)
             rows = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
             members.append(CharModel(model, rows, self.covers, self.cfg.prompt_backoff, recompute=not self.cfg.use_cache))
             truncated = [a or b for a, b in zip(truncated, batch["truncated"])]

@@ -88,8 +88,8 @@ class SpeculativeDecoder(Decoder):
             raise FusemtError(f"decoding.temperature={cfg.temperature}, top_p={cfg.top_p}: need temperature >= 0 "
                               "and 0 < top_p <= 1")
 
-    def __init__(self, cfg, models, prompt, render_input_text=False):
-        super().__init__(cfg, models, prompt, render_input_text)
+    def __init__(self, cfg, models, prompt):
+        super().__init__(cfg, models, prompt)
         self.target_model, self.draft_model = models
         self.names = unique_names(models)
         self.same_vocab = self.target_model.vocab.token_bytes == self.draft_model.vocab.token_bytes
@@ -97,7 +97,7 @@ class SpeculativeDecoder(Decoder):
 
     # --- prepare / step / finish ---------------------------------------------------------------
     def prepare(self, sources: list[str]) -> SpecState:
-        streams, truncated = open_streams(self.models, sources, self.prompt, self.render_input_text,
+        streams, truncated = open_streams(self.models, sources, self.prompt,
                                           recompute=not self.cfg.use_cache)
         # The target's stop strings decide where its output ends.
         stops = stop_strings(self.target_model.tokenizer, self.prompt, self.target_model.spec.stop_strings)

@@ -35,8 +35,8 @@ class TokenwiseDecoder(FusionDecoder):
         super().check_config(cfg, n_models)
         RepetitionGuard.from_config(cfg)  # refuses bad limits at start-up
 
-    def __init__(self, cfg, models, prompt, render_input_text=False):
-        super().__init__(cfg, models, prompt, render_input_text)
+    def __init__(self, cfg, models, prompt):
+        super().__init__(cfg, models, prompt)
         self.guard = RepetitionGuard.from_config(cfg)
 
     def score(self, candidates: list[Candidate], text: bytes) -> list[float]:
