@@ -399,3 +399,20 @@ def test_unite_exact_lookup_scores_candidates_by_their_prefix_probability(monkey
                         assert close(cand.probs[m], brute_prefix_prob(model, contexts[m][row], cand.key))
                         checked += 1
     assert checked > 10 and unite.UniteDecoder.Config().lookup == "first_token"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_canonical_covers_are_the_members_own_encoding_at_every_step(kind):
+    """covers=canonical keeps one cover per member: its tokenizer's encoding of the text, minus the open last token."""
+    model = toy_model(kind, sharpness=1.0)
+    decoder = CharwiseDecoder(CharwiseDecoder.Config(name="charwise", max_new_tokens=10, max_repeats=0,
+                                                     covers="canonical"), [model, model], TOY_PROMPT)
+    state, checked = decoder.prepare(["ab", "aい", "b a"]), 0
+    while decoder.step(state):
+        for member in state.members:
+            for seq in state.active:
+                beam = member.beams[seq]
+                canonical = member.canonical_path(bytes(beam.text))
+                assert [node.path for node in beam.hypotheses()] == [canonical[:-1]]
+                checked += 1
+    assert checked > 0
