@@ -290,6 +290,9 @@ class CharMasses:
         return sorted(best.items(), key=lambda cm: (-cm[1], cm[0] is None, cm[0] or b""))[:k]
 
 
+LIKELY = 0.1  # share of the mass above which a node inside the next character keeps its KV row
+
+
 @dataclass
 class CoverConfig:
     beam_size: int = 8  # cover hypotheses kept per model and sequence; 0: no limit
@@ -333,8 +336,15 @@ class CoverBeam:
         return [node for node in nodes if not node.scored and node.weight > 0 and node.weight >= floor]
 
     def needed_paths(self) -> list[tuple[int, ...]]:
-        """Token paths whose KV must stay available: scored nodes, and the parents of unscored ones."""
-        return [node.path if node.scored else node.path[:-1] for node in self.nodes.values()]
+        """Token paths whose KV should stay in a row: scored nodes (of the nodes inside the next
+        character, only the likely ones: the others rarely have children worth a pass, and one that
+        does is rebuilt from a shorter row), the parents of the unscored nodes worth scoring, and the
+        anchor (every sequence keeps a row)."""
+        bound, n = self.bound(), len(self.text)
+        floor = self.cfg.prune_threshold * bound
+        return [()] + [node.path if node.scored else node.path[:-1] for node in self.nodes.values()
+                if (node.scored and (node.start <= n or node.weight >= LIKELY * bound))
+                or (not node.scored and node.weight >= floor)]
 
     def best_path(self) -> tuple[int, ...]:
         """The complete tokens of the most probable cover hypothesis."""

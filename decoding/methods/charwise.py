@@ -112,6 +112,16 @@ class Bounds:
         anywhere = sum(node.weight for node in self.pending if not node.started)
         return min(1.0, (below + anywhere + sum(node.weight for node in self.chain)) / self.low)
 
+    def heaviest_half(self) -> list[Node]:
+        """The heaviest unscored nodes that hold at least half of the unscored weight."""
+        chosen, total, half = [], 0.0, sum(node.weight for node in self.pending) / 2
+        for node in sorted(self.pending, key=lambda n: -n.weight):
+            if total >= half:
+                break
+            chosen.append(node)
+            total += node.weight
+        return chosen
+
     def _heaviest_chain(self) -> list[Node]:
         """The unscored nodes inside the next character that one character can be compatible with
         at once (their first bytes are prefixes of each other), of the largest total weight."""
@@ -255,14 +265,9 @@ class CharwiseDecoder(Decoder):
         watched = [leader] + contenders
         wanted = [[node for node in b.pending if any(node.allows(c) for c in watched)
                    or (rest and (not node.started or node in b.chain))] for b in bounds]
-        if not any(wanted):  # only the normalisers are uncertain: score everything
-            wanted = [b.pending for b in bounds]
-        # One member per level, the one whose unscored mass weighs most in the fused scores: the
-        # others' forward passes are often not needed at all (CPU cost is the sum of the passes).
-        influence = [w * sum(node.weight for node in nodes) / max(b.low, 1e-30)
-                     for w, nodes, b in zip(self.weights, wanted, bounds)]
-        first = max(range(len(bounds)), key=lambda m: (bool(wanted[m]), influence[m]))
-        return None, [[node.path for node in nodes] if m == first else [] for m, nodes in enumerate(wanted)]
+        if not any(wanted):  # only the normalisers are uncertain: score the heaviest half of the unscored mass
+            wanted = [b.heaviest_half() for b in bounds]
+        return None, [[node.path for node in nodes] for nodes in wanted]
 
     def _choose(self, state: CharwiseState, seq: int) -> Choice:
         masses: list[CharMasses] = [member.beams[seq].masses() for member in state.members]
