@@ -308,6 +308,8 @@ class CoverBeam:
         self.nodes: dict[tuple[int, ...], Node] = {(): Node((), 1.0, 0)}
         self.log_scale = 0.0  # log of the factor every weight was divided by
         self._masses: CharMasses | None = None
+        # distributions scored ahead of their node (a guessed token inside the next character)
+        self.prefetched: dict[tuple[int, ...], torch.Tensor] = {}
 
     # --- queries -----------------------------------------------------------------------------------
     def hypotheses(self) -> list[Node]:
@@ -331,6 +333,10 @@ class CoverBeam:
         otherwise only the cover hypotheses of the text (all that P(prefix text) needs)."""
         if next_char:
             self.masses()
+            while ready := [n.path for n in self.nodes.values() if not n.scored and n.path in self.prefetched]:
+                for path in ready:
+                    self.score(path, self.prefetched.pop(path))
+                self.masses()
         nodes = self.nodes.values() if next_char else self.hypotheses()
         floor = self.cfg.prune_threshold * self.bound()
         return [node for node in nodes if not node.scored and node.weight > 0 and node.weight >= floor]
@@ -449,6 +455,7 @@ class CoverBeam:
                 self.nodes = {node.path: node for node in on_path}
         self._prune()
         self._masses = None
+        self.prefetched.clear()
 
     def _prune(self) -> None:
         n = len(self.text)
@@ -490,10 +497,15 @@ class RowBook:
 
     def score(self, requests: list[tuple[int, tuple[int, ...]]], keep: list[tuple[int, tuple[int, ...]]]
               ) -> dict[tuple[int, tuple[int, ...]], torch.Tensor]:
-        """Next-token log-probabilities after each requested (sequence, path), in one call."""
+        """Next-token log-probabilities after each requested (sequence, path), in one call. A path
+        requested together with its one-token extension is read off that extension's row, one
+        position earlier (both tokens are run in that row)."""
         requests = list(dict.fromkeys(requests))
+        wanted = set(requests)
+        parents = {(seq, path[:-1]): (seq, path) for seq, path in requests if len(path) > 1 and (seq, path[:-1]) in wanted}
+        own = [key for key in requests if key not in parents]
         targets = [(r, self.paths[r]) for r in range(self.pinned)]
-        targets += [(self._closest_row(seq, path), path) for seq, path in requests]
+        targets += [(self._closest_row(seq, path), path) for seq, path in own]
         for seq, path in keep:
             if not any(self.seq[src] == seq and p[:len(path)] == path for src, p in targets):
                 src = self._closest_row(seq, path)
@@ -501,22 +513,29 @@ class RowBook:
         stream, sources = self.stream, [src for src, _ in targets]
         if sources != list(range(stream.rows)):
             stream.select_rows(sources)
+        carries = {path for seq, path in parents.values()}
         for row, (src, path) in enumerate(targets):
             old = self.paths[src]
             common = 0
             while common < min(len(old), len(path)) and old[common] == path[common]:
                 common += 1
+            if path in carries and row >= self.pinned:
+                common = min(common, len(path) - 2)  # the parent's position must be run too
             if common < len(old):
                 stream.rollback(row, len(old) - common)
                 self.crops[self.seq[src]] += 1
             stream.append(row, list(path[common:]))
         self.seq = [self.seq[src] for src in sources]
         self.paths = [path for _, path in targets]
-        logprobs = stream.logprobs()
+        logprobs = stream.logprobs(keep=2 if parents else None)
+        if not parents:
+            logprobs = logprobs[:, None]
         for seq in {seq for seq, _ in requests}:
             self.calls[seq] += 1
         row_of = {(self.seq[r], self.paths[r]): r for r in range(len(targets) - 1, self.pinned - 1, -1)}
-        return {key: logprobs[row_of[key]] for key in requests}
+        out = {key: logprobs[row_of[key], -1] for key in own}
+        out.update({key: logprobs[row_of[child], -2] for key, child in parents.items()})
+        return out
 
     def _closest_row(self, seq: int, path: tuple[int, ...]) -> int:
         best, best_len = None, -1
@@ -589,7 +608,10 @@ def score_level(book: RowBook, requests: list[tuple[int, CoverBeam, tuple[int, .
     keep = [(seq, path) for seq, beam in live for path in beam.needed_paths()]
     for key, logprobs in book.score(list(wanted), keep).items():
         for beam in wanted[key]:
-            beam.score(key[1], logprobs)
+            if key[1] in beam.nodes:
+                beam.score(key[1], logprobs)
+            else:  # a guess: kept until (unless) the node exists
+                beam.prefetched[key[1]] = logprobs
     return True
 
 

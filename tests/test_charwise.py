@@ -4,6 +4,7 @@ The exact invariants run on the scripted toy LM (``tests/toy_lm.py``, seconds) a
 enumeration of every tokenization; a few slow tests run the embedded Gemma 3 + SmolLM2 pair.
 """
 
+import dataclasses
 import math
 
 import pytest
@@ -399,3 +400,20 @@ def test_unite_exact_lookup_scores_candidates_by_their_prefix_probability(monkey
                         assert close(cand.probs[m], brute_prefix_prob(model, contexts[m][row], cand.key))
                         checked += 1
     assert checked > 10 and unite.UniteDecoder.Config().lookup == "first_token"
+
+
+@pytest.mark.slow
+def test_cache_equals_recompute_beyond_the_sliding_window():
+    """Gemma 3's local layers see 512 tokens: rows duplicated, rolled back and padded by the cover
+    beams must still see exactly their own last 512 tokens (prompt of ~600 tokens)."""
+    from decoding.model import load_model
+
+    run = compose_run("models=gemma3_270m", "decoding=charwise", "decoding.max_new_tokens=6")
+    gemma = load_model(run.models[0])
+    source = " ".join(["The weather is nice today, and the company will open a new office in Tokyo."] * 30)
+    assert len(gemma.tokenizer(source)["input_ids"]) > 512
+    outs = [decoder_class("charwise")(dataclasses.replace(run.decoding, use_cache=cache), [gemma], run.prompt)
+            .decode([source])[0] for cache in (True, False)]
+    assert raw(outs[0]) == raw(outs[1])
+    for a, b in zip(outs[0].trace, outs[1].trace):
+        assert all(abs(a["p"][n] - b["p"][n]) < 1e-3 for n in a["p"])

@@ -267,7 +267,26 @@ class CharwiseDecoder(Decoder):
                    or (rest and (not node.started or node in b.chain))] for b in bounds]
         if not any(wanted):  # only the normalisers are uncertain: score the heaviest half of the unscored mass
             wanted = [b.heaviest_half() for b in bounds]
-        return None, [[node.path for node in nodes] for nodes in wanted]
+        paths = []
+        for member, nodes in zip(state.members, wanted):
+            paths.append([node.path for node in nodes])
+            # A closed token's next token is most likely the leader's first bytes, when the member
+            # spells them as a token of their own (a byte-level BPE half kanji): run it in the same
+            # row, saving the level after.
+            guess = self._first_piece(member, leader)
+            n = len(member.beams[seq].text)
+            if guess is not None:
+                paths[-1] += [node.path + (guess,) for node in nodes if node.path and node.start == n and not node.started]
+        return None, paths
+
+    @staticmethod
+    def _first_piece(member: CharModel, char: Optional[bytes]) -> Optional[int]:
+        """The member's longest token of two or more bytes that is a proper prefix of ``char``."""
+        for j in range(len(char or b"") - 1, 1, -1):
+            positions = member.tables.exact(char[:j])
+            if positions:
+                return int(member.tables.order[positions[0]])
+        return None
 
     def _choose(self, state: CharwiseState, seq: int) -> Choice:
         masses: list[CharMasses] = [member.beams[seq].masses() for member in state.members]
