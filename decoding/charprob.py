@@ -49,6 +49,7 @@ import bisect
 import codecs
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -235,6 +236,7 @@ class Node:
     mass: float = 1.0  # cover hypothesis: M(open bytes), the mass of the tokens that extend them
     spawned: int = 0  # text offset up to which its closing children exist
     expanded: int = -1  # text length its next-character expansion was added at
+    judged: bool = False  # checked against the tokenizer's own encoding (canonical covers only)
 
     @property
     def scored(self) -> bool:
@@ -302,8 +304,10 @@ class CoverConfig:
 class CoverBeam:
     """The cover hypotheses of one model for one sequence, and the nodes of its next character."""
 
-    def __init__(self, tables: CharTables, cfg: CoverConfig):
+    def __init__(self, tables: CharTables, cfg: CoverConfig,
+                 encode: Callable[[bytes], tuple[int, ...] | None] | None = None):
         self.tables, self.cfg = tables, cfg
+        self.encode = encode  # canonical covers only: the tokenizer's own encoding of a text
         self.text = bytearray()
         self.nodes: dict[tuple[int, ...], Node] = {(): Node((), 1.0, 0)}
         self.log_scale = 0.0  # log of the factor every weight was divided by
@@ -432,10 +436,9 @@ class CoverBeam:
                 self.nodes.setdefault(path, Node(path, w * p, n + len(started), started=started))
 
     # --- the text grows ----------------------------------------------------------------------------
-    def advance(self, data: bytes, canonical: tuple[int, ...] | None = None) -> None:
+    def advance(self, data: bytes) -> None:
         """Append ``data`` (a character, or any bytes for a forced prefix) to the text, keep the nodes
-        it is consistent with, spawn closings, prune and rescale. With ``canonical`` (the model's own
-        encoding of the new text) only nodes on that path stay, unless none of them is a hypothesis."""
+        it is consistent with, spawn closings, prune and rescale."""
         old = len(self.text)
         self.text += data
         n = len(self.text)
@@ -449,13 +452,26 @@ class CoverBeam:
         for node in list(self.nodes.values()):
             if node.scored and node.start < n and node.path in self.nodes:
                 self._open(node)
-        if canonical is not None:
-            on_path = [node for node in self.nodes.values() if node.path == canonical[: len(node.path)]]
-            if any(node.start < n for node in on_path):
-                self.nodes = {node.path: node for node in on_path}
+        if self.encode is not None:
+            self._keep_canonical()
         self._prune()
         self._masses = None
         self.prefetched.clear()
+
+    def _keep_canonical(self) -> None:
+        """Drop the nodes whose tokens are not the tokenizer's own encoding of their bytes (judged
+        once the character they end in is complete: a half-kanji token must begin that encoding)."""
+        text, n = bytes(self.text), len(self.text)
+        for node in list(self.nodes.values()):
+            end = node.start
+            while end < n and 0x80 <= text[end] < 0xC0:
+                end += 1
+            if node.judged or end > n or not node.path:
+                continue
+            node.judged = True
+            own = self.encode(text[:end])
+            if own is not None and own[: len(node.path)] != node.path:
+                del self.nodes[node.path]
 
     def _prune(self) -> None:
         n = len(self.text)
@@ -572,13 +588,14 @@ def split_anchor(vocab: ByteVocab, prompt_ids: list[int], backoff: int) -> tuple
 class CharModel:
     """One member over a batch: the stream rows that hold its contexts and a cover beam per sequence."""
 
-    def __init__(self, model, prompt_ids: list[list[int]], cfg: CoverConfig, backoff: int, recompute: bool):
+    def __init__(self, model, prompt_ids: list[list[int]], cfg: CoverConfig, backoff: int, recompute: bool,
+                 canonical: bool = False):
         self.model = model
         self.tables = char_tables(model.vocab)
         split = [split_anchor(model.vocab, ids, backoff) for ids in prompt_ids]
         self.stream = ModelStream(model, [anchor for anchor, _ in split], recompute=recompute)
         self.book = RowBook(self.stream, list(range(len(split))))
-        self.beams = [CoverBeam(self.tables, cfg) for _ in split]
+        self.beams = [CoverBeam(self.tables, cfg, self.canonical_path if canonical else None) for _ in split]
         self.prefix_len = [len(prefix) for _, prefix in split]
         for beam, (_, prefix) in zip(self.beams, split):
             if prefix:
@@ -591,7 +608,7 @@ class CharModel:
         return score_level(self.book, requests, [(s, self.beams[s]) for s in live])
 
     def canonical_path(self, text: bytes) -> tuple[int, ...] | None:
-        """This model's own encoding of ``text``, if it spells exactly those bytes."""
+        """This model's own encoding of ``text`` (after its anchor), if it spells exactly those bytes."""
         ids = self.model.tokenizer.encode(text.decode("utf-8"), add_special_tokens=False)
         return tuple(ids) if b"".join(self.model.vocab.token_bytes[i] or b"" for i in ids) == text else None
 

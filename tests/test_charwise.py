@@ -159,6 +159,30 @@ def test_prompt_boundary_invariance(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_canonical_covers_are_the_tokenizers_own_encoding(kind):
+    model = toy_model(kind)
+    bos = model.tokenizer.bos_token_id
+    member = CharModel(model, [[bos]], EXACT, 1, False, canonical=True)
+    exact = char_model(model)
+    for text, char in prefixes(TEXT)[:-1]:
+        resolve(member)
+        resolve(exact)
+        member.beams[0].advance(char)
+        exact.beams[0].advance(char)
+        hyps, data = member.beams[0].hypotheses(), text + char
+        for h in hyps:  # complete tokens: the tokenizer's encoding of their text (rounded up to a character)
+            end = len(b"".join(model.vocab.token_bytes[t] for t in h.path))
+            while end < len(data) and data[end] & 0xC0 == 0x80:
+                end += 1
+            own = model.tokenizer.encode(data[:end].decode(), add_special_tokens=False)
+            assert tuple(own[: len(h.path)]) == h.path
+        assert hyps and len(hyps) <= len(exact.beams[0].hypotheses())
+    resolve(member)
+    resolve(exact)
+    assert member.beams[0].prefix_logprob() < exact.beams[0].prefix_logprob()
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_cache_equals_recompute(kind):
     model = toy_model(kind)
     prompts = [model.tokenizer(s)["input_ids"] for s in ["ab", "aい", "b a"]]

@@ -6,8 +6,9 @@ The variant implemented, exactly:
    starts with text·c (summed over the tokenizations that cover it) over that of text, after its
    prompt's anchor (the prompt without its last ``prompt_backoff`` text tokens, whose bytes are
    re-covered, so a token may span the prompt's end). Covers are kept as a beam per member and
-   sequence (``beam_size`` hypotheses, ``prune_threshold`` share; 0 and 0: exact), or only the
-   member's own canonical tokenization (``covers=canonical``, as CharED). Mass on bytes that are
+   sequence (``beam_size`` hypotheses, ``prune_threshold`` share; 0 and 0: exact), or, with
+   ``covers=canonical`` (as CharED), only covers whose complete tokens are the member's own
+   encoding of their bytes (the last, open token is free). Mass on bytes that are
    not valid UTF-8, on special tokens other than end tokens, and on pruned covers is left out
    and the rest renormalised.
 2. Candidates: the union of the members' ``top_k`` characters, and END.
@@ -146,7 +147,7 @@ class CharwiseDecoder(Decoder):
         top_k: int = 10  # candidates: each member's top_k characters, and END
         beam_size: int = 8  # cover hypotheses per member and sequence; 0: no limit
         prune_threshold: float = 1e-3  # covers below this share of a member's mass are dropped
-        covers: str = "all"  # all | canonical (the member's own tokenization only, as CharED)
+        covers: str = "all"  # all | canonical (complete tokens = the member's own encoding, as CharED)
         fast_path: bool = True
         prompt_backoff: int = 1  # prompt text tokens re-covered (a token may span the prompt's end)
         max_char_repeats: int = 7  # most times one character may appear in a row; 0: off
@@ -175,7 +176,8 @@ class CharwiseDecoder(Decoder):
         for model in self.models:
             batch = render_prompt(model, sources, self.prompt, self.render_input_text)
             rows = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
-            members.append(CharModel(model, rows, self.covers, self.cfg.prompt_backoff, recompute=not self.cfg.use_cache))
+            members.append(CharModel(model, rows, self.covers, self.cfg.prompt_backoff, recompute=not self.cfg.use_cache,
+                                     canonical=self.cfg.covers == "canonical"))
             truncated = [a or b for a, b in zip(truncated, batch["truncated"])]
         stops = list(dict.fromkeys(s for m in self.models for s in stop_strings(m.tokenizer, self.prompt, m.spec.stop_strings)))
         n = len(sources)
@@ -335,11 +337,8 @@ class CharwiseDecoder(Decoder):
         ids, retokenized = {}, {}
         for m, member in enumerate(state.members):
             beam = member.beams[seq]
-            canonical = None
-            if self.cfg.covers == "canonical":
-                canonical = member.canonical_path(bytes(beam.text) + choice.char)
             before = beam.best_path()
-            beam.advance(choice.char, canonical)
+            beam.advance(choice.char)
             after = beam.best_path()
             common = 0
             while common < min(len(before), len(after)) and before[common] == after[common]:
