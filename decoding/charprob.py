@@ -49,6 +49,7 @@ import bisect
 import codecs
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -235,6 +236,7 @@ class Node:
     mass: float = 1.0  # cover hypothesis: M(open bytes), the mass of the tokens that extend them
     spawned: int = 0  # text offset up to which its closing children exist
     expanded: int = -1  # text length its next-character expansion was added at
+    judged: bool = False  # checked against the tokenizer's own encoding (canonical covers only)
 
     @property
     def scored(self) -> bool:
@@ -290,6 +292,9 @@ class CharMasses:
         return sorted(best.items(), key=lambda cm: (-cm[1], cm[0] is None, cm[0] or b""))[:k]
 
 
+LIKELY = 0.1  # share of the mass above which a node inside the next character keeps its KV row
+
+
 @dataclass
 class CoverConfig:
     beam_size: int = 8  # cover hypotheses kept per model and sequence; 0: no limit
@@ -299,12 +304,16 @@ class CoverConfig:
 class CoverBeam:
     """The cover hypotheses of one model for one sequence, and the nodes of its next character."""
 
-    def __init__(self, tables: CharTables, cfg: CoverConfig):
+    def __init__(self, tables: CharTables, cfg: CoverConfig,
+                 encode: Callable[[bytes], tuple[int, ...] | None] | None = None):
         self.tables, self.cfg = tables, cfg
+        self.encode = encode  # canonical covers only: the tokenizer's own encoding of a text
         self.text = bytearray()
         self.nodes: dict[tuple[int, ...], Node] = {(): Node((), 1.0, 0)}
         self.log_scale = 0.0  # log of the factor every weight was divided by
         self._masses: CharMasses | None = None
+        # distributions scored ahead of their node (a guessed token inside the next character)
+        self.prefetched: dict[tuple[int, ...], torch.Tensor] = {}
 
     # --- queries -----------------------------------------------------------------------------------
     def hypotheses(self) -> list[Node]:
@@ -328,13 +337,24 @@ class CoverBeam:
         otherwise only the cover hypotheses of the text (all that P(prefix text) needs)."""
         if next_char:
             self.masses()
+            while ready := [n.path for n in self.nodes.values() if not n.scored and n.path in self.prefetched]:
+                for path in ready:
+                    self.score(path, self.prefetched.pop(path))
+                self.masses()
         nodes = self.nodes.values() if next_char else self.hypotheses()
         floor = self.cfg.prune_threshold * self.bound()
         return [node for node in nodes if not node.scored and node.weight > 0 and node.weight >= floor]
 
     def needed_paths(self) -> list[tuple[int, ...]]:
-        """Token paths whose KV must stay available: scored nodes, and the parents of unscored ones."""
-        return [node.path if node.scored else node.path[:-1] for node in self.nodes.values()]
+        """Token paths whose KV should stay in a row: scored nodes (of the nodes inside the next
+        character, only the likely ones: the others rarely have children worth a pass, and one that
+        does is rebuilt from a shorter row), the parents of the unscored nodes worth scoring, and the
+        anchor (every sequence keeps a row)."""
+        bound, n = self.bound(), len(self.text)
+        floor = self.cfg.prune_threshold * bound
+        return [()] + [node.path if node.scored else node.path[:-1] for node in self.nodes.values()
+                if (node.scored and (node.start <= n or node.weight >= LIKELY * bound))
+                or (not node.scored and node.weight >= floor)]
 
     def best_path(self) -> tuple[int, ...]:
         """The complete tokens of the most probable cover hypothesis."""
@@ -416,10 +436,9 @@ class CoverBeam:
                 self.nodes.setdefault(path, Node(path, w * p, n + len(started), started=started))
 
     # --- the text grows ----------------------------------------------------------------------------
-    def advance(self, data: bytes, canonical: tuple[int, ...] | None = None) -> None:
+    def advance(self, data: bytes) -> None:
         """Append ``data`` (a character, or any bytes for a forced prefix) to the text, keep the nodes
-        it is consistent with, spawn closings, prune and rescale. With ``canonical`` (the model's own
-        encoding of the new text) only nodes on that path stay, unless none of them is a hypothesis."""
+        it is consistent with, spawn closings, prune and rescale."""
         old = len(self.text)
         self.text += data
         n = len(self.text)
@@ -433,12 +452,26 @@ class CoverBeam:
         for node in list(self.nodes.values()):
             if node.scored and node.start < n and node.path in self.nodes:
                 self._open(node)
-        if canonical is not None:
-            on_path = [node for node in self.nodes.values() if node.path == canonical[: len(node.path)]]
-            if any(node.start < n for node in on_path):
-                self.nodes = {node.path: node for node in on_path}
+        if self.encode is not None:
+            self._keep_canonical()
         self._prune()
         self._masses = None
+        self.prefetched.clear()
+
+    def _keep_canonical(self) -> None:
+        """Drop the nodes whose tokens are not the tokenizer's own encoding of their bytes (judged
+        once the character they end in is complete: a half-kanji token must begin that encoding)."""
+        text, n = bytes(self.text), len(self.text)
+        for node in list(self.nodes.values()):
+            end = node.start
+            while end < n and 0x80 <= text[end] < 0xC0:
+                end += 1
+            if node.judged or end > n or not node.path:
+                continue
+            node.judged = True
+            own = self.encode(text[:end])
+            if own is not None and own[: len(node.path)] != node.path:
+                del self.nodes[node.path]
 
     def _prune(self) -> None:
         n = len(self.text)
@@ -480,10 +513,15 @@ class RowBook:
 
     def score(self, requests: list[tuple[int, tuple[int, ...]]], keep: list[tuple[int, tuple[int, ...]]]
               ) -> dict[tuple[int, tuple[int, ...]], torch.Tensor]:
-        """Next-token log-probabilities after each requested (sequence, path), in one call."""
+        """Next-token log-probabilities after each requested (sequence, path), in one call. A path
+        requested together with its one-token extension is read off that extension's row, one
+        position earlier (both tokens are run in that row)."""
         requests = list(dict.fromkeys(requests))
+        wanted = set(requests)
+        parents = {(seq, path[:-1]): (seq, path) for seq, path in requests if len(path) > 1 and (seq, path[:-1]) in wanted}
+        own = [key for key in requests if key not in parents]
         targets = [(r, self.paths[r]) for r in range(self.pinned)]
-        targets += [(self._closest_row(seq, path), path) for seq, path in requests]
+        targets += [(self._closest_row(seq, path), path) for seq, path in own]
         for seq, path in keep:
             if not any(self.seq[src] == seq and p[:len(path)] == path for src, p in targets):
                 src = self._closest_row(seq, path)
@@ -491,22 +529,29 @@ class RowBook:
         stream, sources = self.stream, [src for src, _ in targets]
         if sources != list(range(stream.rows)):
             stream.select_rows(sources)
+        carries = {path for seq, path in parents.values()}
         for row, (src, path) in enumerate(targets):
             old = self.paths[src]
             common = 0
             while common < min(len(old), len(path)) and old[common] == path[common]:
                 common += 1
+            if path in carries and row >= self.pinned:
+                common = min(common, len(path) - 2)  # the parent's position must be run too
             if common < len(old):
                 stream.rollback(row, len(old) - common)
                 self.crops[self.seq[src]] += 1
             stream.append(row, list(path[common:]))
         self.seq = [self.seq[src] for src in sources]
         self.paths = [path for _, path in targets]
-        logprobs = stream.logprobs()
+        logprobs = stream.logprobs(keep=2 if parents else None)
+        if not parents:
+            logprobs = logprobs[:, None]
         for seq in {seq for seq, _ in requests}:
             self.calls[seq] += 1
         row_of = {(self.seq[r], self.paths[r]): r for r in range(len(targets) - 1, self.pinned - 1, -1)}
-        return {key: logprobs[row_of[key]] for key in requests}
+        out = {key: logprobs[row_of[key], -1] for key in own}
+        out.update({key: logprobs[row_of[child], -2] for key, child in parents.items()})
+        return out
 
     def _closest_row(self, seq: int, path: tuple[int, ...]) -> int:
         best, best_len = None, -1
@@ -543,13 +588,14 @@ def split_anchor(vocab: ByteVocab, prompt_ids: list[int], backoff: int) -> tuple
 class CharModel:
     """One member over a batch: the stream rows that hold its contexts and a cover beam per sequence."""
 
-    def __init__(self, model, prompt_ids: list[list[int]], cfg: CoverConfig, backoff: int, recompute: bool):
+    def __init__(self, model, prompt_ids: list[list[int]], cfg: CoverConfig, backoff: int, recompute: bool,
+                 canonical: bool = False):
         self.model = model
         self.tables = char_tables(model.vocab)
         split = [split_anchor(model.vocab, ids, backoff) for ids in prompt_ids]
         self.stream = ModelStream(model, [anchor for anchor, _ in split], recompute=recompute)
         self.book = RowBook(self.stream, list(range(len(split))))
-        self.beams = [CoverBeam(self.tables, cfg) for _ in split]
+        self.beams = [CoverBeam(self.tables, cfg, self.canonical_path if canonical else None) for _ in split]
         self.prefix_len = [len(prefix) for _, prefix in split]
         for beam, (_, prefix) in zip(self.beams, split):
             if prefix:
@@ -562,7 +608,7 @@ class CharModel:
         return score_level(self.book, requests, [(s, self.beams[s]) for s in live])
 
     def canonical_path(self, text: bytes) -> tuple[int, ...] | None:
-        """This model's own encoding of ``text``, if it spells exactly those bytes."""
+        """This model's own encoding of ``text`` (after its anchor), if it spells exactly those bytes."""
         ids = self.model.tokenizer.encode(text.decode("utf-8"), add_special_tokens=False)
         return tuple(ids) if b"".join(self.model.vocab.token_bytes[i] or b"" for i in ids) == text else None
 
@@ -579,7 +625,10 @@ def score_level(book: RowBook, requests: list[tuple[int, CoverBeam, tuple[int, .
     keep = [(seq, path) for seq, beam in live for path in beam.needed_paths()]
     for key, logprobs in book.score(list(wanted), keep).items():
         for beam in wanted[key]:
-            beam.score(key[1], logprobs)
+            if key[1] in beam.nodes:
+                beam.score(key[1], logprobs)
+            else:  # a guess: kept until (unless) the node exists
+                beam.prefetched[key[1]] = logprobs
     return True
 
 

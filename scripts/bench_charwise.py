@@ -1,13 +1,14 @@
 """Time per generated character of ``charwise`` vs the members decoding alone, in one run.
 
-    python scripts/bench_charwise.py [--pair gemma3_smollm2] [--chars 32] [--tokens 32] [--repeats 3]
+    python scripts/bench_charwise.py [--pair gemma3_smollm2] [--chars 64] [--tokens 64] [--repeats 3]
 
-For batch 1 and 8 it times (a) each member alone with Hugging Face ``generate`` greedy, forced to
-``--tokens`` new tokens, and (b) ``charwise`` over the pair (defaults of conf/decoding/charwise.yaml),
-forced to ``--chars`` characters (``min_new_tokens`` = ``max_new_tokens``, so END and stop
-strings do not end a run early). Each time is divided by the characters the run generated (all
-rows of the batch; for a member, the complete characters its tokens spell). Repetitions are
-interleaved (A B C A B C ...) after one warm-up round, and medians reported:
+For batch 1 and 8 (the first sources of the bundled sample) it times (a) each member alone with
+Hugging Face ``generate`` greedy (at most ``--tokens`` new tokens) and (b) ``charwise`` over the
+pair (defaults of conf/decoding/charwise.yaml, at most ``--chars`` characters). Every run stops as
+in real use (END, the prompt's stop string, or the cap), and its time is divided by the characters
+it generated (all rows of the batch, up to the stop; for a member, the complete characters its
+tokens spell). Repetitions are interleaved (A B C A B C ...) after one warm-up round, and medians
+reported:
 
     ratio = charwise time per character / (member A per character + member B per character)
 
@@ -52,8 +53,8 @@ def characters(output) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pair", default="gemma3_smollm2")
-    parser.add_argument("--chars", type=int, default=32, help="characters per charwise run")
-    parser.add_argument("--tokens", type=int, default=32, help="tokens per member greedy run")
+    parser.add_argument("--chars", type=int, default=64, help="most characters per charwise run")
+    parser.add_argument("--tokens", type=int, default=64, help="most tokens per member greedy run")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
@@ -63,7 +64,7 @@ def main() -> None:
     print(f"torch threads={torch.get_num_threads()} device={'cuda' if torch.cuda.is_available() else 'cpu'}")
 
     def decoder(method: str, members: str | None, n: int):
-        overrides = [f"models={args.pair}", f"decoding={method}", f"decoding.max_new_tokens={n}", f"decoding.min_new_tokens={n}"]
+        overrides = [f"models={args.pair}", f"decoding={method}", f"decoding.max_new_tokens={n}"]
         if members:
             overrides.append(f"models.members=[{members}]")
         run = compose(*overrides)

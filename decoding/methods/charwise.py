@@ -6,8 +6,9 @@ The variant implemented, exactly:
    starts with text·c (summed over the tokenizations that cover it) over that of text, after its
    prompt's anchor (the prompt without its last ``prompt_backoff`` text tokens, whose bytes are
    re-covered, so a token may span the prompt's end). Covers are kept as a beam per member and
-   sequence (``beam_size`` hypotheses, ``prune_threshold`` share; 0 and 0: exact), or only the
-   member's own canonical tokenization (``covers=canonical``, as CharED). Mass on bytes that are
+   sequence (``beam_size`` hypotheses, ``prune_threshold`` share; 0 and 0: exact), or, with
+   ``covers=canonical`` (as CharED), only covers whose complete tokens are the member's own
+   encoding of their bytes (the last, open token is free). Mass on bytes that are
    not valid UTF-8, on special tokens other than end tokens, and on pruned covers is left out
    and the rest renormalised.
 2. Candidates: the union of the members' ``top_k`` characters, and END.
@@ -112,6 +113,16 @@ class Bounds:
         anywhere = sum(node.weight for node in self.pending if not node.started)
         return min(1.0, (below + anywhere + sum(node.weight for node in self.chain)) / self.low)
 
+    def heaviest_half(self) -> list[Node]:
+        """The heaviest unscored nodes that hold at least half of the unscored weight."""
+        chosen, total, half = [], 0.0, sum(node.weight for node in self.pending) / 2
+        for node in sorted(self.pending, key=lambda n: -n.weight):
+            if total >= half:
+                break
+            chosen.append(node)
+            total += node.weight
+        return chosen
+
     def _heaviest_chain(self) -> list[Node]:
         """The unscored nodes inside the next character that one character can be compatible with
         at once (their first bytes are prefixes of each other), of the largest total weight."""
@@ -136,7 +147,7 @@ class CharwiseDecoder(Decoder):
         top_k: int = 10  # candidates: each member's top_k characters, and END
         beam_size: int = 8  # cover hypotheses per member and sequence; 0: no limit
         prune_threshold: float = 1e-3  # covers below this share of a member's mass are dropped
-        covers: str = "all"  # all | canonical (the member's own tokenization only, as CharED)
+        covers: str = "all"  # all | canonical (complete tokens = the member's own encoding, as CharED)
         fast_path: bool = True
         prompt_backoff: int = 1  # prompt text tokens re-covered (a token may span the prompt's end)
         max_repeats: int = 7  # most times a unit of up to repeat_unit characters may occur in a row; 0: off
@@ -169,7 +180,8 @@ class CharwiseDecoder(Decoder):
         for model in self.models:
             batch = render_prompt(model, sources, self.prompt)
             rows = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
-            members.append(CharModel(model, rows, self.covers, self.cfg.prompt_backoff, recompute=not self.cfg.use_cache))
+            members.append(CharModel(model, rows, self.covers, self.cfg.prompt_backoff, recompute=not self.cfg.use_cache,
+                                     canonical=self.cfg.covers == "canonical"))
             truncated = [a or b for a, b in zip(truncated, batch["truncated"])]
         stops = list(dict.fromkeys(s for m in self.models for s in stop_strings(m.tokenizer, self.prompt, m.spec.stop_strings)))
         n = len(sources)
@@ -259,14 +271,28 @@ class CharwiseDecoder(Decoder):
         watched = [leader] + contenders
         wanted = [[node for node in b.pending if any(node.allows(c) for c in watched)
                    or (rest and (not node.started or node in b.chain))] for b in bounds]
-        if not any(wanted):  # only the normalisers are uncertain: score everything
-            wanted = [b.pending for b in bounds]
-        # One member per level, the one whose unscored mass weighs most in the fused scores: the
-        # others' forward passes are often not needed at all (CPU cost is the sum of the passes).
-        influence = [w * sum(node.weight for node in nodes) / max(b.low, 1e-30)
-                     for w, nodes, b in zip(self.weights, wanted, bounds)]
-        first = max(range(len(bounds)), key=lambda m: (bool(wanted[m]), influence[m]))
-        return None, [[node.path for node in nodes] if m == first else [] for m, nodes in enumerate(wanted)]
+        if not any(wanted):  # only the normalisers are uncertain: score the heaviest half of the unscored mass
+            wanted = [b.heaviest_half() for b in bounds]
+        paths = []
+        for member, nodes in zip(state.members, wanted):
+            paths.append([node.path for node in nodes])
+            # A closed token's next token is most likely the leader's first bytes, when the member
+            # spells them as a token of their own (a byte-level BPE half kanji): run it in the same
+            # row, saving the level after.
+            guess = self._first_piece(member, leader)
+            n = len(member.beams[seq].text)
+            if guess is not None:
+                paths[-1] += [node.path + (guess,) for node in nodes if node.path and node.start == n and not node.started]
+        return None, paths
+
+    @staticmethod
+    def _first_piece(member: CharModel, char: Optional[bytes]) -> Optional[int]:
+        """The member's longest token of two or more bytes that is a proper prefix of ``char``."""
+        for j in range(len(char or b"") - 1, 1, -1):
+            positions = member.tables.exact(char[:j])
+            if positions:
+                return int(member.tables.order[positions[0]])
+        return None
 
     def _choose(self, state: CharwiseState, seq: int) -> Choice:
         masses: list[CharMasses] = [member.beams[seq].masses() for member in state.members]
@@ -315,11 +341,8 @@ class CharwiseDecoder(Decoder):
         ids, retokenized = {}, {}
         for m, member in enumerate(state.members):
             beam = member.beams[seq]
-            canonical = None
-            if self.cfg.covers == "canonical":
-                canonical = member.canonical_path(bytes(beam.text) + choice.char)
             before = beam.best_path()
-            beam.advance(choice.char, canonical)
+            beam.advance(choice.char)
             after = beam.best_path()
             common = 0
             while common < min(len(before), len(after)) and before[common] == after[common]:
