@@ -48,5 +48,8 @@ bench-ensemble: install
 bench-speculative: install
 	$(BIN)/python scripts/bench_speculative.py
 
+bench-charwise: install
+	$(BIN)/python scripts/bench_charwise.py
+
 clean-cache:
 	rm -rf $${FUSEMT_CACHE:-$$HOME/.cache/fusemt}
