@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-fast launchers-ray fonts bench-ensemble bench-speculative clean-cache
+.PHONY: install run test test-fast launchers-ray fonts bench-ensemble bench-speculative bench-charwise clean-cache
 
 install: $(STAMP)
 
