@@ -16,6 +16,7 @@ from decoding.base import decoder_class
 from decoding.charprob import CharModel, CoverConfig, split_anchor
 from decoding.methods.charwise import CharwiseDecoder
 from decoding.stream import ModelStream
+from decoding.vocab import utf8_pending
 
 EXACT = CoverConfig(beam_size=0, prune_threshold=0.0)
 KINDS = ["sp", "bpe"]
@@ -438,7 +439,10 @@ def test_canonical_covers_are_the_members_own_encoding_at_every_step(kind):
             for seq in state.active:
                 beam = member.beams[seq]
                 for node in beam.hypotheses():
-                    assert node.path == member.canonical_path(bytes(beam.text[:node.start]))
+                    spelled = bytes(beam.text[:node.start])
+                    if utf8_pending(spelled):  # a cover ending inside a character is judged once it completes
+                        continue
+                    assert node.path == member.canonical_path(spelled)
                     checked += 1
     assert checked > 0
 
