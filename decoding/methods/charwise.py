@@ -30,12 +30,10 @@ The variant implemented, exactly:
    probabilities and scores (``resolved_share`` counts the others).
 7. Stops at END, a stop string (as the other methods), or ``max_new_tokens`` **characters**.
 
-Cost: a decoding step is one forward call per member for the whole batch, scoring the nodes each
-sequence needs next (closed tokens, tokens ending inside the next character, pending covers);
-before it, every sequence emits the characters it can already decide, so sequences progress
-independently and a call's rows are all work. A character needs about one call of a member whose
-tokens are words (Gemma) and two of one that splits a kanji in two tokens (SmolLM2); none when it
-is certified from what is already scored. The trace has one step per character: each member's probability
+Cost: every member scores the nodes a level needs (closed tokens, tokens ending inside the next
+character, pending covers) for every row of the batch in one forward call; a character needs one
+level, sometimes two (a byte-level BPE model that splits a kanji in two tokens), and none when the
+fast path fires before the first. The trace has one step per character: each member's probability
 of it, the fused score, ``top`` (candidates ranked by the fused score the choice was made by), the
 number of cover hypotheses per member, whether the fast path fired, each member's
 most likely character (``argmax``); ``ids`` are the tokens the member's most probable cover
@@ -193,26 +191,25 @@ class CharwiseDecoder(Decoder):
 
     @torch.inference_mode()
     def step(self, state: CharwiseState) -> bool:
-        """One forward call per member for the whole batch. Before it, every live sequence emits the
-        characters it can decide (often none, sometimes several) and says which nodes it needs
-        scored next; sequences do not wait for each other, so the rows of a call are all work."""
+        """One character for every live sequence: score levels of nodes until each is decided."""
         if not state.active:
             return False
-        wanted: list[dict[int, list[tuple[int, ...]]]] = [{} for _ in state.members]
-        finished = set()
-        for seq in state.active:
-            while seq not in finished:
+        choices: dict[int, Choice] = {}
+        todo = list(state.active)
+        while todo:
+            wanted: list[dict[int, list[tuple[int, ...]]]] = [{} for _ in state.members]
+            for seq in todo:
                 choice, paths = self._plan(state, seq)
-                if choice is None:
-                    for m, member_paths in enumerate(paths):
-                        if member_paths:
-                            wanted[m][seq] = member_paths
-                    break
-                if self._apply(state, seq, choice):
-                    finished.add(seq)
+                if choice is not None:
+                    choices[seq] = choice
+                for m, member_paths in enumerate(paths):
+                    if member_paths:
+                        wanted[m][seq] = member_paths
+            todo = [seq for seq in todo if seq not in choices]
+            for member, selection in zip(state.members, wanted):
+                member.score(selection, state.active)
+        finished = [seq for seq in state.active if self._apply(state, seq, choices[seq])]
         state.active = [seq for seq in state.active if seq not in finished]
-        for member, selection in zip(state.members, wanted):
-            member.score(selection, state.active)
         return bool(state.active)
 
     def finish(self, state: CharwiseState) -> list[DecodeOutput]:
