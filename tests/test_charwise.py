@@ -15,6 +15,7 @@ from toy_lm import (TOY_PROMPT, brute_char_greedy, brute_end_prob, brute_prefix_
 from decoding.base import decoder_class
 from decoding.charprob import CharModel, CoverConfig, split_anchor
 from decoding.methods.charwise import CharwiseDecoder
+from decoding.prompt import render_prompt
 from decoding.stream import ModelStream
 from decoding.vocab import utf8_pending
 
@@ -456,7 +457,7 @@ def test_cache_equals_recompute_beyond_the_sliding_window():
     run = compose_run("models=gemma3_270m", "decoding=charwise", "decoding.max_new_tokens=6")
     gemma = load_model(run.models[0])
     source = " ".join(["The weather is nice today, and the company will open a new office in Tokyo."] * 30)
-    assert len(gemma.tokenizer(source)["input_ids"]) > 512
+    assert render_prompt(gemma, [source], run.prompt)["input_ids"].shape[1] > 512  # the prompt the model sees
     outs = [decoder_class("charwise")(dataclasses.replace(run.decoding, use_cache=cache), [gemma], run.prompt)
             .decode([source])[0] for cache in (True, False)]
     assert raw(outs[0]) == raw(outs[1])
