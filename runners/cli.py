@@ -44,6 +44,9 @@ def register_resolvers() -> None:
     os.environ.setdefault(RUN_ID, datetime.now().strftime("%Y-%m-%d/%H-%M-%S-%f") + f"-{os.getpid()}")
     if not OmegaConf.has_resolver("fusemt_run_id"):
         OmegaConf.register_new_resolver("fusemt_run_id", lambda: os.environ[RUN_ID])
+    # ``${fusemt_repo:}``: the checkout's root, so presets can name files shipped beside conf/.
+    if not OmegaConf.has_resolver("fusemt_repo"):
+        OmegaConf.register_new_resolver("fusemt_repo", lambda: str(CONF_DIR.parent))
 
 
 def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:

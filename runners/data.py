@@ -22,6 +22,7 @@ class DatasetConfig:
     reference_field: str = "target"  # WMT24++: target (post-edited) or original_target
     limit: Optional[int] = None
     domains: list[str] = field(default_factory=list)  # keep only these domains (empty: all)
+    ids_file: Optional[str] = None  # keep only the segment ids listed in this file (one per line, # comments)
     shard: Optional[str] = None  # "i/n": the i-th of n interleaved shards (0-based)
     results_group: str = "sample"  # results/<results_group>/ensemble/<run_name>.jsonl
 
@@ -87,6 +88,23 @@ def _read_hub(cfg: DatasetConfig) -> list[dict]:
         ) from None
 
 
+def read_ids_file(path: Path) -> list[str]:
+    """Segment ids, one per line; blank lines and ``#`` comments ignored."""
+    if not path.is_file():
+        raise FusemtError(f"dataset.ids_file {path} not found: give a file of segment ids, one per line")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise FusemtError(f"dataset.ids_file {path} is not UTF-8 text: give a file of segment ids, one per line") from None
+    ids = [line.split("#", 1)[0].strip() for line in lines]
+    ids = [i for i in ids if i]
+    if len(set(ids)) != len(ids):
+        raise FusemtError(f"dataset.ids_file {path} lists an id twice: each segment once")
+    if not ids:
+        raise FusemtError(f"dataset.ids_file {path} lists no ids")
+    return ids
+
+
 def parse_shard(shard: str) -> tuple[int, int]:
     try:
         index, count = (int(x) for x in shard.split("/"))
@@ -120,6 +138,14 @@ def load_segments(cfg: DatasetConfig, records: Optional[list] = None) -> list[Se
         seen[s.id] = s.row
     if cfg.domains:
         segments = [s for s in segments if s.domain in set(cfg.domains)]
+    if cfg.ids_file:
+        wanted = read_ids_file(Path(cfg.ids_file).expanduser())
+        unknown = sorted(set(wanted) - {s.id for s in segments})
+        if unknown:
+            raise FusemtError(f"dataset.ids_file {cfg.ids_file}: {len(unknown)} id(s) not in dataset '{cfg.name}' "
+                              f"(first: {unknown[0]}): check dataset.path/domains or the file")
+        order = {seg_id: n for n, seg_id in enumerate(wanted)}
+        segments = sorted((s for s in segments if s.id in order), key=lambda s: order[s.id])
     if cfg.limit is not None:
         segments = segments[: cfg.limit]
     if cfg.shard:  # last, so that the shards of a run partition exactly its selection
