@@ -48,3 +48,34 @@ def segment_scores(hypotheses: list[str], references: list[str]) -> SegmentScore
         bleu_signature=str(bleu.get_signature()) if pairs else None,
         chrf_signature=str(chrf.get_signature()) if pairs else None,
     )
+
+
+def _is_latin_letter(ch: str) -> bool:
+    return ch.isalpha() and ord(ch) < 0x250  # Basic Latin .. Latin Extended-B
+
+
+def _outside_japanese(ch: str) -> bool:
+    """Hangul, or a Han character not in JIS X 0213 (simplified-only Chinese forms such as 们 这 说)."""
+    code = ord(ch)
+    if 0xAC00 <= code <= 0xD7AF or 0x1100 <= code <= 0x11FF or 0x3130 <= code <= 0x318F:
+        return True
+    if 0x4E00 <= code <= 0x9FFF or 0x3400 <= code <= 0x4DBF:
+        try:
+            ch.encode("euc_jis_2004")
+        except UnicodeEncodeError:
+            return True
+    return False
+
+
+def is_mostly_latin(text: str) -> bool:
+    """More than half of the letters are Latin: a copy of the English source, or English output."""
+    letters = [ch for ch in text if ch.isalpha()]
+    return bool(letters) and sum(map(_is_latin_letter, letters)) > len(letters) / 2
+
+
+def script_shares(hypotheses: list[str]) -> dict:
+    """Share of hypotheses that are mostly Latin script (copies), and that contain characters outside
+    Japanese usage (Hangul, Han characters outside JIS X 0213: Chinese simplified forms)."""
+    n = max(len(hypotheses), 1)
+    return {"latin_share": round(sum(map(is_mostly_latin, hypotheses)) / n, 4),
+            "non_japanese_share": round(sum(any(map(_outside_japanese, h)) for h in hypotheses) / n, 4)}

@@ -27,8 +27,9 @@ RESULTS_FIX = "pass a fusemt results JSONL, or fix or delete that line (rerunnin
 METRICS_FIX = "fix or delete that file (rerunning its config rewrites it), then rerun the report"
 METRICS_SUFFIX = ".metrics.json"
 BASE_COLUMNS = ["run_name", "method", "models"]
-SCORE_COLUMNS = ["dataset", "segments", "bleu", "chrf", "comet", "tokens_per_s", "acceptance_rate", "agreement_rate"]
-BOOTSTRAP_COLUMNS = ["bleu_p", "chrf_p", "bootstrap_segments"]
+SCORE_COLUMNS = ["dataset", "segments", "bleu", "chrf", "comet", "tokens_per_s", "forward_passes", "acceptance_rate",
+                 "agreement_rate", "latin_share", "non_japanese_share"]
+BOOTSTRAP_COLUMNS = ["baseline", "bleu_delta", "bleu_p", "chrf_delta", "chrf_p", "bootstrap_segments"]
 # Options shown whenever a run has them; any other option is shown when its values differ between runs.
 KEY_OPTIONS = ("weights", "top_k", "num_beams")
 # Overrides outside these change nothing the runs are compared on (selection, batching, logging).
@@ -152,6 +153,18 @@ class Run:
         return self.metrics.get("dataset")
 
     @property
+    def members(self) -> list[str]:
+        return list(self.metrics.get("models") or self._first_row("models", []))
+
+    @property
+    def forward_passes(self) -> Optional[float]:
+        """Forward calls per segment, summed over the members (None when the run did not count them)."""
+        counts = self.metrics.get("forward_passes")
+        if not isinstance(counts, dict) or not self.rows:
+            return None
+        return round(sum(counts.values()) / len(self.rows), 2)
+
+    @property
     def sweep(self) -> Optional[str]:
         return self.metrics.get("sweep")
 
@@ -247,6 +260,17 @@ def paired_bootstrap(baseline: Run, run: Run, n_samples: int = BOOTSTRAP_SAMPLES
                      chrf_p=round(chrf_run.p_value, 4))
 
 
+def best_member_run(runs: list[Run], run: Run) -> Optional[Run]:
+    """For an ensemble: the best (BLEU, then chrF) greedy single-model run of one of its members on
+    the same dataset; None for a single-model run or when no member ran alone."""
+    members = run.members
+    if len(members) < 2:
+        return None
+    singles = [r for r in runs if r.dataset == run.dataset and r.method == "greedy" and len(r.members) == 1
+               and r.members[0] in members]
+    return max(singles, key=lambda r: (r.metrics.get("bleu") or 0, r.metrics.get("chrf") or 0), default=None)
+
+
 def pick_run(runs: list[Run], wanted: str, flag: str = "--baseline") -> Run:
     """The run named ``wanted``: its run name, or a part of exactly one run name."""
     exact = [run for run in runs if run.name == wanted]
@@ -271,25 +295,33 @@ def _format(column: str, value) -> str:
 class Report:
     runs: list[Run]
     option_keys: list[str]
-    baseline: Optional[Run] = None
+    baselines: dict[str, Run] = field(default_factory=dict)  # run name -> the run it is tested against
     bootstraps: dict[str, Bootstrap] = field(default_factory=dict)  # by run name
+    baseline_rule: str = ""  # how the baselines were chosen, for the legend
     domains: dict[str, dict[str, dict]] = field(default_factory=dict)  # run name -> domain -> scores
 
     @classmethod
-    def build(cls, runs: list[Run], baseline: Optional[str] = None) -> "Report":
+    def build(cls, runs: list[Run], baseline: Optional[str] = None, member_baselines: bool = False) -> "Report":
+        """``baseline``: every run is tested against that run; ``member_baselines``: each ensemble
+        against the best greedy single-model run of its members (``best_member_run``)."""
         runs = sorted(runs, key=lambda r: (r.dataset or "", -(r.metrics.get("bleu") or 0), r.name))
         report = cls(runs, distinguishing_options(runs))
         if baseline is not None:
-            report.baseline = pick_run(runs, baseline)
-            for run in runs:
-                if run.dataset == report.baseline.dataset and (result := paired_bootstrap(report.baseline, run)):
-                    report.bootstraps[run.name] = result
+            chosen = pick_run(runs, baseline)
+            report.baselines = {run.name: chosen for run in runs if run.dataset == chosen.dataset}
+            report.baseline_rule = f"the baseline {chosen.name}"
+        elif member_baselines:
+            report.baselines = {run.name: base for run in runs if (base := best_member_run(runs, run))}
+            report.baseline_rule = "the best greedy single member of the run's ensemble (column baseline)"
+        for run in runs:
+            if run.name in report.baselines and (result := paired_bootstrap(report.baselines[run.name], run)):
+                report.bootstraps[run.name] = result
         report.domains = {run.name: scores for run in runs if (scores := per_domain(run))}
         return report
 
     @property
     def columns(self) -> list[str]:
-        return BASE_COLUMNS + self.option_keys + SCORE_COLUMNS + (BOOTSTRAP_COLUMNS if self.baseline else [])
+        return BASE_COLUMNS + self.option_keys + SCORE_COLUMNS + (BOOTSTRAP_COLUMNS if self.baselines else [])
 
     def rows(self) -> list[dict]:
         """One row per run: identity, distinguishing options, scores (numbers), bootstrap p-values."""
@@ -298,15 +330,18 @@ class Report:
             row = {"run_name": run.name, "method": run.method, "models": run.models}
             row.update({key: run.options.cell(key) for key in self.option_keys})
             row.update({key: run.metrics.get(key) for key in SCORE_COLUMNS})
-            if self.baseline:
-                boot = self.bootstraps.get(run.name)
-                row.update(bleu_p=boot and boot.bleu_p, chrf_p=boot and boot.chrf_p,
+            row["forward_passes"] = run.forward_passes
+            if self.baselines:
+                boot, base = self.bootstraps.get(run.name), self.baselines.get(run.name)
+                row.update(baseline=base.name if base and base is not run else None,
+                           bleu_delta=boot and boot.bleu_delta, bleu_p=boot and boot.bleu_p,
+                           chrf_delta=boot and boot.chrf_delta, chrf_p=boot and boot.chrf_p,
                            bootstrap_segments=boot and boot.segments)
             table.append(row)
         return table
 
     def to_markdown(self) -> str:
-        shown = [c for c in self.columns if c not in BOOTSTRAP_COLUMNS]
+        shown = [c for c in self.columns if c not in BOOTSTRAP_COLUMNS or c in ("bleu_delta", "chrf_delta", "chrf_p")]
         lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
         for run, row in zip(self.runs, self.rows()):
             cells = []
@@ -315,13 +350,14 @@ class Report:
                 boot = self.bootstraps.get(run.name)
                 if column in ("bleu", "chrf") and boot and boot.marker(column):
                     text += f" {boot.marker(column)}"
-                cells.append("**baseline** " + text if run is self.baseline and column == "run_name" else text)
+                is_baseline = run in self.baselines.values() and column == "run_name"
+                cells.append("**baseline** " + text if is_baseline else text)
             lines.append("| " + " | ".join(cells) + " |")
-        if self.baseline:
-            lines.append(f"\n▲ / ▼: BLEU or chrF significantly better / worse than the baseline {self.baseline.name} "
+        if self.baselines:
+            lines.append(f"\n▲ / ▼: BLEU or chrF significantly better / worse than {self.baseline_rule} "
                          f"(sacrebleu paired bootstrap, {BOOTSTRAP_SAMPLES} resamples, p < {SIGNIFICANCE}, on the "
-                         f"segments both runs have, when there are at least {BOOTSTRAP_MIN_SEGMENTS}; p-values in "
-                         "report.csv).")
+                         f"segments both runs have, when there are at least {BOOTSTRAP_MIN_SEGMENTS}); deltas are "
+                         "run minus baseline; baselines and BLEU p-values in report.csv.")
         if self.domains:
             lines += ["", "## Per domain (BLEU / chrF, segments)", ""]
             names = sorted({d for scores in self.domains.values() for d in scores})
@@ -425,7 +461,7 @@ def log_report(report: Report, folder: Path, project: str) -> None:
     sweeps = {run.sweep for run in report.runs}
     group = sweeps.pop() if len(sweeps) == 1 else None
     logger = RunLogger(LoggerConfig(project=project, group=group, tags=["report"]), f"report-{folder.resolve().name}",
-                       config={"folder": str(folder), "baseline": report.baseline and report.baseline.name},
+                       config={"folder": str(folder), "baselines": report.baseline_rule},
                        out_dir=folder)
     tables = {"report": (report.columns, [[row[c] for c in report.columns] for row in report.rows()])}
     if report.domains:
@@ -439,12 +475,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="One comparison table (markdown + CSV), per-domain scores, paired "
                                                  "bootstrap against a baseline, and a quality-vs-speed plot.")
     parser.add_argument("folder", type=Path, nargs="?", default=Path("results"))
-    parser.add_argument("--baseline", help="run name (or a part of exactly one) to mark significant differences against")
+    baseline = parser.add_mutually_exclusive_group()
+    baseline.add_argument("--baseline", help="run name (or a part of exactly one) to mark significant differences against")
+    baseline.add_argument("--member-baselines", action="store_true",
+                          help="test each ensemble against the best greedy single-model run of its members")
     parser.add_argument("--wandb", action="store_true", help="also log the tables and the plot to W&B")
     parser.add_argument("--wandb-project", default="fusemt")
     args = parser.parse_args(argv)
     try:
-        report = Report.build(find_runs(args.folder), args.baseline)
+        report = Report.build(find_runs(args.folder), args.baseline, args.member_baselines)
         paths = report.write(args.folder)
     except FusemtError as err:
         print(f"fusemt: error: {err}", file=sys.stderr)

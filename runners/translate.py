@@ -26,7 +26,7 @@ from decoding.errors import FusemtError
 from decoding.model import load_model
 from decoding.prompt import prompt_text
 from eval.comet_score import comet_scores
-from eval.metrics import corpus_scores
+from eval.metrics import corpus_scores, script_shares
 from eval.trace import render_html
 from eval.wandb_logger import RunLogger
 from runners.cli import fail, run_cli
@@ -70,6 +70,7 @@ def run_metrics(run: RunConfig, rows: list[dict], selected_ids: list[str]) -> tu
     if scored:
         metrics.update(corpus_scores([r["hypothesis"] for r in scored], [r["reference"] for r in scored],
                                      bleu=run.metrics.get("bleu", True), chrf=run.metrics.get("chrf", True)))
+    metrics.update(script_shares([r["hypothesis"] for r in rows]))
     metrics["comet"], comet_segments = None, None
     if not run.metrics.get("comet"):
         metrics["comet_skipped"] = "metrics.comet=false"

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 from conftest import compose_run
-from toy_lm import (TOY_PROMPT, brute_char_greedy, brute_end_prob, brute_prefix_prob, script, toy_model)
+from toy_lm import (TOY_CHARS, TOY_PROMPT, brute_char_greedy, brute_end_prob, brute_prefix_prob, script, toy_model)
 
 from decoding.base import decoder_class
 from decoding.charprob import CharModel, CoverConfig, split_anchor
@@ -463,3 +463,29 @@ def test_cache_equals_recompute_beyond_the_sliding_window():
     assert raw(outs[0]) == raw(outs[1])
     for a, b in zip(outs[0].trace, outs[1].trace):
         assert all(abs(a["p"][n] - b["p"][n]) < 1e-3 for n in a["p"])
+
+
+def brute_argmax(model, source, text: bytes):
+    """The model's most likely next character (None: the end) after ``text``, by brute force."""
+    ids = model.tokenizer(source)["input_ids"]
+    anchor, prefix = split_anchor(model.vocab, ids, 1)
+    scores = {c.encode(): brute_prefix_prob(model, tuple(anchor), prefix + text + c.encode()) for c in TOY_CHARS}
+    best = max(sorted(scores), key=lambda c: scores[c])
+    return None if brute_end_prob(model, tuple(anchor), prefix + text) > scores[best] else best
+
+
+def test_reference_argmax_is_each_members_exact_next_character_along_the_reference():
+    """Teacher forcing (fusemt-compat's agreement): at every reference position, each member's top
+    character equals brute force over all its tokenizations."""
+    members = [toy_model("sp", sharpness=3.0), toy_model("bpe", seed=3, sharpness=3.0)]
+    sources, references = ["ab", "b"], ["aあい", "b a"]
+    decoder = CharwiseDecoder(CharwiseDecoder.Config(name="charwise", fast_path=False, beam_size=0, prune_threshold=0.0),
+                              members, TOY_PROMPT)
+    tops = decoder.reference_argmax(sources, references)
+    for seq, (source, reference) in enumerate(zip(sources, references)):
+        assert len(tops[seq]) == len(reference) + 1
+        for pos in range(len(reference) + 1):
+            text = reference[:pos].encode()
+            assert tops[seq][pos] == [brute_argmax(m, source, text) for m in members], (seq, pos)
+    with pytest.raises(ValueError, match="fast_path"):
+        CharwiseDecoder(CharwiseDecoder.Config(name="charwise"), members, TOY_PROMPT).reference_argmax(["a"], ["a"])

@@ -77,3 +77,28 @@ def test_hub_dataset_offline_says_how_to_use_a_local_copy(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(FusemtError, match="dataset.path="):
         load_segments(DatasetConfig(name="wmt24_en_ja", hub_id="google/wmt24pp-not-cached-here", hub_config="en-ja_JP"))
+
+
+def test_ids_file_selects_in_its_order_and_rejects_unknown_ids(tmp_path):
+    ids = tmp_path / "ids.txt"
+    ids.write_text("# a comment\nsample-003\n\nsample-001  # trailing comment\n")
+    cfg = DatasetConfig(path=str(SAMPLE_PATH), ids_file=str(ids))
+    assert [s.id for s in load_segments(cfg)] == ["sample-003", "sample-001"]
+    ids.write_text("sample-001\nnope\n")
+    with pytest.raises(FusemtError, match="1 id\\(s\\) not in dataset .* \\(first: nope\\)"):
+        load_segments(cfg)
+    ids.write_text("sample-001\nsample-001\n")
+    with pytest.raises(FusemtError, match="lists an id twice"):
+        load_segments(cfg)
+    with pytest.raises(FusemtError, match="not found"):
+        load_segments(DatasetConfig(path=str(SAMPLE_PATH), ids_file=str(tmp_path / "none.txt")))
+
+
+def test_the_shipped_slices_are_disjoint_and_stratified():
+    from pathlib import Path
+
+    from runners.data import read_ids_file
+
+    folder = Path(__file__).resolve().parent.parent / "experiments" / "wmt24pp_en_ja"
+    dev, test = read_ids_file(folder / "dev_ids.txt"), read_ids_file(folder / "test_ids.txt")
+    assert not set(dev) & set(test) and (len(dev), len(test)) == (25, 24)

@@ -200,7 +200,8 @@ def test_report_has_the_options_that_distinguish_runs(tmp_path):
     assert rows["greedy__m__d"]["top_k"] == "—" and rows["beam__m__d"]["num_beams"] == "4"
     md = report.to_markdown()
     assert md.splitlines()[0] == ("| run_name | method | models | weights | top_k | num_beams | max_new_tokens | dataset | "
-                                  "segments | bleu | chrf | comet | tokens_per_s | acceptance_rate | agreement_rate |")
+                                  "segments | bleu | chrf | comet | tokens_per_s | forward_passes | acceptance_rate | agreement_rate | "
+                                      "latin_share | non_japanese_share |")
     assert "| unite__m__d__2 | unite | gemma3_270m | [1, 0] | 5 | — | 48 | sample_en_ja | 2 | 15.00 | 30.00 | — | 4.00 |" in md
     paths = report.write(tmp_path)
     header = next(csv.reader(paths[1].open(encoding="utf-8")))
@@ -440,3 +441,21 @@ def test_report_table_goes_to_wandb_as_a_table(tmp_path, monkeypatch):
     table = json.loads(table_file.read_text(encoding="utf-8"))
     assert table["columns"][:3] == ["run_name", "method", "models"] and len(table["data"]) == 2
     assert list(tmp_path.glob("wandb/offline-run-*/files/media/images/report_plot_*.png"))
+
+
+def test_member_baselines_test_each_ensemble_against_its_best_single_member(tmp_path):
+    good = _bootstrap_rows(lambda refs: refs)
+    poor = _bootstrap_rows(lambda refs: [r[:6] + "電車" for r in refs])
+    half = _bootstrap_rows(lambda refs: [r if i % 2 else r[:6] + "電車" for i, r in enumerate(refs)])
+    _write_run(tmp_path, "greedy__a", "greedy", 5.0, 8.0, rows=poor, models=["a"])
+    _write_run(tmp_path, "greedy__b", "greedy", 50.0, 8.0, rows=half, models=["b"])
+    _write_run(tmp_path, "greedy__c", "greedy", 99.0, 8.0, rows=good, models=["c"])  # not a member: never a baseline
+    _write_run(tmp_path, "beam__b", "beam", 60.0, 8.0, rows=half, models=["b"])  # beam is not the greedy baseline
+    _write_run(tmp_path, "unite__a+b", "unite", 90.0, 4.0, rows=good, models=["a", "b"],
+               forward_passes={"a": 400, "b": 440})
+    report = Report.build(find_runs(tmp_path), member_baselines=True)
+    assert {name: base.name for name, base in report.baselines.items()} == {"unite__a+b": "greedy__b"}
+    rows = {r["run_name"]: r for r in report.rows()}
+    assert rows["unite__a+b"]["baseline"] == "greedy__b" and rows["unite__a+b"]["bleu_delta"] > 0
+    assert rows["unite__a+b"]["forward_passes"] == 21.0 and rows["greedy__a"]["baseline"] is None  # 840 / 40 segments
+    assert "best greedy single member" in report.to_markdown()

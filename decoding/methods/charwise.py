@@ -194,6 +194,14 @@ class CharwiseDecoder(Decoder):
         """One character for every live sequence: score levels of nodes until each is decided."""
         if not state.active:
             return False
+        choices = self._decide(state)
+        finished = [seq for seq in state.active if self._apply(state, seq, choices[seq])]
+        state.active = [seq for seq in state.active if seq not in finished]
+        return bool(state.active)
+
+    def _decide(self, state: CharwiseState) -> dict[int, Choice]:
+        """The next character of every live sequence: levels of nodes scored (one forward call per
+        member and level, for all sequences) until each sequence's choice is decided."""
         choices: dict[int, Choice] = {}
         todo = list(state.active)
         while todo:
@@ -208,9 +216,30 @@ class CharwiseDecoder(Decoder):
             todo = [seq for seq in todo if seq not in choices]
             for member, selection in zip(state.members, wanted):
                 member.score(selection, state.active)
-        finished = [seq for seq in state.active if self._apply(state, seq, choices[seq])]
-        state.active = [seq for seq in state.active if seq not in finished]
-        return bool(state.active)
+        return choices
+
+    @torch.inference_mode()
+    def reference_argmax(self, sources: list[str], references: list[str]) -> list[list[list[Optional[bytes]]]]:
+        """Teacher forcing: for each sequence, at each character of its reference and at its end,
+        every member's most likely next character (``None``: the end) given the reference so far,
+        from the members' exact character probabilities. Needs ``fast_path=false`` (every member
+        fully scored at every position, not just enough to certify the fused choice)."""
+        if self.cfg.fast_path:
+            raise ValueError("reference_argmax needs a charwise decoder with fast_path=false")
+        state = self.prepare(sources)
+        targets: list[list[Optional[bytes]]] = [[ch.encode("utf-8") for ch in ref] + [END] for ref in references]
+        tops: list[list[list[Optional[bytes]]]] = [[] for _ in sources]
+        while state.active:
+            choices = self._decide(state)
+            for seq in list(state.active):
+                tops[seq].append(choices[seq].tops)
+                char = targets[seq][len(tops[seq]) - 1]
+                if char is END:
+                    state.active.remove(seq)
+                    continue
+                for member in state.members:
+                    member.beams[seq].advance(char)
+        return tops
 
     def finish(self, state: CharwiseState) -> list[DecodeOutput]:
         outputs = []
