@@ -131,7 +131,8 @@ def _main(cfg: DictConfig) -> None:
                     for i, j in itertools.combinations(range(len(models)), 2)]
     except FusemtError as err:
         fail(err)
-    about = (f"{len(segments)} segments of {dataset.name} ({dataset.ids_file or dataset.path or dataset.hub_id}); "
+    selection = Path(dataset.ids_file).name if dataset.ids_file else (dataset.path or dataset.hub_id or "bundled")
+    about = (f"{len(segments)} segments of {dataset.name} ({selection}); "
              f"greedy, prompt={HydraConfig.get().runtime.choices.get('prompt')}; next-character agreement "
              f"on the references of the first {min(compat.agreement_segments, len(segments))} segments.")
     json_path, md_path = write_report(out_dir, profiles, verdicts, compat.rules, about)

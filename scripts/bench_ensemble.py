@@ -1,20 +1,25 @@
 """Per-step cost of the token-level ensembles vs the two models decoding alone, in one run.
 
-    python scripts/bench_ensemble.py [--pair gemma3_smollm2] [--steps 32 256] [--repeats 2]
+    python scripts/bench_ensemble.py [--pair gemma3_smollm2] [--batch-sizes 1 8 32] [--rounds 5]
 
-For batch 1 and 8 it times (a) each member alone with Hugging Face ``generate`` greedy and
+For each batch size it times (a) each member alone with Hugging Face ``generate`` greedy and
 (b) ``unite`` and ``tokenwise`` over the pair, every run forced to exactly N new tokens
-(``min_new_tokens`` = ``max_new_tokens``), and reports
+(``min_new_tokens`` = ``max_new_tokens``). After one warm-up call each, the configurations are
+timed in ``--rounds`` interleaved rounds (A B C D, A B C D, ...), so that a slow spell of the
+machine hits all of them alike; each figure is the median over the rounds, with the spread
+(min-max). Reports
 
-    ratio   = ensemble time per step / (model A per step + model B per step)
-    growth  = ensemble time per token at 256 new tokens / at 32 (flat when caches work)
+    ratio   = median ensemble time per step / (median model A per step + median model B per step)
+    growth  = median ensemble time per token at LONG new tokens / at SHORT (flat when caches work)
 
-Last line: ``ratio_bs1=<x> ratio_bs8=<y> growth_256_vs_32=<z>`` (worst of unite/tokenwise).
+Last line: ``ratio_bs1=<x> ratio_bs8=<y> ... growth_<LONG>_vs_<SHORT>=<z>`` (medians; the worse of
+unite/tokenwise).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -40,60 +45,66 @@ def compose(*overrides):
         return build_run_config(hydra_compose("translate", overrides=list(overrides)))
 
 
-def timed(decoder, sources, repeats: int) -> float:
-    """Best wall time of ``repeats`` full decodes (the first call also warms up)."""
-    decoder.decode(sources)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def interleaved(jobs: dict[str, tuple[object, list[str], int]], rounds: int) -> dict[str, list[float]]:
+    """Seconds per step of each job (decoder, sources, steps) in every round, after one warm-up each."""
+    for decoder, sources, _ in jobs.values():
         decoder.decode(sources)
-        best = min(best, time.perf_counter() - t0)
-    return best
+    times: dict[str, list[float]] = {name: [] for name in jobs}
+    for _ in range(rounds):
+        for name, (decoder, sources, steps) in jobs.items():
+            t0 = time.perf_counter()
+            decoder.decode(sources)
+            times[name].append((time.perf_counter() - t0) / steps)
+    return times
+
+
+def show(times: list[float]) -> str:
+    return f"{statistics.median(times) * 1e3:.1f} ms [{min(times) * 1e3:.1f}-{max(times) * 1e3:.1f}]"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pair", default="gemma3_smollm2")
     parser.add_argument("--steps", type=int, nargs=2, default=[32, 256], metavar=("SHORT", "LONG"))
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     register_schemas()
     torch.manual_seed(0)
     sources = [s.source for s in load_segments(DatasetConfig(limit=max(args.batch_sizes)))]
     short, long = args.steps
-    print(f"torch threads={torch.get_num_threads()} device={'cuda' if torch.cuda.is_available() else 'cpu'}")
+    print(f"torch threads={torch.get_num_threads()} device={'cuda' if torch.cuda.is_available() else 'cpu'} "
+          f"pair={args.pair} rounds={args.rounds} (median [min-max] per step)")
 
-    def per_step(method: str, members: str | None, batch: int, steps: int) -> float:
+    def decoder(method: str, steps: int, member: str | None = None):
         overrides = [f"models={args.pair}", f"decoding={method}", f"decoding.max_new_tokens={steps}",
-                     f"decoding.min_new_tokens={steps}"]
-        if members:
-            overrides.append(f"models.members=[{members}]")
+                     f"decoding.min_new_tokens={steps}"] + ([f"models.members=[{member}]"] if member else [])
         run = compose(*overrides)
-        models = [load_model(spec) for spec in run.models]
-        decoder = decoder_class(run.decoding_name)(run.decoding, models, run.prompt)
-        return timed(decoder, sources[:batch], args.repeats) / steps
+        return decoder_class(run.decoding_name)(run.decoding, [load_model(s) for s in run.models], run.prompt)
 
-    member_names = [m.name for m in compose(f"models={args.pair}", "decoding=unite").models]
+    members = [m.name for m in compose(f"models={args.pair}", "decoding=unite").models]
+    methods = ("unite", "tokenwise")
     ratios: dict[int, float] = {}
-    growth = 0.0
     for batch in args.batch_sizes:
-        singles = [per_step("greedy", name, batch, short) for name in member_names]
-        baseline = sum(singles)
-        print(f"bs={batch} steps={short}: " + " + ".join(f"{n} {t * 1e3:.1f} ms" for n, t in zip(member_names, singles))
-              + f" = {baseline * 1e3:.1f} ms/step (HF generate greedy)")
-        worst = 0.0
-        for method in ("unite", "tokenwise"):
-            t = per_step(method, None, batch, short)
-            worst = max(worst, t / baseline)
-            print(f"bs={batch} steps={short}: {method} {t * 1e3:.1f} ms/step  ratio={t / baseline:.3f}")
-        ratios[batch] = worst
-    for method in ("unite", "tokenwise"):
-        t_short = per_step(method, None, 1, short)
-        t_long = per_step(method, None, 1, long)
+        rows = sources[:batch]
+        jobs = {name: (decoder("greedy", short, name), rows, short) for name in members}
+        jobs.update({method: (decoder(method, short), rows, short) for method in methods})
+        times = interleaved(jobs, args.rounds)
+        alone = sum(statistics.median(times[name]) for name in members)
+        print(f"bs={batch} steps={short}: " + " + ".join(f"{n} {show(times[n])}" for n in members)
+              + f" = {alone * 1e3:.1f} ms/step (HF generate greedy)")
+        for method in methods:
+            print(f"bs={batch} steps={short}: {method} {show(times[method])}  "
+                  f"ratio={statistics.median(times[method]) / alone:.3f}")
+        ratios[batch] = max(statistics.median(times[method]) / alone for method in methods)
+    growth = 0.0
+    jobs = {f"{method}@{steps}": (decoder(method, steps), sources[:1], steps) for method in methods for steps in (short, long)}
+    times = interleaved(jobs, args.rounds)
+    for method in methods:
+        t_short, t_long = statistics.median(times[f"{method}@{short}"]), statistics.median(times[f"{method}@{long}"])
         growth = max(growth, t_long / t_short)
-        print(f"bs=1 {method}: {t_short * 1e3:.1f} ms/token at {short}, {t_long * 1e3:.1f} ms/token at {long}, "
-              f"growth={t_long / t_short:.3f}")
+        print(f"bs=1 {method}: {show(times[f'{method}@{short}'])}/token at {short}, "
+              f"{show(times[f'{method}@{long}'])}/token at {long}, growth={t_long / t_short:.3f}")
     print(" ".join(f"ratio_bs{b}={r:.3f}" for b, r in ratios.items()) + f" growth_{long}_vs_{short}={growth:.3f}")
 
 
