@@ -55,6 +55,7 @@ import numpy as np
 import torch
 
 from decoding.stream import ModelStream
+from decoding.errors import FusemtError
 from decoding.vocab import ByteVocab
 
 
@@ -305,9 +306,13 @@ class CoverBeam:
     """The cover hypotheses of one model for one sequence, and the nodes of its next character."""
 
     def __init__(self, tables: CharTables, cfg: CoverConfig,
-                 encode: Callable[[bytes], tuple[int, ...] | None] | None = None):
+                 encode: Callable[[bytes], tuple[int, ...] | None] | None = None,
+                 restart: Callable[[bytes], tuple[int, ...]] | None = None):
         self.tables, self.cfg = tables, cfg
         self.encode = encode  # canonical covers only: the tokenizer's own encoding of a text
+        self.restart = restart  # the model's own encoding of a text: where to go on when no cover spells it
+        self.restarts = 0
+        self.root: tuple[int, ...] = ()  # the node the text's covers start from (the anchor, or a restart)
         self.text = bytearray()
         self.nodes: dict[tuple[int, ...], Node] = {(): Node((), 1.0, 0)}
         self.log_scale = 0.0  # log of the factor every weight was divided by
@@ -319,7 +324,7 @@ class CoverBeam:
     def hypotheses(self) -> list[Node]:
         """Cover hypotheses of the text (the anchor itself while the text is empty)."""
         n = len(self.text)
-        return [node for node in self.nodes.values() if node.start < n or (n == 0 and node.start == 0)]
+        return [node for node in self.nodes.values() if node.start < n or (node.start == n and node.path == self.root)]
 
     def bound(self) -> float:
         """An upper bound of P(prefix text) / scale (exact once every hypothesis is scored)."""
@@ -455,8 +460,19 @@ class CoverBeam:
         if self.encode is not None:
             self._keep_canonical()
         self._prune()
+        if not self.hypotheses() and self.restart is not None:
+            self._restart()
         self._masses = None
         self.prefetched.clear()
+
+    def _restart(self) -> None:
+        """No kept cover spells the text: this model gave the appended character no probability (a
+        mixture took another member's character) or its covers were pruned. It goes on from its own
+        tokenizer's encoding of the text, as the token-level streams do: a new root at the text's end,
+        from which its next-character probabilities are conditional on the text it was given."""
+        self.root = tuple(self.restart(bytes(self.text)))
+        self.nodes = {self.root: Node(self.root, 1.0, len(self.text))}
+        self.restarts += 1
 
     def _keep_canonical(self) -> None:
         """Drop the nodes whose tokens are not the tokenizer's own encoding of their bytes (judged
@@ -595,7 +611,8 @@ class CharModel:
         split = [split_anchor(model.vocab, ids, backoff) for ids in prompt_ids]
         self.stream = ModelStream(model, [anchor for anchor, _ in split], recompute=recompute)
         self.book = RowBook(self.stream, list(range(len(split))))
-        self.beams = [CoverBeam(self.tables, cfg, self.canonical_path if canonical else None) for _ in split]
+        self.beams = [CoverBeam(self.tables, cfg, self.canonical_path if canonical else None, self.own_cover)
+                      for _ in split]
         self.prefix_len = [len(prefix) for _, prefix in split]
         for beam, (_, prefix) in zip(self.beams, split):
             if prefix:
@@ -606,6 +623,14 @@ class CharModel:
         ``live`` sequence still needs; False when there was nothing to score."""
         requests = [(seq, self.beams[seq], path) for seq, paths in selection.items() for path in paths]
         return score_level(self.book, requests, [(s, self.beams[s]) for s in live])
+
+    def own_cover(self, text: bytes) -> tuple[int, ...]:
+        """This model's own encoding of ``text`` (after its anchor; a complete character ends it)."""
+        ids = self.canonical_path(text)
+        if ids is None:
+            raise FusemtError(f"model '{self.model.name}' cannot spell {text[-24:]!r} exactly with its tokenizer: "
+                              "use decoding.rule=product or a model whose tokenizer covers every character")
+        return ids
 
     def canonical_path(self, text: bytes) -> tuple[int, ...] | None:
         """This model's own encoding of ``text`` (after its anchor), if it spells exactly those bytes."""

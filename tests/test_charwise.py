@@ -489,3 +489,19 @@ def test_reference_argmax_is_each_members_exact_next_character_along_the_referen
             assert tops[seq][pos] == [brute_argmax(m, source, text) for m in members], (seq, pos)
     with pytest.raises(ValueError, match="fast_path"):
         CharwiseDecoder(CharwiseDecoder.Config(name="charwise"), members, TOY_PROMPT).reference_argmax(["a"], ["a"])
+
+
+def test_a_member_that_gave_the_mixtures_choice_no_probability_goes_on_from_its_own_encoding():
+    """Mixture (0.6, 0.4): A is sure of "x", B of "y"; "x" wins and B has no cover of it. B restarts
+    from its own encoding of the text and keeps scoring (it used to leave an empty beam and crash)."""
+    a, b = toy_model("sp", name="a"), toy_model("sp", seed=5, name="b")
+    bos = a.tokenizer.bos_token_id
+    x = a.tokenizer.convert_tokens_to_ids("x")
+    script(a, [bos], {"x": 1.0})
+    script(b, [bos], {"y": 1.0})
+    script(b, [bos, x], {"a": 0.9, "</s>": 0.1})
+    script(a, [bos, x], {"a": 0.5, "b": 0.5})
+    (out,) = charwise([a, b], [""], rule="mixture", weights=[0.6, 0.4], **EXACT_OPTIONS)
+    assert out.text.startswith("xa") and out.stats["restarts"] == {"a": 0, "b": 1}
+    first, second = out.trace[0], out.trace[1]
+    assert first["p"] == {"a": 1.0, "b": 0.0} and second["p"]["b"] == pytest.approx(0.9)

@@ -249,7 +249,8 @@ class CharwiseDecoder(Decoder):
                      "fastpath_share": round(state.fast[seq] / max(n_steps, 1), 4),
                      "resolved_share": round(state.resolved[seq] / max(n_steps, 1), 4),
                      "forward_passes": {n: m.book.calls[seq] for n, m in zip(self.names, state.members)},
-                     "cache_crops": {n: m.book.crops[seq] for n, m in zip(self.names, state.members)}}
+                     "cache_crops": {n: m.book.crops[seq] for n, m in zip(self.names, state.members)},
+                     "restarts": {n: m.beams[seq].restarts for n, m in zip(self.names, state.members)}}
             outputs.append(traced_output(state.steps[seq], state.stops, stats, [TRUNCATED] if state.truncated[seq] else []))
         return outputs
 
