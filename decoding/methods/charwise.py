@@ -52,7 +52,7 @@ from decoding.base import TRUNCATED, DecodeOutput, Decoder, find_stop, register,
 from decoding.charprob import CharMasses, CharModel, CoverBeam, CoverConfig, Node
 from decoding.errors import FusemtError
 from decoding.fusion import FusionDecoder, check_fusion_options, normalized_weights, unique_names
-from decoding.prompt import render_prompt, stop_strings
+from decoding.prompt import render_prompt, stop_strings, uses_chat_template
 from decoding.repetition import RepetitionGuard
 
 END = None  # the end candidate
@@ -149,7 +149,7 @@ class CharwiseDecoder(Decoder):
         prune_threshold: float = 1e-3  # covers below this share of a member's mass are dropped
         covers: str = "all"  # all | canonical (complete tokens = the member's own encoding, as CharED)
         fast_path: bool = True
-        prompt_backoff: int = 1  # prompt text tokens re-covered (a token may span the prompt's end)
+        prompt_backoff: int = 1  # plain prompts: text tokens re-covered (a token may span the prompt's end)
         max_repeats: int = 7  # most times a unit of up to repeat_unit characters may occur in a row; 0: off
         repeat_unit: int = 4
         no_repeat_ngram_size: int = 0  # no character n-gram of this size twice; 0: off
@@ -180,7 +180,11 @@ class CharwiseDecoder(Decoder):
         for model in self.models:
             batch = render_prompt(model, sources, self.prompt)
             rows = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
-            members.append(CharModel(model, rows, self.covers, self.cfg.prompt_backoff, recompute=not self.cfg.use_cache,
+            # A chat template's generation prompt ("<|im_start|>assistant\n") ends where its training
+            # text always had a token boundary: re-covering its newline lets tokens such as "\n\n"
+            # span it, which the model never saw there (Qwen then gave a first "\n" ~0.9).
+            backoff = 0 if uses_chat_template(model.tokenizer) else self.cfg.prompt_backoff
+            members.append(CharModel(model, rows, self.covers, backoff, recompute=not self.cfg.use_cache,
                                      canonical=self.cfg.covers == "canonical"))
             truncated = [a or b for a, b in zip(truncated, batch["truncated"])]
         stops = list(dict.fromkeys(s for m in self.models for s in stop_strings(m.tokenizer, self.prompt, m.spec.stop_strings)))
