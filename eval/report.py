@@ -249,6 +249,8 @@ def paired_bootstrap(baseline: Run, run: Run, n_samples: int = BOOTSTRAP_SAMPLES
     common = [i for i in base if i in mine]
     if run is baseline or not common:
         return None
+    if all(mine[i]["hypothesis"] == base[i]["hypothesis"] for i in common):  # sacrebleu reports p ~ 0 for no difference
+        return Bootstrap(segments=len(common), bleu_delta=0.0, bleu_p=1.0, chrf_delta=0.0, chrf_p=1.0)
     test = PairedTest([("baseline", [base[i]["hypothesis"] for i in common]),
                        ("run", [mine[i]["hypothesis"] for i in common])],
                       metrics={"bleu": BLEU(tokenize="ja-mecab"), "chrf": CHRF()},

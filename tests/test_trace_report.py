@@ -242,6 +242,7 @@ def test_paired_bootstrap_markers_against_a_baseline(tmp_path):
     assert good_boot.segments == 40 and good_boot.bleu_p < 0.05 and good_boot.bleu_delta > 0
     assert good_boot.marker("bleu") == "▲" and good_boot.marker("chrf") == "▲"
     assert same_boot.bleu_delta == 0 and same_boot.marker("bleu") == "" and "greedy__poor" not in report.bootstraps
+    assert same_boot.bleu_p == same_boot.chrf_p == 1.0  # identical outputs: no difference to test
     md = report.to_markdown()
     assert "| 90.00 ▲ | 30.00 ▲ |" in md and "| **baseline** greedy__poor |" in md and "paired bootstrap" in md
     # a worse run gets ▼ when the good run is the baseline
