@@ -38,7 +38,7 @@ COMPAT = Path(sys.executable).parent / "fusemt-compat"
 COMPAT_DIR = ROOT / "experiments" / "wmt24pp_en_ja" / "compat"
 
 MEMBERS = ["gemma3_270m", "qwen25_coder_05b", "qwen25_coder_15b"]
-PAIRS = ["gemma3_qwen05", "gemma3_qwen15", "qwen15_qwen05"]
+PAIRS = ["gemma3_qwen05", "gemma3_qwen15", "qwen15_qwen05"]  # the cheapest pair first
 SPECULATIVE_PAIRS = ["qwen15_qwen05", "gemma3_qwen15"]  # target first, draft second
 DATASETS = {"wmt24pp": "wmt24pp_en_ja_test", "sample": "sample_en_ja"}
 # charwise counts characters, the other methods tokens (96): 128 characters hold more than the longest
@@ -64,23 +64,22 @@ def run_compat() -> str:
 
 
 def jobs(weights_pair: str = "<pair chosen by fusemt-compat>") -> list[tuple[str, list[str]]]:
-    """(label, fusemt overrides) for every run of the matrix."""
+    """(label, fusemt overrides) for every run of the matrix, cheaper jobs first."""
+    weight_jobs = [(f"{weights_pair} charwise-mixture w={weights}",
+                    [f"models={weights_pair}", "decoding=charwise", "decoding.rule=mixture", f"decoding.weights={weights}",
+                     f"decoding.max_new_tokens={CHARWISE_MAX_CHARS}"]) for weights in ("[0.7,0.3]", "[0.3,0.7]")]
+    speculative_jobs = [(f"{pair} speculative", [f"models={pair}", "decoding=speculative"]) for pair in SPECULATIVE_PAIRS]
     out = []
     for member in MEMBERS:
         out.append((f"{member} greedy", [f"models={member}", "decoding=greedy"]))
         out.append((f"{member} beam4", [f"models={member}", "decoding=beam", "decoding.num_beams=4"]))
+    out += weight_jobs + speculative_jobs  # before the pairs with the 1.5B model, the most expensive jobs
     for pair in PAIRS:
         out.append((f"{pair} unite", [f"models={pair}", "decoding=unite"]))
         out.append((f"{pair} tokenwise", [f"models={pair}", "decoding=tokenwise"]))
         for rule in ("mixture", "product"):
             out.append((f"{pair} charwise-{rule}", [f"models={pair}", "decoding=charwise", f"decoding.rule={rule}",
                                                     f"decoding.max_new_tokens={CHARWISE_MAX_CHARS}"]))
-    for weights in ("[0.7,0.3]", "[0.3,0.7]"):
-        out.append((f"{weights_pair} charwise-mixture w={weights}",
-                    [f"models={weights_pair}", "decoding=charwise", "decoding.rule=mixture", f"decoding.weights={weights}",
-                     f"decoding.max_new_tokens={CHARWISE_MAX_CHARS}"]))
-    for pair in SPECULATIVE_PAIRS:
-        out.append((f"{pair} speculative", [f"models={pair}", "decoding=speculative"]))
     return out
 
 
