@@ -7,7 +7,7 @@ ratio (output characters / reference characters: a verbose, chatty or truncating
 here), its tokenizer's fertility (characters and words per token, as in "How Good Is Your
 Tokenizer?", Rust et al. 2021) on the English sources and the Japanese references; per pair: how
 often the two models' most likely next character agrees on reference prefixes (teacher-forced,
-exact character probabilities). The verdict follows rules (1) and (2); fertility and agreement are
+from charwise's character probabilities). The verdict follows rules (1) and (2); fertility and agreement are
 reported as context.
 """
 

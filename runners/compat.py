@@ -97,7 +97,8 @@ def _profile(model, segments, hyps: list[str]) -> ModelProfile:
 
 
 def _next_char_tops(models, segments, prompt, compat: CompatConfig) -> list[list[list]]:
-    """Per model: its argmax next character at each reference position (teacher-forced, exact)."""
+    """Per model: its argmax next character at each reference position (teacher-forced; charwise's
+    character probabilities with its default cover beam)."""
     charwise = decoder_class("charwise")
     cfg = typed_config(charwise.Config, {"name": "charwise", "fast_path": False, "max_new_tokens": 10_000}, "charwise")
     chosen = segments[: compat.agreement_segments]
