@@ -17,7 +17,7 @@ from typing import Optional
 
 from decoding.errors import FusemtError
 
-_HASH_BLOCK = 1 << 22
+_COPY_BLOCK = 1 << 22
 
 
 @dataclass
@@ -81,15 +81,6 @@ def missing_parts(chunks: ChunkedGGUF) -> list[str]:
             if module_dir(f"{chunks.package}{i}") is None]
 
 
-def sha256_of(paths: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as fh:
-            while block := fh.read(_HASH_BLOCK):
-                digest.update(block)
-    return digest.hexdigest()
-
-
 def check_available(chunks: ChunkedGGUF, model_name: str, cache: Path) -> Path:
     """The assembled file's path in ``cache``, once it is there or its parts are installed; else a
     one-line error naming the fix. Cheap (no hashing): run at start-up, before any model loads."""
@@ -108,9 +99,10 @@ def check_available(chunks: ChunkedGGUF, model_name: str, cache: Path) -> Path:
 def assembled_gguf(chunks: ChunkedGGUF, model_name: str, cache: Path) -> Path:
     """The assembled file in ``cache``: built (and verified) on first use, reused after.
 
-    The parts are hashed before anything is written, so a wrong or corrupt part never reaches the
-    cache; the file appears under its final name only once complete (a killed assembly leaves
-    nothing to mistake for it). Later uses check the size; the hash is in the directory name.
+    The parts are hashed as they are copied into a temporary file, which takes the final name only
+    when size and sha256 match (a wrong part, or a killed assembly, leaves nothing to mistake for
+    the model; a mismatch removes the temporary file). Later uses check the size; the hash is in the
+    directory name.
     """
     target = check_available(chunks, model_name, cache)
     if target.exists() and target.stat().st_size == chunks.size:
@@ -120,16 +112,18 @@ def assembled_gguf(chunks: ChunkedGGUF, model_name: str, cache: Path) -> Path:
     if size != chunks.size:
         raise FusemtError(f"model '{model_name}': the {chunks.parts} parts of {chunks.package}* hold {size:,} bytes, "
                           f"expected {chunks.size:,}: reinstall them (`make models`) or fix the catalog entry")
-    digest = sha256_of(parts)
-    if digest != chunks.sha256:
-        raise FusemtError(f"model '{model_name}': the parts of {chunks.package}* have sha256 {digest}, expected "
-                          f"{chunks.sha256}: the packages changed; reinstall the pinned versions (`make models`)")
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+    digest = hashlib.sha256()
     with open(partial, "wb") as out:
         for part in parts:
             with open(part, "rb") as fh:
-                while block := fh.read(_HASH_BLOCK):
+                while block := fh.read(_COPY_BLOCK):
+                    digest.update(block)
                     out.write(block)
+    if digest.hexdigest() != chunks.sha256:
+        partial.unlink()
+        raise FusemtError(f"model '{model_name}': the parts of {chunks.package}* have sha256 {digest.hexdigest()}, "
+                          f"expected {chunks.sha256}: the packages changed; reinstall the pinned versions (`make models`)")
     os.replace(partial, target)
     return target
