@@ -20,29 +20,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-import time
-from pathlib import Path
 
 import torch
+from bench_common import compose, interleaved
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from decoding.base import decoder_class  # noqa: E402
-from decoding.model import load_model  # noqa: E402
-from runners.config import build_run_config, register_schemas  # noqa: E402
-from runners.data import DatasetConfig, load_segments  # noqa: E402
-
-
-def compose(*overrides):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from runners.config import CONF_DIR
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return build_run_config(hydra_compose("translate", overrides=list(overrides)))
+from decoding.base import decoder_class
+from decoding.model import load_model
+from runners.data import DatasetConfig, load_segments
 
 
 def characters(output) -> int:
@@ -58,7 +42,6 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    register_schemas()
     torch.manual_seed(0)
     sources = [s.source for s in load_segments(DatasetConfig(limit=max(args.batch_sizes)))]
     print(f"torch threads={torch.get_num_threads()} device={'cuda' if torch.cuda.is_available() else 'cpu'}")
@@ -76,19 +59,13 @@ def main() -> None:
     ratios, fast_steps, all_steps = {}, 0, 0
     for batch in args.batch_sizes:
         batch_sources = sources[:batch]
-        per_char: dict[str, list[float]] = {label: [] for label in runs}
-        for rep in range(args.repeats + 1):  # round 0 warms up (tables, caches)
-            for label, dec in runs.items():
-                t0 = time.perf_counter()
-                outputs = dec.decode(batch_sources)
-                elapsed = time.perf_counter() - t0
-                if rep == 0:
-                    continue
-                per_char[label].append(elapsed / max(sum(characters(o) for o in outputs), 1))
-                if label == "charwise":
-                    steps = sum(o.stats["steps"] for o in outputs)
-                    fast_steps += sum(round(o.stats["fastpath_share"] * o.stats["steps"]) for o in outputs)
-                    all_steps += steps
+        timed = interleaved({label: (lambda d=dec: d.decode(batch_sources)) for label, dec in runs.items()},
+                            args.repeats)
+        per_char = {label: [elapsed / max(sum(characters(o) for o in outputs), 1) for elapsed, outputs in rounds]
+                    for label, rounds in timed.items()}
+        for _, outputs in timed["charwise"]:
+            fast_steps += sum(round(o.stats["fastpath_share"] * o.stats["steps"]) for o in outputs)
+            all_steps += sum(o.stats["steps"] for o in outputs)
         median = {label: statistics.median(times) for label, times in per_char.items()}
         baseline = sum(median[name] for name in names)
         ratios[batch] = median["charwise"] / baseline

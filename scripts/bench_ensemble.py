@@ -20,42 +20,20 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-import time
-from pathlib import Path
 
 import torch
+from bench_common import compose, interleaved
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from decoding.base import decoder_class  # noqa: E402
-from decoding.model import load_model  # noqa: E402
-from runners.config import build_run_config, register_schemas  # noqa: E402
-from runners.data import DatasetConfig, load_segments  # noqa: E402
+from decoding.base import decoder_class
+from decoding.model import load_model
+from runners.data import DatasetConfig, load_segments
 
 
-def compose(*overrides):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from runners.config import CONF_DIR
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return build_run_config(hydra_compose("translate", overrides=list(overrides)))
-
-
-def interleaved(jobs: dict[str, tuple[object, list[str], int]], rounds: int) -> dict[str, list[float]]:
-    """Seconds per step of each job (decoder, sources, steps) in every round, after one warm-up each."""
-    for decoder, sources, _ in jobs.values():
-        decoder.decode(sources)
-    times: dict[str, list[float]] = {name: [] for name in jobs}
-    for _ in range(rounds):
-        for name, (decoder, sources, steps) in jobs.items():
-            t0 = time.perf_counter()
-            decoder.decode(sources)
-            times[name].append((time.perf_counter() - t0) / steps)
-    return times
+def per_step(jobs: dict[str, tuple[object, list[str], int]], rounds: int) -> dict[str, list[float]]:
+    """Seconds per step of each job (decoder, sources, steps) in every interleaved round."""
+    timed = interleaved({name: (lambda d=decoder, s=sources: d.decode(s)) for name, (decoder, sources, _) in jobs.items()},
+                        rounds)
+    return {name: [seconds / jobs[name][2] for seconds, _ in runs] for name, runs in timed.items()}
 
 
 def show(times: list[float]) -> str:
@@ -69,7 +47,6 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    register_schemas()
     torch.manual_seed(0)
     sources = [s.source for s in load_segments(DatasetConfig(limit=max(args.batch_sizes)))]
     short, long = args.steps
@@ -89,7 +66,7 @@ def main() -> None:
         rows = sources[:batch]
         jobs = {name: (decoder("greedy", short, name), rows, short) for name in members}
         jobs.update({method: (decoder(method, short), rows, short) for method in methods})
-        times = interleaved(jobs, args.rounds)
+        times = per_step(jobs, args.rounds)
         alone = sum(statistics.median(times[name]) for name in members)
         print(f"bs={batch} steps={short}: " + " + ".join(f"{n} {show(times[n])}" for n in members)
               + f" = {alone * 1e3:.1f} ms/step (HF generate greedy)")
@@ -99,7 +76,7 @@ def main() -> None:
         ratios[batch] = max(statistics.median(times[method]) / alone for method in methods)
     growth = 0.0
     jobs = {f"{method}@{steps}": (decoder(method, steps), sources[:1], steps) for method in methods for steps in (short, long)}
-    times = interleaved(jobs, args.rounds)
+    times = per_step(jobs, args.rounds)
     for method in methods:
         t_short, t_long = statistics.median(times[f"{method}@{short}"]), statistics.median(times[f"{method}@{long}"])
         growth = max(growth, t_long / t_short)

@@ -16,28 +16,15 @@ only run through universal assisted generation.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
+from bench_common import compose
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from decoding.base import decoder_class  # noqa: E402
-from decoding.model import load_model  # noqa: E402
-from runners.config import CONF_DIR, build_run_config, register_schemas  # noqa: E402
-from runners.data import DatasetConfig, load_segments  # noqa: E402
-from decoding.prompt import render_prompt  # noqa: E402
-
-
-def compose(*overrides):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return build_run_config(hydra_compose("translate", overrides=list(overrides)))
+from decoding.base import decoder_class
+from decoding.model import load_model
+from decoding.prompt import render_prompt
+from runners.data import DatasetConfig, load_segments
 
 
 def best_of(repeats: int, fn) -> tuple[float, object]:
@@ -58,7 +45,6 @@ def main() -> None:
     parser.add_argument("--num-draft-tokens", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
-    register_schemas()
     torch.manual_seed(0)
     sources = [s.source for s in load_segments(DatasetConfig(limit=args.segments))]
     common = [f"decoding.max_new_tokens={args.max_new_tokens}", "prompt.plain_stop_strings=[]"]
