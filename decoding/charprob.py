@@ -536,6 +536,39 @@ class RowBook:
         wanted = set(requests)
         parents = {(seq, path[:-1]): (seq, path) for seq, path in requests if len(path) > 1 and (seq, path[:-1]) in wanted}
         own = [key for key in requests if key not in parents]
+        self._place(own, keep, carries={path for seq, path in parents.values()})
+        logprobs = self.stream.logprobs(keep=2 if parents else None)
+        if not parents:
+            logprobs = logprobs[:, None]
+        for seq in {seq for seq, _ in requests}:
+            self.calls[seq] += 1
+        row_of = {(self.seq[r], self.paths[r]): r for r in range(len(self.paths) - 1, self.pinned - 1, -1)}
+        out = {key: logprobs[row_of[key], -1] for key in own}
+        out.update({key: logprobs[row_of[child], -2] for key, child in parents.items()})
+        return out
+
+    def score_chains(self, chains: dict[int, tuple[int, ...]], keep: list[tuple[int, tuple[int, ...]]]
+                     ) -> dict[tuple[int, tuple[int, ...]], torch.Tensor]:
+        """Each sequence's path run in one row of one call, every position kept: the next-token
+        log-probabilities after each prefix of it that the call ran (the prefixes past the row it
+        was built from)."""
+        self._place(list(chains.items()), keep, carries=set())
+        out = {}
+        for row, entries in enumerate(self.stream.prefix_logprobs()):
+            seq = self.seq[row]
+            if row < self.pinned or chains.get(seq) != self.paths[row]:
+                continue
+            for context, logprobs in entries:
+                if len(context) >= self.base[seq]:  # (a first call also runs the anchor's own tokens)
+                    out[(seq, context[self.base[seq]:])] = logprobs
+        for seq in chains:
+            self.calls[seq] += 1
+        return out
+
+    def _place(self, own: list[tuple[int, tuple[int, ...]]], keep: list[tuple[int, tuple[int, ...]]],
+               carries: set[tuple[int, ...]]) -> None:
+        """Rows for the pinned rows, the ``own`` paths (each built from its sequence's closest row)
+        and the ``keep`` paths no other row holds; ``carries`` run their last two tokens."""
         targets = [(r, self.paths[r]) for r in range(self.pinned)]
         targets += [(self._closest_row(seq, path), path) for seq, path in own]
         for seq, path in keep:
@@ -545,7 +578,6 @@ class RowBook:
         stream, sources = self.stream, [src for src, _ in targets]
         if sources != list(range(stream.rows)):
             stream.select_rows(sources)
-        carries = {path for seq, path in parents.values()}
         for row, (src, path) in enumerate(targets):
             old = self.paths[src]
             common = 0
@@ -559,15 +591,6 @@ class RowBook:
             stream.append(row, list(path[common:]))
         self.seq = [self.seq[src] for src in sources]
         self.paths = [path for _, path in targets]
-        logprobs = stream.logprobs(keep=2 if parents else None)
-        if not parents:
-            logprobs = logprobs[:, None]
-        for seq in {seq for seq, _ in requests}:
-            self.calls[seq] += 1
-        row_of = {(self.seq[r], self.paths[r]): r for r in range(len(targets) - 1, self.pinned - 1, -1)}
-        out = {key: logprobs[row_of[key], -1] for key in own}
-        out.update({key: logprobs[row_of[child], -2] for key, child in parents.items()})
-        return out
 
     def _closest_row(self, seq: int, path: tuple[int, ...]) -> int:
         best, best_len = None, -1
@@ -611,6 +634,7 @@ class CharModel:
         split = [split_anchor(model.vocab, ids, backoff) for ids in prompt_ids]
         self.stream = ModelStream(model, [anchor for anchor, _ in split], recompute=recompute)
         self.book = RowBook(self.stream, list(range(len(split))))
+        self.anchors = [tuple(anchor) for anchor, _ in split]
         self.beams = [CoverBeam(self.tables, cfg, self.canonical_path if canonical else None, self.own_cover)
                       for _ in split]
         self.prefix_len = [len(prefix) for _, prefix in split]
@@ -618,11 +642,33 @@ class CharModel:
             if prefix:
                 beam.advance(prefix)
 
-    def score(self, selection: dict[int, list[tuple[int, ...]]], live: list[int]) -> bool:
+    def score(self, selection: dict[int, list[tuple[int, ...]]], live: list[int], lookahead=None) -> bool:
         """Score the selected nodes (paths per sequence) in one forward call, keeping the rows every
-        ``live`` sequence still needs; False when there was nothing to score."""
+        ``live`` sequence still needs; nodes whose distribution a speculative round's ``lookahead``
+        already holds are scored from it. False when there was nothing to score."""
         requests = [(seq, self.beams[seq], path) for seq, paths in selection.items() for path in paths]
+        if lookahead is not None:
+            rest = []
+            for seq, beam, path in requests:
+                logprobs = lookahead.get(self.model, self.anchors[seq] + path)
+                if logprobs is None:
+                    rest.append((seq, beam, path))
+                elif path not in beam.nodes:
+                    beam.prefetched[path] = logprobs
+                elif not beam.nodes[path].scored:
+                    beam.score(path, logprobs)
+            requests = rest
         return score_level(self.book, requests, [(s, self.beams[s]) for s in live])
+
+    def look_ahead(self, texts: dict[int, bytes], live: list[int], lookahead) -> None:
+        """Run each sequence's own encoding of ``texts[seq]`` (its text after the anchor) in one call,
+        every position into ``lookahead`` (a speculative round's drafted text)."""
+        chains = {seq: path for seq, text in texts.items() if (path := self.canonical_path(text))}
+        if not chains:
+            return
+        needed = [(s, p) for s in live for p in self.beams[s].needed_paths()]
+        for (seq, path), logprobs in self.book.score_chains(chains, needed).items():
+            lookahead.put(self.model, self.anchors[seq] + path, logprobs)
 
     def own_cover(self, text: bytes) -> tuple[int, ...]:
         """This model's own encoding of ``text`` (after its anchor; a complete character ends it)."""

@@ -30,6 +30,7 @@ import torch
 
 from decoding.base import TRUNCATED, DecodeOutput, Decoder, find_stop, trace_step, traced_output
 from decoding.errors import FusemtError
+from decoding.speculate import Speculation, check_speculation_options, start_speculation
 from decoding.stream import ModelStream, common_prefix_len, open_streams
 from decoding.vocab import complete_utf8_prefix, utf8_pending
 from decoding.prompt import stop_strings
@@ -65,6 +66,7 @@ class FusionState:
     rollbacks: list[list[int]] = field(default_factory=list)  # [seq][model]
     forward_passes: list[list[int]] = field(default_factory=list)
     truncated: list[bool] = field(default_factory=list)
+    speculation: Optional[Speculation] = None
 
 
 def unique_names(models) -> list[str]:
@@ -84,6 +86,7 @@ def check_fusion_options(cfg, n_models: int) -> None:
     weights = cfg.weights
     if weights is not None and (len(weights) != n_models or any(w < 0 for w in weights) or sum(weights) <= 0):
         raise FusemtError(f"decoding.weights={list(weights)}: need {n_models} non-negative weights, not all 0")
+    check_speculation_options(cfg, n_models)
 
 
 def normalized_weights(weights: Optional[list[float]], n_models: int) -> list[float]:
@@ -104,6 +107,9 @@ class FusionDecoder(Decoder):
         temperature: float = 0.0  # 0: argmax; >0: sample from the fused scores
         use_cache: bool = True  # False: slow full-recompute reference path (for testing)
         seed: int = 0
+        speculate: int = 0  # >0: a speculative ensemble, this many drafted tokens per round (same output)
+        drafter: Optional[int] = None  # index of the drafting member; None: the one with the fewest parameters
+        alternate: bool = False  # members take turns drafting, round by round
 
     @classmethod
     def check_config(cls, cfg, n_models: int) -> None:
@@ -130,44 +136,88 @@ class FusionDecoder(Decoder):
         return FusionState(sources=sources, streams=streams, stops=stops, active=list(range(n)),
                            text=[bytearray() for _ in range(n)], steps=[[] for _ in range(n)],
                            agree=[0] * n, rollbacks=[[0] * len(self.models) for _ in range(n)],
-                           forward_passes=[[0] * len(self.models) for _ in range(n)], truncated=truncated)
+                           forward_passes=[[0] * len(self.models) for _ in range(n)], truncated=truncated,
+                           speculation=start_speculation(self.cfg, self.models, self.names, sources, self.prompt))
 
     @torch.inference_mode()
     def step(self, state: FusionState) -> bool:
         if not state.active:
             return False
-        texts = [bytes(state.text[i]) for i in state.active]
+        finished = state.speculation.round(self, state) if state.speculation else self.advance(state, list(state.active))
+        if finished:
+            keep = [r for r, seq in enumerate(state.active) if seq not in set(finished)]
+            for stream in state.streams:
+                stream.select_rows(keep)
+            if state.speculation:
+                state.speculation.drafter.select_rows(keep)
+            state.active = [state.active[r] for r in keep]
+        return bool(state.active)
+
+    def advance(self, state: FusionState, seqs: list[int]) -> list[int]:
+        """One fused step for the live sequences ``seqs``; returns those that finished."""
+        rows = [state.active.index(seq) for seq in seqs]
+        texts = [bytes(state.text[seq]) for seq in state.active]
         pending = torch.tensor([utf8_pending(text) for text in texts])
         unfinished = [text[len(complete_utf8_prefix(text)):] for text in texts]
-        may_end = len(state.steps[state.active[0]]) >= self.cfg.min_new_tokens  # all live rows are at the same step
+        may_end = torch.tensor([len(state.steps[seq]) >= self.cfg.min_new_tokens for seq in state.active])
         logprobs, top = [], []
-        for stream in state.streams:
-            lp = stream.logprobs()
+        for m, stream in enumerate(state.streams):
+            lp = self._logprobs(state, m, rows)
             vocab = stream.model.vocab
             allowed = vocab.admissible(pending, unfinished)
-            allowed[:, vocab.end_id_tensor] = may_end
+            allowed[:, vocab.end_id_tensor] = may_end[:, None]
             masked = lp.masked_fill(~allowed, -math.inf)
             values, ids = masked.topk(min(self.cfg.top_k, masked.shape[1]), dim=-1)
             logprobs.append(lp)
             top.append((values.tolist(), ids.tolist()))
-        candidates = [self._candidates(row, top) for row in range(len(state.active))]
+        candidates = [self._candidates(row, top) if row in rows else [] for row in range(len(state.active))]
         self._look_up(candidates, logprobs, state.streams)
         finished = []
-        for row, seq in enumerate(state.active):
-            for m in range(len(self.models)):
-                state.forward_passes[seq][m] += 1
+        for row, seq in zip(rows, seqs):
             choice, ranked = self._choose(candidates[row], bytes(state.text[seq]))
             top1 = {c.key for c in candidates[row] if any(c.ids[m] == top[m][1][row][0] and c.proposed[m]
                                                           for m in range(len(self.models)))}
             state.agree[seq] += len(top1) == 1
             if self._apply(state, row, seq, choice, ranked):
-                finished.append(row)
-        if finished:
-            keep = [r for r in range(len(state.active)) if r not in set(finished)]
-            for stream in state.streams:
-                stream.select_rows(keep)
-            state.active = [state.active[r] for r in keep]
-        return bool(state.active)
+                finished.append(seq)
+        return finished
+
+    def _logprobs(self, state: FusionState, m: int, rows: list[int]) -> torch.Tensor:
+        """Member ``m``'s next-token log-probabilities for every live row ([rows, vocab]; only
+        ``rows`` are used): one pass, or when speculating, read from the round's lookahead where
+        its passes ran this context (a pass for all rows otherwise)."""
+        stream = state.streams[m]
+        if state.speculation is None:
+            self._count_pass(state, m)
+            return stream.logprobs()
+        lookahead = state.speculation.lookahead
+        if any(lookahead.get(stream.model, stream.tokens[r]) is None for r in rows):
+            self._count_pass(state, m)
+            for r, lp in enumerate(stream.logprobs()):
+                lookahead.put(stream.model, stream.tokens[r], lp)
+        served = {r: lookahead.get(stream.model, stream.tokens[r]) for r in rows}
+        return torch.stack([served[r] if r in served else torch.zeros_like(served[rows[0]])
+                            for r in range(stream.rows)])
+
+    def _count_pass(self, state: FusionState, m: int) -> None:
+        for seq in state.active:
+            state.forward_passes[seq][m] += 1
+
+    def verify(self, state: FusionState, seqs: list[int], drafted: list[bytes], drafter_model) -> None:
+        """Each member other than the drafter's model scores text + draft (its canonical tokens) in
+        one pass; then its rows go back to their own tokens for the text (the drafted tokens' KV
+        waits in the stream's shadow and is taken back as the fused steps accept them)."""
+        rows = [state.active.index(seq) for seq in seqs]
+        for m, stream in enumerate(state.streams):
+            if stream.model is drafter_model:
+                continue
+            own = {row: list(stream.generated(row)) for row in rows}
+            for row, text in zip(rows, drafted):
+                stream.sync_canonical(row, text)
+            self._count_pass(state, m)
+            state.speculation.lookahead.run(stream)
+            for row in rows:
+                stream.sync_to_ids(row, own[row])
 
     def finish(self, state: FusionState) -> list[DecodeOutput]:
         outputs = []
@@ -176,6 +226,8 @@ class FusionDecoder(Decoder):
             stats = {"steps": n_steps, "agreement_rate": round(state.agree[seq] / max(n_steps, 1), 4),
                      "cache_crops": dict(zip(self.names, state.rollbacks[seq])),
                      "forward_passes": dict(zip(self.names, state.forward_passes[seq]))}
+            if state.speculation:
+                stats["speculation"] = state.speculation.stats(seq, stats["forward_passes"])
             outputs.append(traced_output(state.steps[seq], state.stops, stats, [TRUNCATED] if state.truncated[seq] else []))
         return outputs
 

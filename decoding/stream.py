@@ -67,6 +67,10 @@ class ModelStream:
         self.cache = None if recompute else DynamicCache() if self.window else DynamicCache(config=config)
         self.forward_passes = 0
         self.rollbacks = [0] * len(prompt_ids)  # per row: how many times cached tokens were dropped
+        # per row: (id, column) of tokens rolled back whose KV is still in place, in position order
+        # from len(tokens[r]); appending the same ids again re-validates them instead of recomputing
+        # (a speculative round rolls drafted text back, then accepts it piece by piece)
+        self.shadow: list[list[tuple[int, int]]] = [[] for _ in prompt_ids]
 
     @property
     def rows(self) -> int:
@@ -76,6 +80,15 @@ class ModelStream:
         return self.tokens[row][self.prompt_len[row]:]
 
     def append(self, row: int, ids: list[int]) -> None:
+        shadow = self.shadow[row]
+        reused = 0
+        if shadow and self.cached[row] == len(self.tokens[row]):
+            while reused < min(len(ids), len(shadow)) and ids[reused] == shadow[reused][0]:
+                _, column = shadow[reused]
+                self.column_pos[row, column] = self.cached[row] + reused
+                reused += 1
+            self.cached[row] += reused
+        self.shadow[row] = shadow[reused:] if reused == len(ids) else []
         self.tokens[row].extend(ids)
 
     def rollback(self, row: int, n: int) -> None:
@@ -83,10 +96,15 @@ class ModelStream:
         if n <= 0:
             return
         assert n <= len(self.generated(row)), "rollback into the prompt"
+        removed = self.tokens[row][-n:]
         del self.tokens[row][-n:]
         keep = min(self.cached[row], len(self.tokens[row]))
         if keep < self.cached[row]:
-            self.column_pos[row][self.column_pos[row] >= keep] = -1
+            positions = self.column_pos[row]
+            dropped = (positions >= keep).nonzero().flatten()
+            columns = dropped[positions[dropped].argsort()].tolist()  # positions keep..cached-1, in order
+            self.shadow[row] = list(zip(removed, columns)) + self.shadow[row]
+            positions[dropped] = -1
             self.cached[row] = keep
             self.rollbacks[row] += 1
 
@@ -190,6 +208,7 @@ class ModelStream:
         self.prompt_len = [self.prompt_len[i] for i in keep]
         self.cached = [self.cached[i] for i in keep]
         self.rollbacks = [self.rollbacks[i] for i in keep]
+        self.shadow = [list(self.shadow[i]) for i in keep]
         index = torch.tensor(keep, dtype=torch.long)
         self.column_pos = self.column_pos[index]
         if self.cache is not None and self.cache.get_seq_length() > 0:
@@ -211,6 +230,15 @@ class ModelStream:
         n = keep or 1
         out = (self._full_forward(n) if self.recompute else self._incremental_forward(n)).cpu()
         return out[:, -1] if keep is None else out
+
+    def prefix_logprobs(self) -> list[list[tuple[tuple[int, ...], torch.Tensor]]]:
+        """One pass keeping every position: per row, (context, next-token log-probabilities after it)
+        for each prefix of its tokens that the pass ran (its pending tokens; the last one when none)."""
+        counts = [max(self.pending(r), 1) for r in range(self.rows)]
+        out = self.logprobs(keep=max(counts))
+        width = out.shape[1]
+        return [[(tuple(self.tokens[r][: len(self.tokens[r]) - j]), out[r, width - 1 - j]) for j in range(counts[r])]
+                for r in range(self.rows)]
 
     def _incremental_forward(self, keep: int) -> torch.Tensor:
         for r in range(self.rows):

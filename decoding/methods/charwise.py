@@ -54,6 +54,8 @@ from decoding.errors import FusemtError
 from decoding.fusion import FusionDecoder, check_fusion_options, normalized_weights, unique_names
 from decoding.prompt import render_prompt, stop_strings, uses_chat_template
 from decoding.repetition import RepetitionGuard
+from decoding.speculate import Speculation, start_speculation
+from decoding.vocab import complete_utf8_prefix
 
 END = None  # the end candidate
 RULES = ("mixture", "product")
@@ -72,6 +74,7 @@ class CharwiseState:
     fast: list[int] = field(default_factory=list)  # steps decided by the fast path (LB > 1/2 in every member)
     resolved: list[int] = field(default_factory=list)  # steps decided with every node above the threshold scored
     truncated: list[bool] = field(default_factory=list)
+    speculation: Optional[Speculation] = None
 
 
 @dataclass
@@ -191,23 +194,39 @@ class CharwiseDecoder(Decoder):
         n = len(sources)
         return CharwiseState(sources=sources, members=members, stops=stops, active=list(range(n)),
                              text=[bytearray() for _ in range(n)], steps=[[] for _ in range(n)], agree=[0] * n,
-                             fast=[0] * n, resolved=[0] * n, truncated=truncated)
+                             fast=[0] * n, resolved=[0] * n, truncated=truncated,
+                             speculation=start_speculation(self.cfg, self.models, self.names, sources, self.prompt))
 
     @torch.inference_mode()
     def step(self, state: CharwiseState) -> bool:
-        """One character for every live sequence: score levels of nodes until each is decided."""
+        """One character for every live sequence (a speculative round: one or more)."""
         if not state.active:
             return False
-        choices = self._decide(state)
-        finished = [seq for seq in state.active if self._apply(state, seq, choices[seq])]
-        state.active = [seq for seq in state.active if seq not in finished]
+        finished = state.speculation.round(self, state) if state.speculation else self.advance(state, list(state.active))
+        if finished:
+            if state.speculation:
+                state.speculation.drafter.select_rows([r for r, seq in enumerate(state.active) if seq not in finished])
+            state.active = [seq for seq in state.active if seq not in finished]
         return bool(state.active)
 
-    def _decide(self, state: CharwiseState) -> dict[int, Choice]:
-        """The next character of every live sequence: levels of nodes scored (one forward call per
-        member and level, for all sequences) until each sequence's choice is decided."""
+    def advance(self, state: CharwiseState, seqs: list[int]) -> list[int]:
+        """One character for the live sequences ``seqs``: score levels of nodes until each is decided."""
+        choices = self._decide(state, seqs)
+        return [seq for seq in seqs if self._apply(state, seq, choices[seq])]
+
+    def verify(self, state: CharwiseState, seqs: list[int], drafted: list[bytes], drafter_model) -> None:
+        """Every member runs its own encoding of each text + draft (complete characters) in one call."""
+        for member in state.members:
+            texts = {seq: bytes(member.beams[seq].text) + complete_utf8_prefix(full)[len(state.text[seq]):]
+                     for seq, full in zip(seqs, drafted)}
+            member.look_ahead(texts, state.active, state.speculation.lookahead)
+
+    def _decide(self, state: CharwiseState, seqs: list[int]) -> dict[int, Choice]:
+        """The next character of each of ``seqs``: levels of nodes scored (one forward call per
+        member and level, for all of them) until each sequence's choice is decided."""
+        lookahead = state.speculation.lookahead if state.speculation else None
         choices: dict[int, Choice] = {}
-        todo = list(state.active)
+        todo = list(seqs)
         while todo:
             wanted: list[dict[int, list[tuple[int, ...]]]] = [{} for _ in state.members]
             for seq in todo:
@@ -219,7 +238,7 @@ class CharwiseDecoder(Decoder):
                         wanted[m][seq] = member_paths
             todo = [seq for seq in todo if seq not in choices]
             for member, selection in zip(state.members, wanted):
-                member.score(selection, state.active)
+                member.score(selection, state.active, lookahead)
         return choices
 
     @torch.inference_mode()
@@ -234,7 +253,7 @@ class CharwiseDecoder(Decoder):
         targets: list[list[Optional[bytes]]] = [[ch.encode("utf-8") for ch in ref] + [END] for ref in references]
         tops: list[list[list[Optional[bytes]]]] = [[] for _ in sources]
         while state.active:
-            choices = self._decide(state)
+            choices = self._decide(state, state.active)
             for seq in list(state.active):
                 tops[seq].append(choices[seq].tops)
                 char = targets[seq][len(tops[seq]) - 1]
@@ -255,6 +274,8 @@ class CharwiseDecoder(Decoder):
                      "forward_passes": {n: m.book.calls[seq] for n, m in zip(self.names, state.members)},
                      "cache_crops": {n: m.book.crops[seq] for n, m in zip(self.names, state.members)},
                      "restarts": {n: m.beams[seq].restarts for n, m in zip(self.names, state.members)}}
+            if state.speculation:
+                stats["speculation"] = state.speculation.stats(seq, stats["forward_passes"])
             outputs.append(traced_output(state.steps[seq], state.stops, stats, [TRUNCATED] if state.truncated[seq] else []))
         return outputs
 
