@@ -7,7 +7,7 @@ A method is a class with a nested ``Config`` dataclass. The runner only calls
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 from omegaconf import OmegaConf
@@ -144,6 +144,19 @@ class Decoder(ABC):
         while self.step(state):
             pass
         return self.finish(state)
+
+
+def later_option(default):
+    """A decoding option added after results existed, whose default reproduces the behaviour from
+    before it: left out of a run's fingerprint while at that default (``fingerprint_values``), so
+    adding it does not rename, and orphan, the finished results of every run."""
+    return field(default=default, metadata={"later": True})
+
+
+def fingerprint_values(schema: type, values: dict) -> dict:
+    """``values`` (a method's decoding options) without the later options that are at their default."""
+    later = {f.name: f.default for f in fields(schema) if f.metadata.get("later")}
+    return {k: v for k, v in values.items() if not (k in later and v == later[k])}
 
 
 DECODERS: dict[str, type[Decoder]] = {}

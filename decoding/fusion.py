@@ -28,8 +28,9 @@ from typing import Optional
 
 import torch
 
-from decoding.base import TRUNCATED, DecodeOutput, Decoder, find_stop, trace_step, traced_output
+from decoding.base import TRUNCATED, DecodeOutput, Decoder, find_stop, later_option, trace_step, traced_output
 from decoding.errors import FusemtError
+from decoding.search import BeamSearch, Extension, Live
 from decoding.speculate import Speculation, check_speculation_options, start_speculation
 from decoding.stream import ModelStream, common_prefix_len, open_streams
 from decoding.vocab import complete_utf8_prefix, utf8_pending
@@ -67,6 +68,8 @@ class FusionState:
     forward_passes: list[list[int]] = field(default_factory=list)
     truncated: list[bool] = field(default_factory=list)
     speculation: Optional[Speculation] = None
+    search: Optional[BeamSearch] = None  # beam search (num_beams > 1): sequences are hypothesis slots
+    source_of: list[int] = field(default_factory=list)  # per sequence (slot): its source
 
 
 def unique_names(models) -> list[str]:
@@ -87,6 +90,11 @@ def check_fusion_options(cfg, n_models: int) -> None:
     if weights is not None and (len(weights) != n_models or any(w < 0 for w in weights) or sum(weights) <= 0):
         raise FusemtError(f"decoding.weights={list(weights)}: need {n_models} non-negative weights, not all 0")
     check_speculation_options(cfg, n_models)
+    if cfg.num_beams < 1:
+        raise FusemtError(f"decoding.num_beams={cfg.num_beams}: must be at least 1")
+    if cfg.num_beams > 1 and (cfg.temperature > 0 or cfg.speculate):
+        raise FusemtError(f"decoding.num_beams={cfg.num_beams} searches deterministically: set decoding.temperature=0 "
+                          "and decoding.speculate=0")
 
 
 def normalized_weights(weights: Optional[list[float]], n_models: int) -> list[float]:
@@ -98,7 +106,7 @@ def normalized_weights(weights: Optional[list[float]], n_models: int) -> list[fl
 class FusionDecoder(Decoder):
     """Base of the token-level ensembles: subclasses implement ``score``."""
 
-    min_models, max_models = 2, None
+    min_models, max_models = 1, None  # one member: its own decoding through the fusion engine (beam = HF beam)
 
     @dataclass
     class Config(Decoder.Config):
@@ -107,9 +115,12 @@ class FusionDecoder(Decoder):
         temperature: float = 0.0  # 0: argmax; >0: sample from the fused scores
         use_cache: bool = True  # False: slow full-recompute reference path (for testing)
         seed: int = 0
-        speculate: int = 0  # >0: a speculative ensemble, this many drafted tokens per round (same output)
-        drafter: Optional[int] = None  # index of the drafting member; None: the one with the fewest parameters
-        alternate: bool = False  # members take turns drafting, round by round
+        speculate: int = later_option(0)  # >0: a speculative ensemble, this many drafted tokens per round (same output)
+        drafter: Optional[int] = later_option(None)  # index of the drafting member; None: the one with the fewest parameters
+        alternate: bool = later_option(False)  # members take turns drafting, round by round
+        num_beams: int = later_option(1)  # >1: beam search over fused hypotheses (decoding/search.py)
+        length_penalty: float = later_option(1.0)  # as Hugging Face: score / length ** length_penalty
+        early_stopping: bool = later_option(True)  # as Hugging Face: stop a source once num_beams hypotheses finished
 
     @classmethod
     def check_config(cls, cfg, n_models: int) -> None:
@@ -137,12 +148,18 @@ class FusionDecoder(Decoder):
                            text=[bytearray() for _ in range(n)], steps=[[] for _ in range(n)],
                            agree=[0] * n, rollbacks=[[0] * len(self.models) for _ in range(n)],
                            forward_passes=[[0] * len(self.models) for _ in range(n)], truncated=truncated,
-                           speculation=start_speculation(self.cfg, self.models, self.names, sources, self.prompt))
+                           speculation=start_speculation(self.cfg, self.models, self.names, sources, self.prompt),
+                           search=(BeamSearch(n, self.cfg.num_beams, self.cfg.length_penalty, self.cfg.early_stopping)
+                                   if self.cfg.num_beams > 1 else None),
+                           source_of=list(range(n)))
 
     @torch.inference_mode()
     def step(self, state: FusionState) -> bool:
         if not state.active:
             return False
+        if state.search:
+            self._beam_step(state)
+            return bool(state.active)
         finished = state.speculation.round(self, state) if state.speculation else self.advance(state, list(state.active))
         if finished:
             keep = [r for r, seq in enumerate(state.active) if seq not in set(finished)]
@@ -155,11 +172,18 @@ class FusionDecoder(Decoder):
 
     def advance(self, state: FusionState, seqs: list[int]) -> list[int]:
         """One fused step for the live sequences ``seqs``; returns those that finished."""
+        chosen = self._rank(state, seqs)
+        return [seq for seq in seqs if self._apply(state, state.active.index(seq), seq, *chosen[seq])]
+
+    def _rank(self, state: FusionState, seqs: list[int]) -> dict[int, tuple[Candidate, list[tuple[float, Candidate]]]]:
+        """Each sequence's choice (argmax, or a sample) and its candidates by fused score, best first."""
         rows = [state.active.index(seq) for seq in seqs]
         texts = [bytes(state.text[seq]) for seq in state.active]
         pending = torch.tensor([utf8_pending(text) for text in texts])
         unfinished = [text[len(complete_utf8_prefix(text)):] for text in texts]
         may_end = torch.tensor([len(state.steps[seq]) >= self.cfg.min_new_tokens for seq in state.active])
+        # beam search needs enough candidates per hypothesis to fill its 2 * num_beams best
+        top_k = max(self.cfg.top_k, 2 * self.cfg.num_beams) if self.cfg.num_beams > 1 else self.cfg.top_k
         logprobs, top = [], []
         for m, stream in enumerate(state.streams):
             lp = self._logprobs(state, m, rows)
@@ -167,20 +191,67 @@ class FusionDecoder(Decoder):
             allowed = vocab.admissible(pending, unfinished)
             allowed[:, vocab.end_id_tensor] = may_end[:, None]
             masked = lp.masked_fill(~allowed, -math.inf)
-            values, ids = masked.topk(min(self.cfg.top_k, masked.shape[1]), dim=-1)
+            values, ids = masked.topk(min(top_k, masked.shape[1]), dim=-1)
             logprobs.append(lp)
             top.append((values.tolist(), ids.tolist()))
         candidates = [self._candidates(row, top) if row in rows else [] for row in range(len(state.active))]
         self._look_up(candidates, logprobs, state.streams)
-        finished = []
+        chosen = {}
         for row, seq in zip(rows, seqs):
-            choice, ranked = self._choose(candidates[row], bytes(state.text[seq]))
+            chosen[seq] = self._choose(candidates[row], bytes(state.text[seq]))
             top1 = {c.key for c in candidates[row] if any(c.ids[m] == top[m][1][row][0] and c.proposed[m]
                                                           for m in range(len(self.models)))}
             state.agree[seq] += len(top1) == 1
-            if self._apply(state, row, seq, choice, ranked):
-                finished.append(seq)
-        return finished
+        return chosen
+
+    def _beam_step(self, state: FusionState) -> None:
+        """One step of beam search (``decoding/search.py``): every live hypothesis's candidates,
+        scored by the fused score, then the strategy's selection; hypotheses that live on (and
+        those that finish, for their last trace step) are new slots forked from their parents,
+        their rows copied from the parents' rows (KV cache included)."""
+        search = state.search
+        chosen = self._rank(state, list(state.active))
+        picked: list[tuple[int, Extension]] = []
+        for source, beams in enumerate(search.sources):
+            if beams.done:
+                continue
+            options = [Extension(hyp, cand, hyp.score + (math.log(score) if score > 0 else -math.inf),
+                                 self._ends(state, hyp.slot, cand), chosen[hyp.slot][1])
+                       for hyp in beams.live for score, cand in chosen[hyp.slot][1]]
+            going_on, finishing = search.select(source, options)
+            picked += [(source, ext) for ext in going_on + finishing]
+        parents = [state.active.index(ext.parent.slot) for _, ext in picked]
+        for stream in state.streams:
+            stream.select_rows(parents)
+        state.active = [self._fork(state, ext.parent.slot) for _, ext in picked]
+        outcome: dict[int, tuple[list[Live], list[tuple[float, int]]]] = {s: ([], []) for s, _ in picked}
+        for row, ((source, ext), slot) in enumerate(zip(picked, state.active)):
+            self._apply(state, row, slot, ext.candidate, ext.ranked)
+            length = ext.parent.length + 1
+            if ext.finishes:
+                outcome[source][1].append((search.normalised(ext.score, length), slot))
+            else:
+                outcome[source][0].append(Live(slot, ext.score, length))
+        for source, (going_on, finished) in outcome.items():
+            search.update(source, going_on, finished)
+        for source, beams in enumerate(search.sources):
+            if beams.done and source not in outcome and beams.live:
+                beams.live = []
+        live = {h.slot for beams in search.sources if not beams.done for h in beams.live}
+        keep = [r for r, slot in enumerate(state.active) if slot in live]
+        for stream in state.streams:
+            stream.select_rows(keep)
+        state.active = [state.active[r] for r in keep]
+
+    def _fork(self, state: FusionState, slot: int) -> int:
+        """A new hypothesis slot that copies ``slot``'s text, trace and counts."""
+        state.source_of.append(state.source_of[slot])
+        state.text.append(bytearray(state.text[slot]))
+        state.steps.append(list(state.steps[slot]))
+        state.agree.append(state.agree[slot])
+        state.rollbacks.append(list(state.rollbacks[slot]))
+        state.forward_passes.append(list(state.forward_passes[slot]))
+        return len(state.text) - 1
 
     def _logprobs(self, state: FusionState, m: int, rows: list[int]) -> torch.Tensor:
         """Member ``m``'s next-token log-probabilities for every live row ([rows, vocab]; only
@@ -221,14 +292,18 @@ class FusionDecoder(Decoder):
 
     def finish(self, state: FusionState) -> list[DecodeOutput]:
         outputs = []
-        for seq in range(len(state.sources)):
+        for source in range(len(state.sources)):
+            seq, beam_score = state.search.best(source) if state.search else (source, None)
             n_steps = len(state.steps[seq])
             stats = {"steps": n_steps, "agreement_rate": round(state.agree[seq] / max(n_steps, 1), 4),
                      "cache_crops": dict(zip(self.names, state.rollbacks[seq])),
                      "forward_passes": dict(zip(self.names, state.forward_passes[seq]))}
             if state.speculation:
                 stats["speculation"] = state.speculation.stats(seq, stats["forward_passes"])
-            outputs.append(traced_output(state.steps[seq], state.stops, stats, [TRUNCATED] if state.truncated[seq] else []))
+            if state.search:
+                stats["beam"] = {"num_beams": self.cfg.num_beams, "score": round(beam_score, 6)}
+            outputs.append(traced_output(state.steps[seq], state.stops, stats,
+                                         [TRUNCATED] if state.truncated[source] else []))
         return outputs
 
     # --- candidates ----------------------------------------------------------------------------
@@ -301,6 +376,7 @@ class FusionDecoder(Decoder):
     def _apply(self, state: FusionState, row: int, seq: int, choice: Candidate,
                ranked: list[tuple[float, Candidate]]) -> bool:
         """Append the choice to every model; return True when the sequence is finished."""
+        done = self._ends(state, seq, choice)
         logprob = {n: (math.log(p) if p > 0 else None) for n, p in zip(self.names, choice.probs)}
         extra = {"top": [["<end>" if c.key is END else c.key.decode("utf-8", "backslashreplace"), round(score, 4)]
                          for score, c in ranked[:3] if score > -math.inf],
@@ -309,7 +385,7 @@ class FusionDecoder(Decoder):
             ids = {n: [choice.ids[m]] if choice.ids[m] is not None else [] for m, n in enumerate(self.names)}
             state.steps[seq].append(trace_step(b"", ids=ids, logprob=logprob, origin=choice.origin(self.names), end=True,
                                                extra=extra))
-            return True
+            return done
         text = bytes(state.text[seq]) + choice.key
         appended, dropped = {}, {}
         for m, stream in enumerate(state.streams):
@@ -327,9 +403,15 @@ class FusionDecoder(Decoder):
             extra["retokenized"] = dropped
         state.steps[seq].append(trace_step(choice.key, ids=appended, logprob=logprob, origin=choice.origin(self.names),
                                            extra=extra))
-        start = len(state.text[seq])
         state.text[seq].extend(choice.key)
-        may_stop = len(state.steps[seq]) >= self.cfg.min_new_tokens
-        if may_stop and state.stops and find_stop(bytes(state.text[seq]), state.stops, start) is not None:
+        return done
+
+    def _ends(self, state: FusionState, seq: int, choice: Candidate) -> bool:
+        """Whether appending ``choice`` finishes the sequence: the end, a stop string (once
+        ``min_new_tokens`` steps are taken), or ``max_new_tokens`` steps."""
+        if choice.key is END:
             return True
-        return len(state.steps[seq]) >= self.cfg.max_new_tokens
+        steps, text = len(state.steps[seq]) + 1, bytes(state.text[seq])
+        if steps >= self.cfg.min_new_tokens and state.stops and find_stop(text + choice.key, state.stops, len(text)) is not None:
+            return True
+        return steps >= self.cfg.max_new_tokens

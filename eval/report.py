@@ -263,13 +263,16 @@ def paired_bootstrap(baseline: Run, run: Run, n_samples: int = BOOTSTRAP_SAMPLES
 
 
 def best_member_run(runs: list[Run], run: Run) -> Optional[Run]:
-    """For an ensemble: the best (BLEU, then chrF) greedy single-model run of one of its members on
-    the same dataset; None for a single-model run or when no member ran alone."""
+    """For an ensemble: the best (BLEU, then chrF) single-model run of one of its members on the same
+    dataset that searched as it did: greedy, or for an ensemble beam search (``num_beams`` > 1)
+    beam search with as many beams; None for a single-model run or when no member ran alone so."""
     members = run.members
     if len(members) < 2:
         return None
-    singles = [r for r in runs if r.dataset == run.dataset and r.method == "greedy" and len(r.members) == 1
-               and r.members[0] in members]
+    beams = run.options.values.get("num_beams", "1")
+    singles = [r for r in runs if r.dataset == run.dataset and len(r.members) == 1 and r.members[0] in members
+               and (r.method == "greedy" if beams == "1" else
+                    r.method == "beam" and r.options.values.get("num_beams", "4") == beams)]
     return max(singles, key=lambda r: (r.metrics.get("bleu") or 0, r.metrics.get("chrf") or 0), default=None)
 
 
@@ -305,7 +308,7 @@ class Report:
     @classmethod
     def build(cls, runs: list[Run], baseline: Optional[str] = None, member_baselines: bool = False) -> "Report":
         """``baseline``: every run is tested against that run; ``member_baselines``: each ensemble
-        against the best greedy single-model run of its members (``best_member_run``)."""
+        against the best single-model run of its members that searched alike (``best_member_run``)."""
         runs = sorted(runs, key=lambda r: (r.dataset or "", -(r.metrics.get("bleu") or 0), r.name))
         report = cls(runs, distinguishing_options(runs))
         if baseline is not None:
@@ -314,7 +317,8 @@ class Report:
             report.baseline_rule = f"the baseline {chosen.name}"
         elif member_baselines:
             report.baselines = {run.name: base for run in runs if (base := best_member_run(runs, run))}
-            report.baseline_rule = "the best greedy single member of the run's ensemble (column baseline)"
+            report.baseline_rule = ("the best single member of the run's ensemble, searching as the ensemble did "
+                                    "(greedy, or beam search with as many beams; column baseline)")
         for run in runs:
             if run.name in report.baselines and (result := paired_bootstrap(report.baselines[run.name], run)):
                 report.bootstraps[run.name] = result

@@ -11,7 +11,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from decoding.base import decoder_class, typed_config
+from decoding.base import decoder_class, fingerprint_values, typed_config
 from decoding.errors import FusemtError
 from decoding.model import ModelSpec, cache_root
 from decoding.packaged import check_available
@@ -144,7 +144,8 @@ def build_run_config(cfg: DictConfig) -> RunConfig:
     # What changes the outputs (not limit/shard/domains, batching, metrics or logging): it names the
     # default results file, so every swept hyperparameter gets its own file and a rerun of the same
     # config resumes; lines written under another fingerprint are refused.
-    fingerprint_src = json.dumps({"models": [m.__dict__ for m in models], "method": method, "decoding": decoding_values,
+    fingerprint_src = json.dumps({"models": [m.__dict__ for m in models], "method": method,
+                                  "decoding": fingerprint_values(method_cls.Config, decoding_values),
                                   "prompt": OmegaConf.to_container(cfg.prompt, resolve=True), "seed": cfg.seed,
                                   "dataset": {k: getattr(dataset, k) for k in DATASET_IDENTITY}},
                                  sort_keys=True, default=str)

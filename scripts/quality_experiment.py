@@ -68,12 +68,15 @@ def jobs(weights_pair: str = "<pair chosen by fusemt-compat>") -> list[tuple[str
     weight_jobs = [(f"{weights_pair} charwise-mixture w={weights}",
                     [f"models={weights_pair}", "decoding=charwise", "decoding.rule=mixture", f"decoding.weights={weights}",
                      f"decoding.max_new_tokens={CHARWISE_MAX_CHARS}"]) for weights in ("[0.7,0.3]", "[0.3,0.7]")]
+    # ensemble beam search on the same pair, against its greedy runs and each member's beam 4
+    beam_jobs = [(f"{weights_pair} {method} beam4", [f"models={weights_pair}", f"decoding={method}", "decoding.num_beams=4"])
+                 for method in ("unite", "tokenwise")]
     speculative_jobs = [(f"{pair} speculative", [f"models={pair}", "decoding=speculative"]) for pair in SPECULATIVE_PAIRS]
     out = []
     for member in MEMBERS:
         out.append((f"{member} greedy", [f"models={member}", "decoding=greedy"]))
         out.append((f"{member} beam4", [f"models={member}", "decoding=beam", "decoding.num_beams=4"]))
-    out += weight_jobs + speculative_jobs  # before the pairs with the 1.5B model, the most expensive jobs
+    out += weight_jobs + speculative_jobs + beam_jobs  # before the pairs with the 1.5B model, the most expensive jobs
     for pair in PAIRS:
         out.append((f"{pair} unite", [f"models={pair}", "decoding=unite"]))
         out.append((f"{pair} tokenwise", [f"models={pair}", "decoding=tokenwise"]))

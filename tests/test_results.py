@@ -101,3 +101,19 @@ def test_two_real_processes_on_one_file_write_every_segment_once(tmp_path):
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert sorted(int(r["id"]) for r in rows) == list(range(40))  # each once
     assert {r["by"] for r in rows} == {"a", "b"}  # and the work was shared
+
+
+def test_options_added_later_keep_finished_runs_named_while_at_their_default():
+    """A run's fingerprint leaves out later options at their default (the behaviour from before they
+    existed), so adding one does not rename every finished run; set, they name a run of their own."""
+    from conftest import compose_run
+
+    from decoding.base import fingerprint_values
+    from decoding.methods.unite import UniteDecoder
+
+    base = compose_run("models=gemma3_smollm2", "decoding=unite").fingerprint
+    assert compose_run("models=gemma3_smollm2", "decoding=unite", "decoding.speculate=0", "decoding.num_beams=1").fingerprint == base
+    assert compose_run("models=gemma3_smollm2", "decoding=unite", "decoding.speculate=4").fingerprint != base
+    assert compose_run("models=gemma3_smollm2", "decoding=unite", "decoding.num_beams=4").fingerprint != base
+    values = {"top_k": 10, "speculate": 0, "num_beams": 4, "alternate": False}
+    assert fingerprint_values(UniteDecoder.Config, values) == {"top_k": 10, "num_beams": 4}

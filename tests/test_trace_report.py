@@ -459,4 +459,19 @@ def test_member_baselines_test_each_ensemble_against_its_best_single_member(tmp_
     rows = {r["run_name"]: r for r in report.rows()}
     assert rows["unite__a+b"]["baseline"] == "greedy__b" and rows["unite__a+b"]["bleu_delta"] > 0
     assert rows["unite__a+b"]["forward_passes"] == 21.0 and rows["greedy__a"]["baseline"] is None  # 840 / 40 segments
-    assert "best greedy single member" in report.to_markdown()
+    assert "best single member" in report.to_markdown()
+
+
+def test_an_ensemble_beam_search_is_tested_against_its_members_beam_search_with_as_many_beams(tmp_path):
+    good = _bootstrap_rows(lambda refs: refs)
+    half = _bootstrap_rows(lambda refs: [r if i % 2 else r[:6] + "電車" for i, r in enumerate(refs)])
+    _write_run(tmp_path, "greedy__b", "greedy", 50.0, 8.0, rows=half, models=["b"])
+    _write_run(tmp_path, "beam4__b", "beam", 55.0, 8.0, rows=half, models=["b"], **_config({"name": "beam", "num_beams": 4}))
+    _write_run(tmp_path, "beam2__b", "beam", 58.0, 8.0, rows=half, models=["b"], **_config({"name": "beam", "num_beams": 2}))
+    _write_run(tmp_path, "unite4__a+b", "unite", 90.0, 4.0, rows=good, models=["a", "b"],
+               **_config({"name": "unite", "num_beams": 4}))
+    _write_run(tmp_path, "unite1__a+b", "unite", 90.0, 4.0, rows=good, models=["a", "b"],
+               **_config({"name": "unite", "num_beams": 1}))
+    report = Report.build(find_runs(tmp_path), member_baselines=True)
+    assert {name: base.name for name, base in report.baselines.items()} == {"unite4__a+b": "beam4__b",
+                                                                           "unite1__a+b": "greedy__b"}

@@ -161,6 +161,9 @@ class CharwiseDecoder(Decoder):
     def check_config(cls, cfg, n_models: int) -> None:
         super().check_config(cfg, n_models)
         check_fusion_options(cfg, n_models)
+        if cfg.num_beams > 1:
+            raise FusemtError(f"decoding=charwise searches greedily (decoding.num_beams={cfg.num_beams}): for beam search "
+                              "over fused hypotheses use decoding=unite or decoding=tokenwise")
         if cfg.rule not in RULES:
             raise FusemtError(f"decoding.rule={cfg.rule}: use one of {', '.join(RULES)}")
         if cfg.covers not in COVERS:
