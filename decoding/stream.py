@@ -247,24 +247,65 @@ class ModelStream:
                 self.column_pos[r][self.column_pos[r] == self.cached[r] - 1] = -1
                 self.cached[r] -= 1
         pending = [self.tokens[r][self.cached[r]:] for r in range(self.rows)]
-        width = max(len(p) for p in pending)
         assert min(len(p) for p in pending) > 0, "every row needs at least one new token per step"
-        ids = torch.full((self.rows, width), self._pad_id(), dtype=torch.long)
-        chunk_pos = torch.full((self.rows, width), -1, dtype=torch.long)
-        for r, new in enumerate(pending):
-            n = len(new)
-            ids[r, width - n:] = torch.tensor(new)
-            chunk_pos[r, width - n:] = torch.arange(self.cached[r], self.cached[r] + n)
-        start = self.column_pos.shape[1]
+        self._run_ahead(pending, keep)
+        pending = [self.tokens[r][self.cached[r]:] for r in range(self.rows)]
+        ids, chunk_pos = self._chunk(list(range(self.rows)), pending)
+        start, width = self.column_pos.shape[1], ids.shape[1]
         self.column_pos = torch.cat([self.column_pos, chunk_pos], dim=1)
         device = self.model.device
-        mask = self._attention_masks(start, width) if self.window else (self.column_pos >= 0).long().to(device)
+        mask = self._attention_masks(start, width, self.column_pos) if self.window else (self.column_pos >= 0).long().to(device)
         out = self.model.forward(ids.to(device), mask, chunk_pos.clamp_min(0).to(device), self.cache, keep)
         for r, new in enumerate(pending):
             self.cached[r] += len(new)
         return self._pad_keep(out, keep)
 
-    def _attention_masks(self, start: int, width: int):
+    def _chunk(self, rows: list[int], pending: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ids and positions of the rows' pending tokens, left-padded to the widest (position -1)."""
+        width = max(len(p) for p in pending)
+        ids = torch.full((len(rows), width), self._pad_id(), dtype=torch.long)
+        chunk_pos = torch.full((len(rows), width), -1, dtype=torch.long)
+        for i, (r, new) in enumerate(zip(rows, pending)):
+            ids[i, width - len(new):] = torch.tensor(new)
+            chunk_pos[i, width - len(new):] = torch.arange(self.cached[r], self.cached[r] + len(new))
+        return ids, chunk_pos
+
+    def _run_ahead(self, pending: list[list[int]], keep: int) -> None:
+        """Ragged batches: when a few rows have many more pending tokens than the rest (a member
+        ingesting another member's long piece as several tokens), padding every row to the widest
+        wastes most of the call. Those rows first run their extra tokens in a call of their own, on
+        a cache of their rows only; the other rows get masked columns for that chunk, and the batch
+        call is then as wide as the others' pending tokens (at least ``keep``)."""
+        widths = sorted(len(p) for p in pending)
+        narrow = max(keep, widths[(len(widths) - 1) // 2])  # half the rows fit in this width
+        wide = [r for r, p in enumerate(pending) if len(p) > narrow]
+        extra = max((len(pending[r]) - narrow for r in wide), default=0)
+        padded, split = self.rows * widths[-1], len(wide) * extra + self.rows * narrow
+        if not wide or self.cache.get_seq_length() == 0 or split + self.rows > 0.75 * padded:
+            return
+        ids, chunk_pos = self._chunk(wide, [pending[r][: len(pending[r]) - narrow] for r in wide])
+        index = torch.tensor(wide)
+        device = self.model.device
+        sub_pos = torch.cat([self.column_pos[index], chunk_pos], dim=1)
+        sub = DynamicCache()
+        for i, layer in enumerate(self.cache.layers):
+            sub.update(layer.keys[index.to(layer.keys.device)], layer.values[index.to(layer.keys.device)], i)
+        start, width = self.column_pos.shape[1], ids.shape[1]
+        mask = self._attention_masks(start, width, sub_pos) if self.window else (sub_pos >= 0).long().to(device)
+        self.model.forward(ids.to(device), mask, chunk_pos.clamp_min(0).to(device), sub, 1)
+        for layer, ahead in zip(self.cache.layers, sub.layers):
+            for name in ("keys", "values"):
+                full = getattr(layer, name)
+                new = full.new_zeros(full.shape[0], full.shape[1], width, full.shape[3])
+                new[index.to(full.device)] = getattr(ahead, name)[:, :, -width:]
+                setattr(layer, name, torch.cat([full, new], dim=2))
+        columns = torch.full((self.rows, width), -1, dtype=torch.long)
+        columns[index] = chunk_pos
+        self.column_pos = torch.cat([self.column_pos, columns], dim=1)
+        for r in wide:
+            self.cached[r] += len(pending[r]) - narrow
+
+    def _attention_masks(self, start: int, width: int, column_pos: torch.Tensor):
         """Masks for the chunk in columns ``start..start+width`` of a model with sliding-window layers,
         in the format of its attention implementation: a query attends to the valid columns of its
         row at positions up to its own (and within ``window`` of it for sliding layers); padding
@@ -272,7 +313,7 @@ class ModelStream:
         config = self.model.model.config
         text_config = config.get_text_config(decoder=True)
         device = self.model.device
-        pos = self.column_pos.to(device)
+        pos = column_pos.to(device)
 
         def visible(window: int | None):
             def mask_function(batch_idx, head_idx, q_idx, kv_idx):
@@ -284,7 +325,7 @@ class ModelStream:
             return mask_function
 
         build = ALL_MASK_ATTENTION_FUNCTIONS[config._attn_implementation]
-        masks = {kind: build(batch_size=self.rows, q_length=width, kv_length=pos.shape[1], q_offset=start, kv_offset=0,
+        masks = {kind: build(batch_size=pos.shape[0], q_length=width, kv_length=pos.shape[1], q_offset=start, kv_offset=0,
                              mask_function=visible(window), attention_mask=None, allow_is_causal_skip=False,
                              dtype=self.model.model.dtype, config=text_config, device=device)
                  for kind, window in (("full_attention", None), ("sliding_attention", self.window))}
