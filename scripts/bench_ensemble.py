@@ -2,7 +2,8 @@
 speculative ensemble vs the plain ensemble, in one run.
 
     python scripts/bench_ensemble.py [--pair gemma3_smollm2] [--batch-sizes 1 8 32] [--rounds 5]
-                                     [--speculate 4] [--se-batch-sizes 1 8] [--alternate] [--parts ratio growth se]
+                                     [--speculate 4] [--se-batch-sizes 1 8] [--alternate] [--drafter I]
+                                     [--parts ratio growth se]
 
 For each batch size it times (a) each member alone with Hugging Face ``generate`` greedy and
 (b) ``unite`` and ``tokenwise`` over the pair, every run forced to exactly N new tokens
@@ -14,8 +15,8 @@ machine hits all of them alike; each figure is the median over the rounds, with 
     ratio   = median ensemble time per step / (median model A per step + median model B per step)
     growth  = median ensemble time per token at LONG new tokens / at SHORT (flat when caches work)
 
-Speculative ensemble (``decoding.speculate=K``, the cheapest member drafting; ``--alternate``: the
-members take turns): ``unite``, ``tokenwise`` and ``charwise`` with and without speculation on the
+Speculative ensemble (``decoding.speculate=K``, the cheapest member drafting, or ``--drafter I``;
+``--alternate``: the members take turns): ``unite``, ``tokenwise`` and ``charwise`` with and without speculation on the
 same sources, each ending naturally (at most SHORT steps), timed the same interleaved way:
 
     se_speedup = median plain time / median speculative time (the same steps: outputs are compared)
@@ -61,6 +62,7 @@ def main() -> None:
     parser.add_argument("--speculate", type=int, default=4, help="drafted tokens per round of the speculative ensemble")
     parser.add_argument("--se-batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--alternate", action="store_true", help="members take turns drafting")
+    parser.add_argument("--drafter", type=int, default=None, help="index of the drafting member (default: the cheapest)")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -103,7 +105,8 @@ def main() -> None:
                   f"{show(times[f'{method}@{long}'])}/token at {long}, growth={t_long / t_short:.3f}")
         summary.append(f"growth_{long}_vs_{short}={growth:.3f}")
     if "se" in args.parts:
-        spec = [f"decoding.speculate={args.speculate}"] + (["decoding.alternate=true"] if args.alternate else [])
+        spec = [f"decoding.speculate={args.speculate}"] + (["decoding.alternate=true"] if args.alternate else []) \
+            + ([f"decoding.drafter={args.drafter}"] if args.drafter is not None else [])
         identical = True
         for batch in args.se_batch_sizes:
             rows = sources[:batch]
