@@ -234,9 +234,6 @@ class FusionDecoder(Decoder):
                 outcome[source][0].append(Live(slot, ext.score, length))
         for source, (going_on, finished) in outcome.items():
             search.update(source, going_on, finished)
-        for source, beams in enumerate(search.sources):
-            if beams.done and source not in outcome and beams.live:
-                beams.live = []
         live = {h.slot for beams in search.sources if not beams.done for h in beams.live}
         keep = [r for r, slot in enumerate(state.active) if slot in live]
         for stream in state.streams:

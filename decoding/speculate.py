@@ -151,6 +151,7 @@ class Speculation:
             counts[self.drafter.current] = counts.get(self.drafter.current, 0) + n
             self.rounds[seq] = self.rounds.get(seq, 0) + 1
         method.verify(state, seqs, [t + d for t, d in zip(texts, drafts)], self.drafter.models[self.drafter.current])
+        start = dict(zip(seqs, texts))
         target = {s: t + d for s, t, d in zip(seqs, texts, drafts)}
         first = set(seqs)
         on, finished = list(seqs), []
@@ -160,13 +161,13 @@ class Speculation:
             still = []
             for seq in on:
                 text, full = bytes(state.text[seq]), target[seq]
-                follows = full.startswith(text) and len(text) > len(texts[seqs.index(seq)])
+                follows = full.startswith(text) and len(text) > len(start[seq])
                 step = state.steps[seq][-1]
                 step.extra["round"] = self.rounds[seq]
                 step.extra["draft"] = "drafted" if follows else "corrected"
                 if seq in first:  # the round's first step shows what was drafted, and by whom
                     step.extra["drafter"] = name
-                    step.extra["drafted_text"] = (full[len(texts[seqs.index(seq)]):]).decode("utf-8", "backslashreplace")
+                    step.extra["drafted_text"] = full[len(start[seq]):].decode("utf-8", "backslashreplace")
                     first.discard(seq)
                 counter = self.drafted if follows else self.corrected
                 counter[seq] = counter.get(seq, 0) + 1
