@@ -25,6 +25,28 @@ def compose_run(*overrides: str):
     return build_run_config(cfg)
 
 
+def build_decoder(method: str, models, prompt=None, **options):
+    """Method ``method``'s decoder over loaded models, its typed Config built from ``options``."""
+    from decoding.base import decoder_class
+    from decoding.prompt import PromptConfig
+
+    cls = decoder_class(method)
+    return cls(cls.Config(name=method, **options), models, prompt or PromptConfig())
+
+
+def trace_pieces(outs) -> list[list[tuple[str, bool]]]:
+    """Each output's trace as (piece bytes, end) pairs: what two decodings must share to be the same."""
+    return [[(s["piece_bytes"], s.get("end", False)) for s in out.trace] for out in outs]
+
+
+@pytest.fixture(scope="module")
+def tiny_pair():
+    """The tiny random pair: Gemma 3 (sliding window, byte fallback) and Llama (byte-level BPE)."""
+    from tiny_models import tiny_gemma3, tiny_llama
+
+    return [tiny_gemma3(), tiny_llama()]
+
+
 @pytest.fixture(scope="session")
 def prompt_cfg():
     return compose_run().prompt

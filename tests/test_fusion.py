@@ -2,13 +2,12 @@
 on a tiny random pair (fast), and their properties on the embedded models (slow)."""
 
 import pytest
-from conftest import compose_run
+from conftest import build_decoder, compose_run
 from stream_checks import decode_checking_streams, longest_run
 from tiny_models import tiny_gemma3, tiny_llama
 
 from decoding.base import decoder_class
 from decoding.model import load_model
-from decoding.prompt import PromptConfig
 from decoding.vocab import complete_utf8_prefix
 
 TINY_SOURCES = ["The weather is nice today.", "Good morning.", "Send the mail."]
@@ -92,8 +91,7 @@ def test_unite_primary_model_defines_the_output_vocabulary(smollm):
 # --- tiny random pair (fast): Gemma 3 with 8-token windows + byte fallback, Llama + byte-level BPE ----------
 
 def tiny_decoder(method: str, **options):
-    cls = decoder_class(method)
-    return cls(cls.Config(name=method, **options), [tiny_gemma3(), tiny_llama()], PromptConfig())
+    return build_decoder(method, [tiny_gemma3(), tiny_llama()], **options)
 
 
 @pytest.mark.parametrize("method", ["tokenwise", "unite"])

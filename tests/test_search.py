@@ -5,48 +5,32 @@ batched sources search independently."""
 import json
 
 import pytest
-from conftest import compose_run
-from tiny_models import tiny_gemma3, tiny_llama
+from conftest import build_decoder, compose_run, trace_pieces
 
 from decoding.base import decoder_class
 from decoding.errors import FusemtError
 from decoding.model import load_model
-from decoding.prompt import PromptConfig
 from decoding.search import BeamSearch
 
 TINY_SOURCES = ["The weather is nice today.", "Good morning.", "Send the mail."]
 
 
-def fusion(method, models, prompt=PromptConfig(), **options):
-    cls = decoder_class(method)
-    return cls(cls.Config(name=method, **options), models, prompt)
-
-
-def pieces(outs):
-    return [[(s["piece_bytes"], s.get("end", False)) for s in o.trace] for o in outs]
-
-
-@pytest.fixture(scope="module")
-def tiny_pair():
-    return [tiny_gemma3(), tiny_llama()]
-
-
 @pytest.mark.parametrize("method", ["unite", "tokenwise"])
 def test_beam_1_through_the_search_is_the_greedy_fusion(tiny_pair, method):
-    greedy = fusion(method, tiny_pair, max_new_tokens=30)
-    searched = fusion(method, tiny_pair, max_new_tokens=30)
+    greedy = build_decoder(method, tiny_pair, max_new_tokens=30)
+    searched = build_decoder(method, tiny_pair, max_new_tokens=30)
     state = searched.prepare(TINY_SOURCES)
     state.search = BeamSearch(len(TINY_SOURCES), num_beams=1, length_penalty=1.0, early_stopping=True)
     while searched.step(state):
         pass
-    assert pieces(searched.finish(state)) == pieces(greedy.decode(TINY_SOURCES))
+    assert trace_pieces(searched.finish(state)) == trace_pieces(greedy.decode(TINY_SOURCES))
 
 
 @pytest.mark.parametrize("method", ["unite", "tokenwise"])
 def test_batched_sources_search_independently(tiny_pair, method):
-    batched = fusion(method, tiny_pair, num_beams=3, max_new_tokens=20).decode(TINY_SOURCES)
-    single = [fusion(method, tiny_pair, num_beams=3, max_new_tokens=20).decode([s])[0] for s in TINY_SOURCES]
-    assert pieces(batched) == pieces(single)
+    batched = build_decoder(method, tiny_pair, num_beams=3, max_new_tokens=20).decode(TINY_SOURCES)
+    single = [build_decoder(method, tiny_pair, num_beams=3, max_new_tokens=20).decode([s])[0] for s in TINY_SOURCES]
+    assert trace_pieces(batched) == trace_pieces(single)
     assert all(o.stats["beam"]["num_beams"] == 3 for o in batched)
 
 
@@ -55,7 +39,7 @@ def test_wider_beams_find_texts_the_fusion_scores_at_least_as_high(tiny_pair):
     the search saw, and the greedy path is among those beam 1 sees: beam 4 scores at least as high."""
     scores = {}
     for beams in (1, 4):
-        decoder = fusion("tokenwise", tiny_pair, max_new_tokens=16, length_penalty=0.0, early_stopping=False)
+        decoder = build_decoder("tokenwise", tiny_pair, max_new_tokens=16, length_penalty=0.0, early_stopping=False)
         state = decoder.prepare(TINY_SOURCES)
         state.search = BeamSearch(len(TINY_SOURCES), beams, 0.0, False)
         while decoder.step(state):
@@ -71,7 +55,7 @@ def test_bad_beam_options_are_user_errors(tiny_pair):
              ("charwise", {"num_beams": 2}, "decoding=charwise searches greedily")]
     for method, options, needle in cases:
         with pytest.raises(FusemtError, match=needle):
-            fusion(method, tiny_pair, **options)
+            build_decoder(method, tiny_pair, **options)
 
 
 # --- embedded models (slow) --------------------------------------------------------------------------------

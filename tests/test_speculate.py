@@ -4,31 +4,19 @@ fusion method, the fused distribution when sampling, traces that tell drafted fr
 from collections import Counter
 
 import pytest
-from conftest import compose_run
-from tiny_models import tiny_gemma3, tiny_llama
+from conftest import build_decoder, compose_run, trace_pieces
 from toy_lm import TOY_PROMPT, toy_model
 
 from decoding.base import decoder_class
 from decoding.errors import FusemtError
 from decoding.model import load_model
-from decoding.prompt import PromptConfig
 
 TINY_SOURCES = ["The weather is nice today.", "Good morning.", "Send the mail."]
 TOY_SOURCES = ["ab", "aい", "b a", "あ"]
 
 
-def run(method, models, sources, prompt=PromptConfig(), **options):
-    cls = decoder_class(method)
-    return cls(cls.Config(name=method, **options), models, prompt).decode(sources)
-
-
-def steps(outs):
-    return [[(s["piece_bytes"], s.get("end", False)) for s in out.trace] for out in outs]
-
-
-@pytest.fixture(scope="module")
-def tiny_pair():
-    return [tiny_gemma3(), tiny_llama()]
+def run(method, models, sources, prompt=None, **options):
+    return build_decoder(method, models, prompt, **options).decode(sources)
 
 
 @pytest.mark.parametrize("method", ["unite", "tokenwise"])
@@ -37,7 +25,7 @@ def tiny_pair():
 def test_token_fusion_speculation_gives_the_plain_ensembles_output(tiny_pair, method, options):
     plain = run(method, tiny_pair, TINY_SOURCES, max_new_tokens=30)
     spec = run(method, tiny_pair, TINY_SOURCES, max_new_tokens=30, **options)
-    assert steps(spec) == steps(plain)
+    assert trace_pieces(spec) == trace_pieces(plain)
     assert [o.text for o in spec] == [o.text for o in plain]
     for out in spec:
         info = out.stats["speculation"]
@@ -68,7 +56,7 @@ def test_a_draft_the_ensemble_follows_saves_passes(tiny_pair):
     model = tiny_pair[0]
     plain = run("unite", [model, model], TINY_SOURCES, max_new_tokens=24)
     spec = run("unite", [model, model], TINY_SOURCES, max_new_tokens=24, speculate=6, drafter=1)
-    assert steps(spec) == steps(plain)
+    assert trace_pieces(spec) == trace_pieces(plain)
     for p, s in zip(plain, spec):
         info = s.stats["speculation"]
         assert info["draft_acceptance"] > 0.7
