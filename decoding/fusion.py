@@ -33,7 +33,6 @@ from decoding.errors import FusemtError
 from decoding.search import BeamSearch, Extension, Live
 from decoding.speculate import Speculation, check_speculation_options, start_speculation
 from decoding.stream import ModelStream, common_prefix_len, open_streams
-from decoding.vocab import complete_utf8_prefix, utf8_pending
 from decoding.prompt import stop_strings
 
 END = None  # the candidate key shared by every model's end tokens
@@ -179,18 +178,13 @@ class FusionDecoder(Decoder):
         """Each sequence's choice (argmax, or a sample) and its candidates by fused score, best first."""
         rows = [state.active.index(seq) for seq in seqs]
         texts = [bytes(state.text[seq]) for seq in state.active]
-        pending = torch.tensor([utf8_pending(text) for text in texts])
-        unfinished = [text[len(complete_utf8_prefix(text)):] for text in texts]
         may_end = torch.tensor([len(state.steps[seq]) >= self.cfg.min_new_tokens for seq in state.active])
         # beam search needs enough candidates per hypothesis to fill its 2 * num_beams best
         top_k = max(self.cfg.top_k, 2 * self.cfg.num_beams) if self.cfg.num_beams > 1 else self.cfg.top_k
         logprobs, top = [], []
         for m, stream in enumerate(state.streams):
             lp = self._logprobs(state, m, rows)
-            vocab = stream.model.vocab
-            allowed = vocab.admissible(pending, unfinished)
-            allowed[:, vocab.end_id_tensor] = may_end[:, None]
-            masked = lp.masked_fill(~allowed, -math.inf)
+            masked = lp.masked_fill(~stream.model.vocab.allowed_after(texts, may_end), -math.inf)
             values, ids = masked.topk(min(top_k, masked.shape[1]), dim=-1)
             logprobs.append(lp)
             top.append((values.tolist(), ids.tolist()))

@@ -31,7 +31,7 @@ import torch
 
 from decoding.errors import FusemtError
 from decoding.stream import ModelStream, open_streams
-from decoding.vocab import complete_utf8_prefix, utf8_pending
+from decoding.vocab import utf8_pending
 
 
 def check_speculation_options(cfg, n_models: int) -> None:
@@ -92,9 +92,8 @@ class Drafter:
         for _ in range(self.k):
             logprobs = stream.logprobs()
             # as in the fused step: only tokens that keep the text valid UTF-8, the end only after a whole character
-            pending = torch.tensor([utf8_pending(bytes(d)) for d in drafts])
-            allowed = vocab.admissible(pending, [bytes(d[len(complete_utf8_prefix(bytes(d))):]) for d in drafts])
-            allowed[:, vocab.end_id_tensor] = (pending == 0)[:, None]
+            texts_so_far = [bytes(d) for d in drafts]
+            allowed = vocab.allowed_after(texts_so_far, torch.tensor([not utf8_pending(t) for t in texts_so_far]))
             picks = logprobs.masked_fill(~allowed, -math.inf).argmax(-1).tolist()
             for row, tid in enumerate(picks):
                 lookahead.put(stream.model, stream.tokens[row], logprobs[row])

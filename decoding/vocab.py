@@ -214,6 +214,14 @@ class ByteVocab:
             allowed &= (self.first_byte[None, :] >= low[:, None]) & (self.first_byte[None, :] <= high[:, None])
         return allowed
 
+    def allowed_after(self, texts: list[bytes], may_end: torch.Tensor) -> torch.Tensor:
+        """[B, V] mask of the tokens that may follow each text: text tokens that keep it a valid UTF-8
+        prefix (``admissible``), and the end tokens where ``may_end`` ([B] bool)."""
+        pending = torch.tensor([utf8_pending(text) for text in texts])
+        allowed = self.admissible(pending, [text[len(complete_utf8_prefix(text)):] for text in texts])
+        allowed[:, self.end_id_tensor] = may_end[:, None]
+        return allowed
+
     def longest_prefix_token(self, data: bytes) -> int | None:
         """The id of the longest vocabulary token that is a prefix of ``data``."""
         for n in range(min(len(data), self.max_token_bytes), 0, -1):

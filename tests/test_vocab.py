@@ -28,6 +28,14 @@ def test_admissible_keeps_text_valid_utf8():
     assert not ok[:, :2].any()  # special tokens add no text
 
 
+def test_allowed_after_a_text_is_admissible_text_tokens_and_the_end_where_it_may_end():
+    vocab = toy_vocab()
+    texts = [b"a", b"a" + KA[:2], b"a"]
+    ok = vocab.allowed_after(texts, torch.tensor([True, True, False]))
+    allowed = [{i for i in range(len(vocab.token_bytes)) if ok[r, i]} for r in range(3)]
+    assert allowed == [{0, 2, 3, 4, 6, 9, 10}, {0, 5, 7, 8}, {2, 3, 4, 6, 9, 10}]
+
+
 def test_admissible_refuses_bytes_that_never_occur_in_utf8():
     # E0 80 would be overlong, F4 90 past U+10FFFF, ED A0 a surrogate, C0 and F5 start no character
     vocab = ByteVocab.build([None, b"\x80", b"\x90", b"\xa0", b"\xc0", b"\xf5", b"\xe0\x80", b"\xf4\x90", b"\xe3\x82"],

@@ -24,7 +24,7 @@ from transformers import PretrainedConfig, PreTrainedTokenizerFast
 
 from decoding.model import LoadedModel, ModelSpec
 from decoding.prompt import PromptConfig
-from decoding.vocab import _byte_level_decoder, complete_utf8_prefix, utf8_pending
+from decoding.vocab import _byte_level_decoder, utf8_pending
 
 TOY_ALPHABET = ["a", "b", " ", "w", "x", "y", "z", "q", "あ", "い"]
 # Every character the toy vocabularies can spell (byte pieces make more kana than the alphabet has).
@@ -102,9 +102,7 @@ class ScriptedLM(torch.nn.Module):
         if self.vocab is None:
             return logprobs
         text = b"".join(self.vocab.token_bytes[t] or b"" for t in context)
-        pending = utf8_pending(text)
-        allowed = self.vocab.admissible(torch.tensor([pending]), [text[len(complete_utf8_prefix(text)):]])[0]
-        allowed[list(self.vocab.end_ids)] = pending == 0
+        allowed = self.vocab.allowed_after([text], torch.tensor([not utf8_pending(text)]))[0]
         return torch.log_softmax(logprobs.masked_fill(~allowed, -torch.inf), dim=-1)
 
     def forward(self, input_ids, attention_mask, position_ids, past_key_values=None, use_cache=False, logits_to_keep=1):
