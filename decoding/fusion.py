@@ -149,7 +149,7 @@ class FusionDecoder(Decoder):
                            text=[bytearray() for _ in range(n)], steps=[[] for _ in range(n)],
                            agree=[0] * n, rollbacks=[[0] * len(self.models) for _ in range(n)],
                            forward_passes=[[0] * len(self.models) for _ in range(n)], truncated=truncated,
-                           speculation=start_speculation(self.cfg, self.models, self.names, sources, self.prompt),
+                           speculation=start_speculation(self.cfg, self.models, self.names, sources, self.prompt, streams),
                            search=(BeamSearch(n, self.cfg.num_beams, self.cfg.length_penalty, self.cfg.early_stopping)
                                    if self.cfg.num_beams > 1 else None),
                            source_of=list(range(n)))

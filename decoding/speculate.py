@@ -4,8 +4,9 @@ Speculative Ensemble (Fu et al. 2025) verifies drafts against the fused distribu
 that share a vocabulary. Here the members need not: a round is
 1. ``Drafter``: one member (``decoding.drafter``, default the one with the fewest parameters;
    ``decoding.alternate`` takes each member in turn) drafts up to ``decoding.speculate`` tokens
-   greedily, from its own canonical encoding of the text, on a stream of its own. Each drafting
-   pass gives that member's next-token distribution after the text and after each drafted token.
+   greedily, from its own canonical encoding of the text (on the member's stream in the token
+   fusion methods, on a stream of its own in ``charwise``). Each drafting pass gives that
+   member's next-token distribution after the text and after each drafted token.
    As Hugging Face's assisted generation, the draft can be shortened where it is likely to be
    wasted: ``decoding.draft_confidence=c`` stops a row's draft before a token the drafter gives
    less than probability c, and ``decoding.draft_schedule=heuristic`` adapts each sequence's draft
@@ -81,10 +82,14 @@ class Lookahead:
 
 
 class Drafter:
-    """Greedy drafts by one member at a time, each on a stream of its own over the live sequences."""
+    """Greedy drafts by one member at a time over the live sequences: on the member's own stream
+    where the method shares its streams (token fusion: the stream stays current, and a fused piece
+    that splits the drafter's tokens costs a pass over that piece only), else on a stream of its own."""
 
-    def __init__(self, models, streams: dict[int, ModelStream], order: list[int], names: list[str], confidence: float):
-        self.models, self.streams, self.order, self.names, self.confidence = models, streams, order, names, confidence
+    def __init__(self, models, streams: dict[int, ModelStream], order: list[int], names: list[str], confidence: float,
+                 shared: bool):
+        self.models, self.streams, self.order, self.names = models, streams, order, names
+        self.confidence, self.shared = confidence, shared
         self.turn = 0
         self.current = order[0]
 
@@ -97,6 +102,7 @@ class Drafter:
         stream, vocab = self.streams[self.current], self.models[self.current].vocab
         for row, text in enumerate(texts):
             stream.sync_canonical(row, text)
+        own = [list(stream.generated(row)) for row in range(len(texts))]
         drafts = [bytearray(text) for text in texts]
         drafting = [n > 0 for n in lengths]
         passes = [0] * len(texts)
@@ -121,11 +127,16 @@ class Drafter:
                 drafting[row] = depth + 1 < lengths[row]
             if not any(drafting):
                 break
+        if self.shared:  # back to the text: the drafted tokens' KV waits in the shadow until the fused steps accept them
+            for row, ids in enumerate(own):
+                stream.sync_to_ids(row, ids)
         return [bytes(d[len(text):]) for d, text in zip(drafts, texts)], passes
 
     def select_rows(self, keep: list[int]) -> None:
-        for stream in self.streams.values():
-            stream.select_rows(keep)
+        """Drop finished rows from the drafter's own streams (shared ones are the method's to select)."""
+        if not self.shared:
+            for stream in self.streams.values():
+                stream.select_rows(keep)
 
 
 class SpeculativeMethod(Protocol):
@@ -204,12 +215,17 @@ class Speculation:
                 "draft_acceptance": round(drafted / max(drafted + corrected, 1), 4)}
 
 
-def start_speculation(cfg, models, names: list[str], sources: list[str], prompt) -> Optional[Speculation]:
-    """The speculative state of a fusion method's batch (None when ``decoding.speculate`` is 0)."""
+def start_speculation(cfg, models, names: list[str], sources: list[str], prompt,
+                      member_streams: Optional[list[ModelStream]] = None) -> Optional[Speculation]:
+    """The speculative state of a fusion method's batch (None when ``decoding.speculate`` is 0);
+    ``member_streams``: the method's own streams, one per member, for the drafter to share."""
     if not cfg.speculate:
         return None
     first = cfg.drafter if cfg.drafter is not None else cheapest_member(models)
     order = [first] + ([i for i in range(len(models)) if i != first] if cfg.alternate else [])
-    streams = {i: open_streams([models[i]], sources, prompt, recompute=not cfg.use_cache)[0][0] for i in order}
-    return Speculation(Drafter(models, streams, order, names, cfg.draft_confidence), cfg.speculate,
-                       cfg.draft_schedule == "heuristic")
+    if member_streams is not None:
+        streams = {i: member_streams[i] for i in order}
+    else:
+        streams = {i: open_streams([models[i]], sources, prompt, recompute=not cfg.use_cache)[0][0] for i in order}
+    drafter = Drafter(models, streams, order, names, cfg.draft_confidence, shared=member_streams is not None)
+    return Speculation(drafter, cfg.speculate, cfg.draft_schedule == "heuristic")
