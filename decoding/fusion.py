@@ -118,7 +118,7 @@ class FusionDecoder(Decoder):
         drafter: Optional[int] = later_option(None)  # index of the drafting member; None: the one with the fewest parameters
         alternate: bool = later_option(False)  # members take turns drafting, round by round
         draft_schedule: str = later_option("constant")  # constant | heuristic: HF's adaptive draft length
-        draft_confidence: float = later_option(0.0)  # >0: a draft stops before a token the drafter gives less
+        draft_confidence: float = later_option(0.0)  # >0: a draft stops before a token the drafter gives less probability
         num_beams: int = later_option(1)  # >1: beam search over fused hypotheses (decoding/search.py)
         length_penalty: float = later_option(1.0)  # as Hugging Face: score / length ** length_penalty
         early_stopping: bool = later_option(True)  # as Hugging Face: stop a source once num_beams hypotheses finished
