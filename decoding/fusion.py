@@ -117,6 +117,8 @@ class FusionDecoder(Decoder):
         speculate: int = later_option(0)  # >0: a speculative ensemble, this many drafted tokens per round (same output)
         drafter: Optional[int] = later_option(None)  # index of the drafting member; None: the one with the fewest parameters
         alternate: bool = later_option(False)  # members take turns drafting, round by round
+        draft_schedule: str = later_option("constant")  # constant | heuristic: HF's adaptive draft length
+        draft_confidence: float = later_option(0.0)  # >0: a draft stops before a token the drafter gives less probability
         num_beams: int = later_option(1)  # >1: beam search over fused hypotheses (decoding/search.py)
         length_penalty: float = later_option(1.0)  # as Hugging Face: score / length ** length_penalty
         early_stopping: bool = later_option(True)  # as Hugging Face: stop a source once num_beams hypotheses finished
@@ -147,7 +149,7 @@ class FusionDecoder(Decoder):
                            text=[bytearray() for _ in range(n)], steps=[[] for _ in range(n)],
                            agree=[0] * n, rollbacks=[[0] * len(self.models) for _ in range(n)],
                            forward_passes=[[0] * len(self.models) for _ in range(n)], truncated=truncated,
-                           speculation=start_speculation(self.cfg, self.models, self.names, sources, self.prompt),
+                           speculation=start_speculation(self.cfg, self.models, self.names, sources, self.prompt, streams),
                            search=(BeamSearch(n, self.cfg.num_beams, self.cfg.length_penalty, self.cfg.early_stopping)
                                    if self.cfg.num_beams > 1 else None),
                            source_of=list(range(n)))

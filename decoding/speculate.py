@@ -3,9 +3,14 @@
 Speculative Ensemble (Fu et al. 2025) verifies drafts against the fused distribution of members
 that share a vocabulary. Here the members need not: a round is
 1. ``Drafter``: one member (``decoding.drafter``, default the one with the fewest parameters;
-   ``decoding.alternate`` takes each member in turn) drafts ``decoding.speculate`` tokens greedily,
-   from its own canonical encoding of the text, on a stream of its own. Each drafting pass gives
-   that member's next-token distribution after the text and after each drafted token.
+   ``decoding.alternate`` takes each member in turn) drafts up to ``decoding.speculate`` tokens
+   greedily, from its own canonical encoding of the text (on the member's stream in the token
+   fusion methods, on a stream of its own in ``charwise``). Each drafting pass gives that
+   member's next-token distribution after the text and after each drafted token.
+   As Hugging Face's assisted generation, the draft can be shortened where it is likely to be
+   wasted: ``decoding.draft_confidence=c`` stops a row's draft before a token the drafter gives
+   less than probability c, and ``decoding.draft_schedule=heuristic`` adapts each sequence's draft
+   length (+2 after a round that followed the whole draft, -1 otherwise, from 1 up to ``speculate``).
 2. Every other member receives the drafted **text** (bytes), encoded canonically by its own
    tokenizer, and scores all of it in one pass that keeps every position (``Lookahead``: the
    distributions by token context).
@@ -34,9 +39,16 @@ from decoding.stream import ModelStream, open_streams
 from decoding.vocab import utf8_pending
 
 
+DRAFT_SCHEDULES = ("constant", "heuristic")
+
+
 def check_speculation_options(cfg, n_models: int) -> None:
     if cfg.speculate < 0:
         raise FusemtError(f"decoding.speculate={cfg.speculate}: draft tokens per round must be >= 0 (0: off)")
+    if cfg.draft_schedule not in DRAFT_SCHEDULES:
+        raise FusemtError(f"decoding.draft_schedule={cfg.draft_schedule}: use one of {', '.join(DRAFT_SCHEDULES)}")
+    if not 0 <= cfg.draft_confidence < 1:
+        raise FusemtError(f"decoding.draft_confidence={cfg.draft_confidence}: must be in [0, 1) (0: off)")
     if cfg.drafter is not None and not 0 <= cfg.drafter < n_models:
         raise FusemtError(f"decoding.drafter={cfg.drafter}: must index models.members (0..{n_models - 1})")
 
@@ -70,49 +82,61 @@ class Lookahead:
 
 
 class Drafter:
-    """Greedy drafts by one member at a time, each on a stream of its own over the live sequences."""
+    """Greedy drafts by one member at a time over the live sequences: on the member's own stream
+    where the method shares its streams (token fusion: the stream stays current, and a fused piece
+    that splits the drafter's tokens costs a pass over that piece only), else on a stream of its own."""
 
-    def __init__(self, models, streams: dict[int, ModelStream], order: list[int], k: int, names: list[str]):
-        self.models, self.streams, self.order, self.k, self.names = models, streams, order, k, names
+    def __init__(self, models, streams: dict[int, ModelStream], order: list[int], names: list[str], confidence: float,
+                 shared: bool):
+        self.models, self.streams, self.order, self.names = models, streams, order, names
+        self.confidence, self.shared = confidence, shared
         self.turn = 0
         self.current = order[0]
 
-    def draft(self, texts: list[bytes], lookahead: Lookahead) -> tuple[list[bytes], list[int]]:
-        """Up to ``k`` greedy tokens after each text (rows in the streams' order), as bytes, and
-        the drafting passes each row took part in. The drafting member's distributions go to
-        ``lookahead``."""
+    def draft(self, texts: list[bytes], lengths: list[int], lookahead: Lookahead) -> tuple[list[bytes], list[int]]:
+        """Up to ``lengths[row]`` greedy tokens after each text (rows in the streams' order), as
+        bytes, each with probability at least ``confidence``, and the drafting passes each row took
+        part in. The drafting member's distributions go to ``lookahead``."""
         self.current = self.order[self.turn % len(self.order)]
         self.turn += 1
         stream, vocab = self.streams[self.current], self.models[self.current].vocab
         for row, text in enumerate(texts):
             stream.sync_canonical(row, text)
+        own = [list(stream.generated(row)) for row in range(len(texts))]
         drafts = [bytearray(text) for text in texts]
-        drafting = [True] * len(texts)
+        drafting = [n > 0 for n in lengths]
         passes = [0] * len(texts)
-        for _ in range(self.k):
+        min_logprob = math.log(self.confidence) if self.confidence > 0 else -math.inf
+        for depth in range(max(lengths)):
             logprobs = stream.logprobs()
             # as in the fused step: only tokens that keep the text valid UTF-8, the end only after a whole character
             texts_so_far = [bytes(d) for d in drafts]
             allowed = vocab.allowed_after(texts_so_far, torch.tensor([not utf8_pending(t) for t in texts_so_far]))
-            picks = logprobs.masked_fill(~allowed, -math.inf).argmax(-1).tolist()
-            for row, tid in enumerate(picks):
+            best, picks = logprobs.masked_fill(~allowed, -math.inf).max(-1)
+            for row, (tid, lp) in enumerate(zip(picks.tolist(), best.tolist())):
                 lookahead.put(stream.model, stream.tokens[row], logprobs[row])
                 passes[row] += 1
                 if not drafting[row]:
                     continue
                 piece = vocab.token_bytes[tid]
-                if tid in vocab.end_ids or not piece:
+                if tid in vocab.end_ids or not piece or lp < min_logprob:
                     drafting[row] = False
                     continue
                 stream.append(row, [tid])
                 drafts[row] += piece
+                drafting[row] = depth + 1 < lengths[row]
             if not any(drafting):
                 break
+        if self.shared:  # back to the text: the drafted tokens' KV waits in the shadow until the fused steps accept them
+            for row, ids in enumerate(own):
+                stream.sync_to_ids(row, ids)
         return [bytes(d[len(text):]) for d, text in zip(drafts, texts)], passes
 
     def select_rows(self, keep: list[int]) -> None:
-        for stream in self.streams.values():
-            stream.select_rows(keep)
+        """Drop finished rows from the drafter's own streams (shared ones are the method's to select)."""
+        if not self.shared:
+            for stream in self.streams.values():
+                stream.select_rows(keep)
 
 
 class SpeculativeMethod(Protocol):
@@ -131,7 +155,10 @@ class Speculation:
     """A fusion method's speculative state: the drafter, the lookahead and per-sequence counts."""
 
     drafter: Drafter
+    max_draft: int  # decoding.speculate
+    adaptive: bool  # decoding.draft_schedule=heuristic
     lookahead: Lookahead = field(default_factory=Lookahead)
+    draft_length: dict[int, int] = field(default_factory=dict)  # [seq]: tokens to draft next round
     rounds: dict[int, int] = field(default_factory=dict)
     drafted: dict[int, int] = field(default_factory=dict)  # fused steps that followed the draft
     corrected: dict[int, int] = field(default_factory=dict)  # fused steps that left it
@@ -143,7 +170,8 @@ class Speculation:
         seqs = list(state.active)
         texts = [bytes(state.text[s]) for s in seqs]
         self.lookahead.clear()
-        drafts, passes = self.drafter.draft(texts, self.lookahead)
+        lengths = {s: self.draft_length.get(s, self.max_draft) for s in seqs}
+        drafts, passes = self.drafter.draft(texts, [lengths[s] for s in seqs], self.lookahead)
         name = self.drafter.names[self.drafter.current]
         for seq, n in zip(seqs, passes):
             counts = self.draft_passes.setdefault(seq, {})
@@ -172,6 +200,9 @@ class Speculation:
                 counter[seq] = counter.get(seq, 0) + 1
                 if seq not in done and follows and len(text) < len(full):
                     still.append(seq)
+                elif self.adaptive:  # HF's heuristic schedule: longer drafts while they are followed to the end
+                    self.draft_length[seq] = min(self.max_draft, lengths[seq] + 2) if follows and text == full \
+                        else max(1, lengths[seq] - 1)
             on = still
         return finished
 
@@ -184,11 +215,17 @@ class Speculation:
                 "draft_acceptance": round(drafted / max(drafted + corrected, 1), 4)}
 
 
-def start_speculation(cfg, models, names: list[str], sources: list[str], prompt) -> Optional[Speculation]:
-    """The speculative state of a fusion method's batch (None when ``decoding.speculate`` is 0)."""
+def start_speculation(cfg, models, names: list[str], sources: list[str], prompt,
+                      member_streams: Optional[list[ModelStream]] = None) -> Optional[Speculation]:
+    """The speculative state of a fusion method's batch (None when ``decoding.speculate`` is 0);
+    ``member_streams``: the method's own streams, one per member, for the drafter to share."""
     if not cfg.speculate:
         return None
     first = cfg.drafter if cfg.drafter is not None else cheapest_member(models)
     order = [first] + ([i for i in range(len(models)) if i != first] if cfg.alternate else [])
-    streams = {i: open_streams([models[i]], sources, prompt, recompute=not cfg.use_cache)[0][0] for i in order}
-    return Speculation(Drafter(models, streams, order, cfg.speculate, names))
+    if member_streams is not None:
+        streams = {i: member_streams[i] for i in order}
+    else:
+        streams = {i: open_streams([models[i]], sources, prompt, recompute=not cfg.use_cache)[0][0] for i in order}
+    drafter = Drafter(models, streams, order, names, cfg.draft_confidence, shared=member_streams is not None)
+    return Speculation(drafter, cfg.speculate, cfg.draft_schedule == "heuristic")

@@ -3,6 +3,7 @@ speculative ensemble vs the plain ensemble, in one run.
 
     python scripts/bench_ensemble.py [--pair gemma3_smollm2] [--batch-sizes 1 8 32] [--rounds 5]
                                      [--speculate 4] [--se-batch-sizes 1 8] [--alternate] [--drafter I]
+                                     [--draft-schedule heuristic] [--draft-confidence C]
                                      [--parts ratio growth se]
 
 For each batch size it times (a) each member alone with Hugging Face ``generate`` greedy and
@@ -16,7 +17,8 @@ machine hits all of them alike; each figure is the median over the rounds, with 
     growth  = median ensemble time per token at LONG new tokens / at SHORT (flat when caches work)
 
 Speculative ensemble (``decoding.speculate=K``, the cheapest member drafting, or ``--drafter I``;
-``--alternate``: the members take turns): ``unite``, ``tokenwise`` and ``charwise`` with and without speculation on the
+``--alternate``: the members take turns; ``--draft-schedule``/``--draft-confidence``: shorter drafts where
+they are likely wasted): ``unite``, ``tokenwise`` and ``charwise`` with and without speculation on the
 same sources, each ending naturally (at most SHORT steps), timed the same interleaved way:
 
     se_speedup = median plain time / median speculative time (the same steps: outputs are compared)
@@ -63,6 +65,10 @@ def main() -> None:
     parser.add_argument("--se-batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--alternate", action="store_true", help="members take turns drafting")
     parser.add_argument("--drafter", type=int, default=None, help="index of the drafting member (default: the cheapest)")
+    parser.add_argument("--draft-schedule", default="constant", choices=("constant", "heuristic"),
+                        help="heuristic: HF's adaptive draft length")
+    parser.add_argument("--draft-confidence", type=float, default=0.0,
+                        help="a draft stops before a token the drafter gives less probability")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -106,7 +112,8 @@ def main() -> None:
         summary.append(f"growth_{long}_vs_{short}={growth:.3f}")
     if "se" in args.parts:
         spec = [f"decoding.speculate={args.speculate}"] + (["decoding.alternate=true"] if args.alternate else []) \
-            + ([f"decoding.drafter={args.drafter}"] if args.drafter is not None else [])
+            + ([f"decoding.drafter={args.drafter}"] if args.drafter is not None else []) \
+            + [f"decoding.draft_schedule={args.draft_schedule}", f"decoding.draft_confidence={args.draft_confidence}"]
         identical = True
         for batch in args.se_batch_sizes:
             rows = sources[:batch]

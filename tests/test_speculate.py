@@ -10,6 +10,7 @@ from toy_lm import TOY_PROMPT, toy_model
 from decoding.base import decoder_class
 from decoding.errors import FusemtError
 from decoding.model import load_model
+from decoding.speculate import cheapest_member
 
 TINY_SOURCES = ["The weather is nice today.", "Good morning.", "Send the mail."]
 TOY_SOURCES = ["ab", "aい", "b a", "あ"]
@@ -21,7 +22,9 @@ def run(method, models, sources, prompt=None, **options):
 
 @pytest.mark.parametrize("method", ["unite", "tokenwise"])
 @pytest.mark.parametrize("options", [{"speculate": 1}, {"speculate": 4}, {"speculate": 3, "drafter": 0},
-                                     {"speculate": 3, "alternate": True}, {"speculate": 4, "use_cache": False}])
+                                     {"speculate": 3, "alternate": True}, {"speculate": 4, "use_cache": False},
+                                     {"speculate": 5, "draft_schedule": "heuristic"},
+                                     {"speculate": 4, "draft_confidence": 0.05}])
 def test_token_fusion_speculation_gives_the_plain_ensembles_output(tiny_pair, method, options):
     plain = run(method, tiny_pair, TINY_SOURCES, max_new_tokens=30)
     spec = run(method, tiny_pair, TINY_SOURCES, max_new_tokens=30, **options)
@@ -63,6 +66,23 @@ def test_a_draft_the_ensemble_follows_saves_passes(tiny_pair):
         assert s.stats["forward_passes"][model.name] <= info["rounds"] < p.stats["forward_passes"][model.name]
 
 
+def test_adaptive_drafts_are_shorter_where_they_fail(tiny_pair):
+    """The random tiny pair rarely follows a draft: HF's heuristic schedule shrinks the drafts to
+    one token, and a confidence the random drafter never reaches leaves them empty; the output
+    stays the plain ensemble's."""
+    plain = run("unite", tiny_pair, TINY_SOURCES, max_new_tokens=20)
+    drafter = tiny_pair[cheapest_member(tiny_pair)].name
+    passes = {}
+    for options in ({}, {"draft_schedule": "heuristic"}, {"draft_confidence": 0.9}):
+        spec = run("unite", tiny_pair, TINY_SOURCES, max_new_tokens=20, speculate=5, **options)
+        assert [o.text for o in spec] == [o.text for o in plain]
+        passes[tuple(options)] = sum(o.stats["forward_passes"][drafter] for o in spec)
+        if options.get("draft_confidence"):
+            assert all(s["drafted_text"] == "" for o in spec for s in o.trace if "drafted_text" in s)
+            assert all(o.stats["speculation"]["drafted_steps"] == 0 for o in spec)
+    assert passes[("draft_confidence",)] < passes[("draft_schedule",)] < passes[()]
+
+
 def test_sampling_keeps_the_fused_distribution():
     """chi-square homogeneity: the first three characters sampled with and without speculation
     (disjoint seeds) come from one distribution; and with one seed the samples are identical."""
@@ -92,7 +112,9 @@ def test_sampling_keeps_the_fused_distribution():
 
 
 def test_bad_speculation_options_are_user_errors(tiny_pair):
-    for options, needle in (({"speculate": -1}, "decoding.speculate=-1"), ({"speculate": 2, "drafter": 2}, "decoding.drafter=2")):
+    for options, needle in (({"speculate": -1}, "decoding.speculate=-1"), ({"speculate": 2, "drafter": 2}, "decoding.drafter=2"),
+                            ({"speculate": 2, "draft_schedule": "fast"}, "decoding.draft_schedule=fast"),
+                            ({"speculate": 2, "draft_confidence": 1.0}, "decoding.draft_confidence=1.0")):
         with pytest.raises(FusemtError, match=needle):
             run("unite", tiny_pair, TINY_SOURCES, **options)
 
