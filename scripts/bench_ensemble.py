@@ -38,6 +38,7 @@ from bench_common import compose, interleaved
 
 from decoding.base import decoder_class
 from decoding.model import load_model
+from decoding.speculate import DRAFT_SCHEDULES
 from runners.data import DatasetConfig, load_segments
 
 
@@ -65,7 +66,7 @@ def main() -> None:
     parser.add_argument("--se-batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--alternate", action="store_true", help="members take turns drafting")
     parser.add_argument("--drafter", type=int, default=None, help="index of the drafting member (default: the cheapest)")
-    parser.add_argument("--draft-schedule", default="constant", choices=("constant", "heuristic"),
+    parser.add_argument("--draft-schedule", default="constant", choices=DRAFT_SCHEDULES,
                         help="heuristic: HF's adaptive draft length")
     parser.add_argument("--draft-confidence", type=float, default=0.0,
                         help="a draft stops before a token the drafter gives less probability")
