@@ -130,7 +130,9 @@ def test_two_job_sweep_through_a_launcher(tmp_path, launcher):
 
 
 def test_ctrl_c_keeps_finished_segments_and_says_so_in_one_line(tmp_path, four):
-    proc = start(tmp_path, *four, "decoding.max_new_tokens=24", "batch_size=1")
+    # every segment forced to 48 tokens: the run cannot finish between the first row and the signal
+    run = [*four, "decoding.max_new_tokens=48", "decoding.min_new_tokens=48", "batch_size=1"]
+    proc = start(tmp_path, *run)
     deadline = time.time() + 600
     while not list(results_dir(tmp_path).glob("*.jsonl")) and time.time() < deadline:
         time.sleep(0.5)
@@ -143,6 +145,6 @@ def test_ctrl_c_keeps_finished_segments_and_says_so_in_one_line(tmp_path, four):
     path = only(results_dir(tmp_path).glob("*.jsonl"))
     kept = rows_of(path)
     assert 1 <= len(kept) < 4
-    fusemt(tmp_path, *four, "decoding.max_new_tokens=24", "batch_size=1")
+    fusemt(tmp_path, *run)
     assert [r["id"] for r in rows_of(path)][: len(kept)] == [r["id"] for r in kept]
     assert sorted(r["id"] for r in rows_of(path)) == ["s0", "s1", "s2", "s3"]
