@@ -254,7 +254,7 @@ class ModelStream:
         start, width = self.column_pos.shape[1], ids.shape[1]
         self.column_pos = torch.cat([self.column_pos, chunk_pos], dim=1)
         device = self.model.device
-        mask = self._attention_masks(start, width, self.column_pos) if self.window else (self.column_pos >= 0).long().to(device)
+        mask = self._attention_masks(start, width, self.column_pos)
         out = self.model.forward(ids.to(device), mask, chunk_pos.clamp_min(0).to(device), self.cache, keep)
         for r, new in enumerate(pending):
             self.cached[r] += len(new)
@@ -291,7 +291,7 @@ class ModelStream:
         for i, layer in enumerate(self.cache.layers):
             sub.update(layer.keys[index.to(layer.keys.device)], layer.values[index.to(layer.keys.device)], i)
         start, width = self.column_pos.shape[1], ids.shape[1]
-        mask = self._attention_masks(start, width, sub_pos) if self.window else (sub_pos >= 0).long().to(device)
+        mask = self._attention_masks(start, width, sub_pos)
         self.model.forward(ids.to(device), mask, chunk_pos.clamp_min(0).to(device), sub, 1)
         for layer, ahead in zip(self.cache.layers, sub.layers):
             for name in ("keys", "values"):
@@ -306,14 +306,17 @@ class ModelStream:
             self.cached[r] += len(pending[r]) - narrow
 
     def _attention_masks(self, start: int, width: int, column_pos: torch.Tensor):
-        """Masks for the chunk in columns ``start..start+width`` of a model with sliding-window layers,
-        in the format of its attention implementation: a query attends to the valid columns of its
-        row at positions up to its own (and within ``window`` of it for sliding layers); padding
-        queries attend to themselves only."""
-        config = self.model.model.config
-        text_config = config.get_text_config(decoder=True)
+        """Masks for the chunk in columns ``start..start+width`` given each cache column's position
+        (``column_pos``; -1: invalid). Without sliding-window layers: the [rows, columns] mask of the
+        valid columns (the model adds causality). With them, in the format of the model's attention
+        implementation: a query attends to the valid columns of its row at positions up to its own
+        (and within ``window`` of it for sliding layers); padding queries attend to themselves only."""
         device = self.model.device
         pos = column_pos.to(device)
+        if not self.window:
+            return (pos >= 0).long()
+        config = self.model.model.config
+        text_config = config.get_text_config(decoder=True)
 
         def visible(window: int | None):
             def mask_function(batch_idx, head_idx, q_idx, kv_idx):
