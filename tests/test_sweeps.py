@@ -36,9 +36,15 @@ def fusemt(tmp_path, *overrides, expect=0):
     return proc
 
 
+def _sigint_as_in_a_terminal() -> None:
+    # A shell's background job (`make test &`) ignores SIGINT and its children inherit that, so the
+    # Ctrl-C test's signal would be lost and the run would finish (exit 0): give the child the default.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(tmp_path, *overrides):
     return subprocess.Popen(command(tmp_path, *overrides), cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_as_in_a_terminal)
 
 
 def results_dir(tmp_path, group="sample"):
