@@ -27,6 +27,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import get_layer_types_and_kwargs
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
+from decoding.canonical import Cut, TailRule
 from decoding.prompt import render_prompt
 from decoding.vocab import complete_utf8_prefix, utf8_pending
 
@@ -34,10 +35,17 @@ RETOKENIZE_WINDOW = 4  # own tokens re-tokenised together with newly appended by
 
 
 def common_prefix_len(a: list[int], b: list[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
+    # bisection over slice comparisons (C loops): a few Python steps however long the lists are
+    lo, hi = 0, min(len(a), len(b))
+    if a[:hi] == b[:hi]:
+        return hi
+    while hi - lo > 1:  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def sliding_window(config) -> int | None:
@@ -71,6 +79,9 @@ class ModelStream:
         # from len(tokens[r]); appending the same ids again re-validates them instead of recomputing
         # (a speculative round rolls drafted text back, then accepts it piece by piece)
         self.shadow: list[list[tuple[int, int]]] = [[] for _ in prompt_ids]
+        # per row: generated ids that stay canonical whatever text follows (decoding/canonical.py)
+        self.cut: list[Cut | None] = [None] * len(prompt_ids)
+        self.tail_rule = tail_rule(model)
 
     @property
     def rows(self) -> int:
@@ -107,6 +118,9 @@ class ModelStream:
             positions[dropped] = -1
             self.cached[row] = keep
             self.rollbacks[row] += 1
+        cut = self.cut[row]
+        if cut is not None and cut.ids > len(self.tokens[row]) - self.prompt_len[row]:
+            self.cut[row] = None
 
     def append_bytes(self, row: int, data: bytes) -> tuple[list[int], int]:
         """Append text given as bytes in this model's own tokenisation: (ids appended, tokens rolled back).
@@ -174,7 +188,8 @@ class ModelStream:
         """
         vocab, generated = self.model.vocab, self.generated(row)
         complete = len(complete_utf8_prefix(text))
-        keep, spelled = self._spelling_prefix(row, text)
+        cut = self.cut[row] if self.cut[row] is not None and text.startswith(self.cut[row].text) else None
+        keep, spelled = self._spelling_prefix(row, text, cut)
         first, start = keep, spelled  # generated[first:keep] is kept, text[:start] encoded
         if spelled > complete:  # own tokens reach into the unfinished character: keep them
             while start > complete or (start < len(text) and text[start] & 0xC0 == 0x80):
@@ -182,19 +197,47 @@ class ModelStream:
                 start -= len(vocab.token_bytes[generated[first]])
         else:
             start = spelled = complete
-        head = self.encode(text[:start])
+        cut = cut if cut is not None and start >= len(cut.text) else None
+        head = self.encode(text[:start]) if self.tail_rule is None else self._encode_tail(text[:start], cut, generated)
         if head is None:
             before = list(generated)
             self.sync_to_bytes(row, text)
             after = self.generated(row)
             common = common_prefix_len(before, after)
             return after[common:], len(before) - common
-        return self.sync_to_ids(row, head + generated[first:keep] + vocab.segment(text[spelled:]))
+        synced = self.sync_to_ids(row, head + generated[first:keep] + vocab.segment(text[spelled:]))
+        if self.tail_rule is not None:
+            self._advance_cut(row, text[:start], cut, head)
+        return synced
 
-    def _spelling_prefix(self, row: int, text: bytes) -> tuple[int, int]:
-        """(tokens, bytes): the longest prefix of this row's generated tokens that spells a prefix of ``text``."""
+    def _encode_tail(self, head_text: bytes, cut: Cut | None, generated: list[int]) -> list[int] | None:
+        """``encode(head_text)`` from the row's cut on: its kept ids, then the encoding of the rest."""
+        vocab, base = self.model.vocab, cut.offset if cut else 0
+        tail = head_text[base:]
+        ids = self.tail_rule.encode(tail.decode("utf-8", errors="replace"))
+        if b"".join(vocab.token_bytes[t] or b"" for t in ids) != tail:
+            return None
+        return (generated[:cut.ids] if cut else []) + ids
+
+    def _advance_cut(self, row: int, head_text: bytes, cut: Cut | None, head: list[int]) -> None:
+        """Move the row's cut to the latest safe token boundary of ``head`` (its encoding of ``head_text``)."""
+        vocab = self.model.vocab
+        n, offset = (cut.ids, cut.offset) if cut else (0, 0)
+        boundaries = []
+        for tid in head[n:]:
+            offset += len(vocab.token_bytes[tid] or b"")
+            boundaries.append(offset)
+        found = self.tail_rule.last_cut(head_text, cut.offset if cut else 0, boundaries)
+        self.cut[row] = cut if found is None else Cut(n + boundaries.index(found) + 1, found, head_text)
+
+    def _spelling_prefix(self, row: int, text: bytes, cut: Cut | None = None) -> tuple[int, int]:
+        """(tokens, bytes): the longest prefix of this row's generated tokens that spells a prefix of
+        ``text`` (from ``cut`` on when given: its tokens spell the start of ``text``)."""
         vocab, spelled, keep = self.model.vocab, 0, 0
-        for tid in self.generated(row):
+        generated = self.generated(row)
+        if cut is not None:
+            spelled, keep = cut.offset, cut.ids
+        for tid in generated[keep:]:
             piece = vocab.token_bytes[tid] or b""
             if not piece or not text.startswith(piece, spelled):
                 break
@@ -209,6 +252,7 @@ class ModelStream:
         self.cached = [self.cached[i] for i in keep]
         self.rollbacks = [self.rollbacks[i] for i in keep]
         self.shadow = [list(self.shadow[i]) for i in keep]
+        self.cut = [self.cut[i] for i in keep]
         index = torch.tensor(keep, dtype=torch.long)
         self.column_pos = self.column_pos[index]
         if self.cache is not None and self.cache.get_seq_length() > 0:
@@ -357,6 +401,13 @@ class ModelStream:
             self.cached[r] = len(row)
         device = self.model.device
         return self._pad_keep(self.model.forward(ids.to(device), mask.to(device), positions.to(device), None, keep), keep)
+
+
+def tail_rule(model) -> TailRule | None:
+    """The model's rule for re-encoding only the tail of the text (None: encode it whole); one per model."""
+    if not hasattr(model, "_tail_rule"):
+        model._tail_rule = TailRule.of(model.tokenizer)
+    return model._tail_rule
 
 
 def open_streams(models, sources: list[str], prompt, recompute: bool):
