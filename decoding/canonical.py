@@ -84,8 +84,24 @@ class TailRule:
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False).ids
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+    def encode_from(self, text: bytes, cut: Optional[Cut], ids: list[int], token_bytes) -> Optional[list[int]]:
+        """``encode(text)`` given a cut of an anchor that ``text`` extends and ``ids`` that start with the
+        cut's ids: those ids, then the encoding of the rest; None when it does not spell ``text``."""
+        base = cut.offset if cut else 0
+        tail = self.encode(text[base:].decode("utf-8", errors="replace"))
+        if b"".join(token_bytes[t] or b"" for t in tail) != text[base:]:
+            return None
+        return (ids[:cut.ids] if cut else []) + tail
+
+    def advance(self, text: bytes, cut: Optional[Cut], ids: list[int], token_bytes) -> Optional[Cut]:
+        """The latest safe cut of ``text`` given its encoding ``ids`` (searched after ``cut``; ``cut`` when none is)."""
+        n, offset = (cut.ids, cut.offset) if cut else (0, 0)
+        boundaries = []
+        for tid in ids[n:]:
+            offset += len(token_bytes[tid] or b"")
+            boundaries.append(offset)
+        found = self.last_cut(text, cut.offset if cut else 0, boundaries)
+        return cut if found is None else Cut(n + boundaries.index(found) + 1, found, text)
 
     def last_cut(self, text: bytes, start: int, boundaries: list[int]) -> Optional[int]:
         """The latest safe cut among ``boundaries`` (byte offsets of token boundaries of ``text``'s

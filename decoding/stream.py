@@ -198,7 +198,8 @@ class ModelStream:
         else:
             start = spelled = complete
         cut = cut if cut is not None and start >= len(cut.text) else None
-        head = self.encode(text[:start]) if self.tail_rule is None else self._encode_tail(text[:start], cut, generated)
+        rule, token_bytes = self.tail_rule, vocab.token_bytes
+        head = self.encode(text[:start]) if rule is None else rule.encode_from(text[:start], cut, generated, token_bytes)
         if head is None:
             before = list(generated)
             self.sync_to_bytes(row, text)
@@ -206,29 +207,9 @@ class ModelStream:
             common = common_prefix_len(before, after)
             return after[common:], len(before) - common
         synced = self.sync_to_ids(row, head + generated[first:keep] + vocab.segment(text[spelled:]))
-        if self.tail_rule is not None:
-            self._advance_cut(row, text[:start], cut, head)
+        if rule is not None:
+            self.cut[row] = rule.advance(text[:start], cut, head, token_bytes)
         return synced
-
-    def _encode_tail(self, head_text: bytes, cut: Cut | None, generated: list[int]) -> list[int] | None:
-        """``encode(head_text)`` from the row's cut on: its kept ids, then the encoding of the rest."""
-        vocab, base = self.model.vocab, cut.offset if cut else 0
-        tail = head_text[base:]
-        ids = self.tail_rule.encode(tail.decode("utf-8", errors="replace"))
-        if b"".join(vocab.token_bytes[t] or b"" for t in ids) != tail:
-            return None
-        return (generated[:cut.ids] if cut else []) + ids
-
-    def _advance_cut(self, row: int, head_text: bytes, cut: Cut | None, head: list[int]) -> None:
-        """Move the row's cut to the latest safe token boundary of ``head`` (its encoding of ``head_text``)."""
-        vocab = self.model.vocab
-        n, offset = (cut.ids, cut.offset) if cut else (0, 0)
-        boundaries = []
-        for tid in head[n:]:
-            offset += len(vocab.token_bytes[tid] or b"")
-            boundaries.append(offset)
-        found = self.tail_rule.last_cut(head_text, cut.offset if cut else 0, boundaries)
-        self.cut[row] = cut if found is None else Cut(n + boundaries.index(found) + 1, found, head_text)
 
     def _spelling_prefix(self, row: int, text: bytes, cut: Cut | None = None) -> tuple[int, int]:
         """(tokens, bytes): the longest prefix of this row's generated tokens that spells a prefix of
