@@ -225,6 +225,18 @@ class ByteVocab:
         allowed[:, self.end_id_tensor] = may_end[:, None]
         return allowed
 
+    def forbidden_after(self, texts: list[bytes], may_end: torch.Tensor) -> torch.Tensor:
+        """``~allowed_after(texts, may_end)``, broadcastable to [B, V]: when every text ends on a complete
+        character and every row may end (or none may), one [1, V] mask shared by all rows."""
+        if texts and not any(utf8_pending(text) for text in texts) and bool(may_end.all() or not may_end.any()):
+            return self.forbidden_after_complete_text[int(may_end[0])]
+        return ~self.allowed_after(texts, may_end)
+
+    @cached_property
+    def forbidden_after_complete_text(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """[1, V] forbidden masks after a text ending on a complete character: (may not end, may end)."""
+        return tuple(~self.allowed_after([b""], torch.tensor([end])) for end in (False, True))
+
     @cached_property
     def after_complete_text(self) -> torch.Tensor:
         """[1, V] ``admissible`` mask after a text that ends on a complete character."""
