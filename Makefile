@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-fast models launchers-ray fonts bench-ensemble bench-speculative bench-charwise clean-cache
+.PHONY: install run test test-fast models launchers-ray fonts bench-ensemble bench-speculative bench-charwise bench-overhead clean-cache
 
 install: $(STAMP)
 
@@ -59,6 +59,9 @@ bench-speculative: install
 
 bench-charwise: install
 	$(BIN)/python scripts/bench_charwise.py
+
+bench-overhead: install
+	$(BIN)/python scripts/bench_overhead.py
 
 clean-cache:
 	rm -rf $${FUSEMT_CACHE:-$$HOME/.cache/fusemt}
