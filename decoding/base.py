@@ -8,13 +8,17 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from decoding.errors import FusemtError
 from decoding.vocab import complete_utf8_prefix
+
+if TYPE_CHECKING:
+    from decoding.model import LoadedModel
+    from decoding.prompt import PromptConfig
 
 
 @dataclass
@@ -97,6 +101,11 @@ def traced_output(steps: list[TraceStep], stop_strings: list[str], stats: dict, 
 TRUNCATED = "prompt truncated to the model's max_input_tokens"
 
 
+def own_choice_meaning(origin: str, search: str) -> str:
+    """The legend of a step a single model chose by itself (greedy, beam, an ensemble of one)."""
+    return f"{origin}'s own {search} choice (single model)"
+
+
 class Decoder(ABC):
     """A decoding method over one or more models (``LoadedModel``), behind prepare/step/finish."""
 
@@ -121,7 +130,13 @@ class Decoder(ABC):
         if not 0 <= cfg.min_new_tokens <= cfg.max_new_tokens:
             raise FusemtError(f"decoding.min_new_tokens={cfg.min_new_tokens}: must be between 0 and max_new_tokens")
 
-    def __init__(self, cfg: "Decoder.Config", models: list, prompt):
+    @classmethod
+    @abstractmethod
+    def origin_meaning(cls, origin: str, models: list[str]) -> str:
+        """What a trace step's ``origin`` means for this method: the trace page's legend text for that
+        colour. ``models``: the run's member names (an origin may be one of them, or several joined by +)."""
+
+    def __init__(self, cfg: "Decoder.Config", models: list["LoadedModel"], prompt: "PromptConfig") -> None:
         self.check_config(cfg, len(models))
         self.cfg = cfg
         self.models = models
@@ -157,22 +172,6 @@ def fingerprint_values(schema: type, values: dict) -> dict:
     """``values`` (a method's decoding options) without the later options that are at their default."""
     later = {f.name: f.default for f in fields(schema) if f.metadata.get("later")}
     return {k: v for k, v in values.items() if not (k in later and v == later[k])}
-
-
-DECODERS: dict[str, type[Decoder]] = {}
-
-
-def register(cls: type[Decoder]) -> type[Decoder]:
-    DECODERS[cls.name] = cls
-    return cls
-
-
-def decoder_class(name: str) -> type[Decoder]:
-    import decoding.methods  # noqa: F401  (registers the built-in methods)
-
-    if name not in DECODERS:
-        raise FusemtError(f"unknown decoding method '{name}': use one of {', '.join(sorted(DECODERS))}")
-    return DECODERS[name]
 
 
 def typed_config(schema: type, values: dict, what: str):

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from decoding.base import DecodeOutput, Decoder, trace_step, traced_output
+from decoding.base import DecodeOutput, Decoder, own_choice_meaning, trace_step, traced_output
 from decoding.prompt import render_prompt, stop_strings
 
 
@@ -48,6 +48,11 @@ class GenerateDecoder(Decoder):
     """Runs ``model.generate`` once for the whole batch; subclasses choose the generation kwargs."""
 
     min_models = max_models = 1
+    search: ClassVar[str]  # what the trace legend calls the model's choice ("greedy", "beam search")
+
+    @classmethod
+    def origin_meaning(cls, origin: str, models: list[str]) -> str:
+        return own_choice_meaning(origin, cls.search)
 
     def generation_kwargs(self) -> dict:
         raise NotImplementedError

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 from decoding.errors import FusemtError
+from decoding.methods import DECODERS
 from eval.jsonio import read_json_object
 from eval.metrics import segment_scores
 from eval.report import METRICS_FIX, RunOptions, read_rows, read_segment_comet
@@ -44,32 +45,10 @@ STEP_FIELDS = {"piece", "piece_bytes", "ids", "logprob", "origin", "end", "top",
 
 
 def origin_meaning(method: str, origin: str, models: list[str]) -> str:
-    """What a chip colour means for this method (origins are set in decoding/fusion.py, decoding/methods/)."""
-    if method == "speculative":
-        return {"draft": "proposed by the draft model, accepted by the target",
-                "target": "the target's own token: its correction of a rejected draft token, or the bonus token"
-                }.get(origin, origin)
-    if method == "charwise":
-        if origin in ("both", "all"):
-            return "every member's most likely next character (the members agree)"
-        if origin == "fused":
-            return "no member's most likely character: the fused score chose it"
-        return f"the most likely next character of {' and '.join(origin.split('+'))} only; the fused score chose it"
-    if method in ("greedy", "beam") or (len(models) == 1 and origin in models):
-        return f"{origin}'s own {'beam search' if method == 'beam' else 'greedy'} choice (single model)"
-    if method == "tokenwise":
-        if origin in ("both", "all"):
-            return "proposed by every model (in each top-k): scored by the weighted mean of their probabilities"
-        if origin == "lookup":
-            return ("proposed by some models only (their mean × single_weight); a model that did not propose it has no "
-                    "token of exactly these bytes (its probability shown is of the first token of its spelling)")
-        return f"proposed by {' and '.join(origin.split('+'))} only: its probability × single_weight"
-    if origin in ("both", "all"):
-        return "in every model's top-k (proposed by all)"
-    if origin == "lookup":
-        return ("in some model's top-k; a model that did not propose it was scored by the first token of its "
-                "spelling (an approximation)")
-    return f"proposed by {' and '.join(origin.split('+'))} only (the others scored it with a token of exactly these bytes)"
+    """What a chip colour means: the method's own description (``Decoder.origin_meaning``); a method
+    this installation does not know gets the bare origin, never another method's text."""
+    cls = DECODERS.get(method)
+    return cls.origin_meaning(origin, models) if cls else f"origin '{origin}' (method '{method}' is not registered here)"
 
 
 def origin_colours(rows: list[dict]) -> dict[str, str]:

@@ -21,7 +21,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from decoding.base import decoder_class, typed_config
+from decoding.base import typed_config
+from decoding.methods import decoder_class
 from decoding.errors import FusemtError
 from decoding.model import load_model
 from decoding.prompt import PromptConfig

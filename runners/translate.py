@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from decoding.base import decoder_class
+from decoding.methods import decoder_class
 from decoding.errors import FusemtError
 from decoding.model import load_model
 from decoding.prompt import prompt_text

@@ -7,7 +7,7 @@ import pytest
 from conftest import build_decoder, compose_run, trace_pieces
 from toy_lm import TOY_PROMPT, toy_model
 
-from decoding.base import decoder_class
+from decoding.methods import decoder_class
 from decoding.errors import FusemtError
 from decoding.model import load_model
 from decoding.speculate import cheapest_member

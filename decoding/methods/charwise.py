@@ -48,10 +48,11 @@ from typing import Optional
 
 import torch
 
-from decoding.base import TRUNCATED, DecodeOutput, Decoder, find_stop, register, trace_step, traced_output
+from decoding.base import TRUNCATED, DecodeOutput, Decoder, find_stop, trace_step, traced_output
 from decoding.charprob import CharMasses, CharModel, CoverBeam, CoverConfig, Node
 from decoding.errors import FusemtError
 from decoding.fusion import FusionDecoder, check_fusion_options, normalized_weights, unique_names
+from decoding.methods import register
 from decoding.prompt import render_prompt, stop_strings, uses_chat_template
 from decoding.repetition import RepetitionGuard
 from decoding.speculate import Speculation, start_speculation
@@ -171,6 +172,14 @@ class CharwiseDecoder(Decoder):
         if cfg.beam_size < 0 or cfg.prune_threshold < 0:
             raise FusemtError("decoding.beam_size and decoding.prune_threshold must be >= 0")
         RepetitionGuard.from_config(cfg)  # refuses bad limits at start-up
+
+    @classmethod
+    def origin_meaning(cls, origin: str, models: list[str]) -> str:
+        if origin in ("both", "all"):
+            return "every member's most likely next character (the members agree)"
+        if origin == "fused":
+            return "no member's most likely character: the fused score chose it"
+        return f"the most likely next character of {' and '.join(origin.split('+'))} only; the fused score chose it"
 
     def __init__(self, cfg, models, prompt):
         super().__init__(cfg, models, prompt)

@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from decoding.base import TRUNCATED, DecodeOutput, Decoder, find_stop, register, trace_step, traced_output
+from decoding.base import TRUNCATED, DecodeOutput, Decoder, find_stop, trace_step, traced_output
 from decoding.errors import FusemtError
 from decoding.fusion import unique_names
+from decoding.methods import register
 from decoding.stream import ModelStream, open_streams
 from decoding.vocab import complete_utf8_prefix, utf8_pending
 from decoding.prompt import stop_strings
@@ -87,6 +88,13 @@ class SpeculativeDecoder(Decoder):
         if cfg.temperature < 0 or not 0 < cfg.top_p <= 1:
             raise FusemtError(f"decoding.temperature={cfg.temperature}, top_p={cfg.top_p}: need temperature >= 0 "
                               "and 0 < top_p <= 1")
+
+    ORIGINS = {"draft": "proposed by the draft model, accepted by the target",
+               "target": "the target's own token: its correction of a rejected draft token, or the bonus token"}
+
+    @classmethod
+    def origin_meaning(cls, origin: str, models: list[str]) -> str:
+        return cls.ORIGINS.get(origin, origin)
 
     def __init__(self, cfg, models, prompt):
         super().__init__(cfg, models, prompt)
