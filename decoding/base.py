@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from decoding.errors import FusemtError
+from decoding.stats import SegmentStats
 from decoding.vocab import complete_utf8_prefix
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ class DecodeOutput:
     text: str
     n_new_tokens: int
     trace: list[dict]
-    stats: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)  # the method's Stats record, as JSON
     warnings: list[str] = field(default_factory=list)
 
 
@@ -91,11 +92,12 @@ def clip_trace(steps: list[TraceStep], stop_strings: list[str]) -> tuple[list[Tr
     return kept, raw[:cut], stop
 
 
-def traced_output(steps: list[TraceStep], stop_strings: list[str], stats: dict, warnings: list[str]) -> DecodeOutput:
+def traced_output(steps: list[TraceStep], stop_strings: list[str], stats: SegmentStats,
+                  warnings: list[str]) -> DecodeOutput:
     """A sequence's output from its full trace: cut at the first stop string, text finalised."""
     kept, raw, _ = clip_trace(steps, stop_strings)
     return DecodeOutput(text=finalize_text(raw), n_new_tokens=len(kept), trace=[s.to_json() for s in kept],
-                        stats=stats, warnings=warnings)
+                        stats=stats.to_json(), warnings=warnings)
 
 
 TRUNCATED = "prompt truncated to the model's max_input_tokens"
@@ -112,6 +114,7 @@ class Decoder(ABC):
     name: ClassVar[str]
     min_models: ClassVar[int] = 1
     max_models: ClassVar[int | None] = 1
+    Stats: ClassVar[type[SegmentStats]]  # the per-segment stats record (decoding/stats.py): fields and how they combine
 
     @dataclass
     class Config:

@@ -32,6 +32,7 @@ from decoding.base import TRUNCATED, DecodeOutput, Decoder, find_stop, later_opt
 from decoding.errors import FusemtError
 from decoding.search import BeamSearch, Extension, Live
 from decoding.speculate import Speculation, check_speculation_options, start_speculation
+from decoding.stats import BeamStats, FusionStats
 from decoding.stream import ModelStream, common_prefix_len, open_streams
 from decoding.prompt import stop_strings
 
@@ -106,6 +107,7 @@ class FusionDecoder(Decoder):
     """Base of the token-level ensembles: subclasses implement ``score``."""
 
     min_models, max_models = 1, None  # one member: its own decoding through the fusion engine (beam = HF beam)
+    Stats = FusionStats
 
     @dataclass
     class Config(Decoder.Config):
@@ -288,13 +290,13 @@ class FusionDecoder(Decoder):
         for source in range(len(state.sources)):
             seq, beam_score = state.search.best(source) if state.search else (source, None)
             n_steps = len(state.steps[seq])
-            stats = {"steps": n_steps, "agreement_rate": round(state.agree[seq] / max(n_steps, 1), 4),
-                     "cache_crops": dict(zip(self.names, state.rollbacks[seq])),
-                     "forward_passes": dict(zip(self.names, state.forward_passes[seq]))}
+            stats = FusionStats(steps=n_steps, agreement_rate=round(state.agree[seq] / max(n_steps, 1), 4),
+                                cache_crops=dict(zip(self.names, state.rollbacks[seq])),
+                                forward_passes=dict(zip(self.names, state.forward_passes[seq])))
             if state.speculation:
-                stats["speculation"] = state.speculation.stats(seq, stats["forward_passes"])
+                stats.speculation = state.speculation.stats(seq, stats.forward_passes)
             if state.search:
-                stats["beam"] = {"num_beams": self.cfg.num_beams, "score": round(beam_score, 6)}
+                stats.beam = BeamStats(num_beams=self.cfg.num_beams, score=round(beam_score, 6))
             outputs.append(traced_output(state.steps[seq], state.stops, stats,
                                          [TRUNCATED] if state.truncated[source] else []))
         return outputs

@@ -10,6 +10,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from decoding.base import DecodeOutput, Decoder, own_choice_meaning, trace_step, traced_output
 from decoding.prompt import render_prompt, stop_strings
+from decoding.stats import SingleModelStats
 
 
 @dataclass
@@ -48,6 +49,7 @@ class GenerateDecoder(Decoder):
     """Runs ``model.generate`` once for the whole batch; subclasses choose the generation kwargs."""
 
     min_models = max_models = 1
+    Stats = SingleModelStats
     search: ClassVar[str]  # what the trace legend calls the model's choice ("greedy", "beam search")
 
     @classmethod
@@ -96,7 +98,8 @@ class GenerateDecoder(Decoder):
                 if is_end:
                     break
             warnings = [f"prompt truncated to {model.spec.max_input_tokens} tokens"] if state.batch["truncated"][row] else []
-            state.outputs.append(traced_output(steps, stops, {"forward_passes": {model.name: len(out.scores)}}, warnings))
+            state.outputs.append(traced_output(steps, stops, SingleModelStats(forward_passes={model.name: len(out.scores)}),
+                                               warnings))
         return False
 
     def finish(self, state: GenerateState) -> list[DecodeOutput]:

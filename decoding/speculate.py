@@ -35,6 +35,7 @@ from typing import Optional, Protocol
 import torch
 
 from decoding.errors import FusemtError
+from decoding.stats import SpeculationStats
 from decoding.stream import ModelStream, open_streams
 from decoding.vocab import utf8_pending
 
@@ -206,13 +207,13 @@ class Speculation:
             on = still
         return finished
 
-    def stats(self, seq: int, forward_passes: dict[str, int]) -> dict:
+    def stats(self, seq: int, forward_passes: dict[str, int]) -> SpeculationStats:
         """The sequence's speculation figures; ``forward_passes`` (by member name) gains the drafting passes."""
         for m, n in self.draft_passes.get(seq, {}).items():
             forward_passes[self.drafter.names[m]] += n
         drafted, corrected = self.drafted.get(seq, 0), self.corrected.get(seq, 0)
-        return {"rounds": self.rounds.get(seq, 0), "drafted_steps": drafted, "corrected_steps": corrected,
-                "draft_acceptance": round(drafted / max(drafted + corrected, 1), 4)}
+        return SpeculationStats(rounds=self.rounds.get(seq, 0), drafted_steps=drafted, corrected_steps=corrected,
+                                draft_acceptance=round(drafted / max(drafted + corrected, 1), 4))
 
 
 def start_speculation(cfg, models, names: list[str], sources: list[str], prompt,

@@ -80,7 +80,9 @@ def test_register_refuses_a_duplicate_a_non_decoder_and_an_abstract_class():
 
     with pytest.raises(TypeError, match="abstract"):
         register(Undescribed)
-    assert DECODERS["unite"] is unite and "undescribed" not in DECODERS
+    with pytest.raises(TypeError, match="Stats"):
+        register(type("StatsLess", (DECODERS["greedy"],), {"name": "statsless", "Stats": dict}))
+    assert DECODERS["unite"] is unite and not {"undescribed", "statsless"} & set(DECODERS)
     register(unite)  # registering the same class again (a module imported twice) is harmless
 
 

@@ -13,6 +13,7 @@ import inspect
 
 from decoding.base import Decoder
 from decoding.errors import FusemtError
+from decoding.stats import SegmentStats
 
 DECODERS: dict[str, type[Decoder]] = {}
 
@@ -25,6 +26,9 @@ def register(cls: type) -> type:
     if inspect.isabstract(cls):
         raise TypeError(f"register: {cls.__name__} leaves abstract methods unimplemented: "
                         f"{', '.join(sorted(cls.__abstractmethods__))}")
+    stats = getattr(cls, "Stats", None)
+    if not (inspect.isclass(stats) and issubclass(stats, SegmentStats)):
+        raise TypeError(f"register: {cls.__name__}.Stats must be its per-segment SegmentStats record (decoding/stats.py)")
     name = getattr(cls, "name", "")
     if not name:
         raise TypeError(f"register: {cls.__name__} has no name")

@@ -56,6 +56,7 @@ from decoding.methods import register
 from decoding.prompt import render_prompt, stop_strings, uses_chat_template
 from decoding.repetition import RepetitionGuard
 from decoding.speculate import Speculation, start_speculation
+from decoding.stats import SegmentStats, SpeculationStats, mean, part, per_model
 from decoding.vocab import complete_utf8_prefix
 
 END = None  # the end candidate
@@ -140,10 +141,23 @@ class Bounds:
         return best
 
 
+@dataclass
+class CharwiseStats(SegmentStats):
+    steps: int = mean()  # characters
+    agreement_rate: float = mean()  # steps where every member's most likely character was the same
+    fastpath_share: float = mean()  # steps the fast path decided
+    resolved_share: float = mean()  # steps that scored every candidate exactly
+    forward_passes: dict[str, int] = per_model()
+    cache_crops: dict[str, int] = per_model()
+    restarts: dict[str, int] = per_model()  # cover beams rebuilt from the text
+    speculation: SpeculationStats | None = part(SpeculationStats)
+
+
 @register
 class CharwiseDecoder(Decoder):
     name = "charwise"
     min_models, max_models = 1, None
+    Stats = CharwiseStats
 
     @dataclass
     class Config(FusionDecoder.Config):
@@ -280,14 +294,14 @@ class CharwiseDecoder(Decoder):
         outputs = []
         for seq in range(len(state.sources)):
             n_steps = len(state.steps[seq])
-            stats = {"steps": n_steps, "agreement_rate": round(state.agree[seq] / max(n_steps, 1), 4),
-                     "fastpath_share": round(state.fast[seq] / max(n_steps, 1), 4),
-                     "resolved_share": round(state.resolved[seq] / max(n_steps, 1), 4),
-                     "forward_passes": {n: m.book.calls[seq] for n, m in zip(self.names, state.members)},
-                     "cache_crops": {n: m.book.crops[seq] for n, m in zip(self.names, state.members)},
-                     "restarts": {n: m.beams[seq].restarts for n, m in zip(self.names, state.members)}}
+            stats = CharwiseStats(steps=n_steps, agreement_rate=round(state.agree[seq] / max(n_steps, 1), 4),
+                                  fastpath_share=round(state.fast[seq] / max(n_steps, 1), 4),
+                                  resolved_share=round(state.resolved[seq] / max(n_steps, 1), 4),
+                                  forward_passes={n: m.book.calls[seq] for n, m in zip(self.names, state.members)},
+                                  cache_crops={n: m.book.crops[seq] for n, m in zip(self.names, state.members)},
+                                  restarts={n: m.beams[seq].restarts for n, m in zip(self.names, state.members)})
             if state.speculation:
-                stats["speculation"] = state.speculation.stats(seq, stats["forward_passes"])
+                stats.speculation = state.speculation.stats(seq, stats.forward_passes)
             outputs.append(traced_output(state.steps[seq], state.stops, stats, [TRUNCATED] if state.truncated[seq] else []))
         return outputs
 

@@ -30,6 +30,7 @@ from decoding.methods import register
 from decoding.stream import ModelStream, open_streams
 from decoding.vocab import complete_utf8_prefix, utf8_pending
 from decoding.prompt import stop_strings
+from decoding.stats import SegmentStats, mean, per_model
 
 
 def warp(logprobs: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
@@ -61,10 +62,19 @@ class SpecState:
     k: int = 0
 
 
+@dataclass
+class SpeculativeStats(SegmentStats):
+    rounds: int = mean()
+    acceptance_rate: float = mean()  # drafted tokens the target accepted / drafted tokens proposed
+    mean_accepted_length: float = mean()  # accepted drafted tokens per round
+    forward_passes: dict[str, int] = per_model()  # the target's verification passes, the draft's drafting passes
+
+
 @register
 class SpeculativeDecoder(Decoder):
     name = "speculative"
     min_models = max_models = 2
+    Stats = SpeculativeStats
 
     @dataclass
     class Config(Decoder.Config):
@@ -152,10 +162,11 @@ class SpeculativeDecoder(Decoder):
         outputs = []
         for seq in range(len(state.sources)):
             rounds = max(state.rounds[seq], 1)
-            stats = {"rounds": state.rounds[seq],
-                     "acceptance_rate": round(state.accepted[seq] / max(state.proposed[seq], 1), 4),
-                     "mean_accepted_length": round(state.accepted[seq] / rounds, 4),
-                     "forward_passes": {self.names[0]: state.rounds[seq], self.names[1]: state.draft_passes[seq]}}
+            stats = SpeculativeStats(rounds=state.rounds[seq],
+                                     acceptance_rate=round(state.accepted[seq] / max(state.proposed[seq], 1), 4),
+                                     mean_accepted_length=round(state.accepted[seq] / rounds, 4),
+                                     forward_passes={self.names[0]: state.rounds[seq],
+                                                     self.names[1]: state.draft_passes[seq]})
             outputs.append(traced_output(state.steps[seq], state.stops, stats, [TRUNCATED] if state.truncated[seq] else []))
         return outputs
 
