@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from decoding.errors import FusemtError
+from decoding.prompt import find_stop
 from decoding.stats import SegmentStats
 from decoding.vocab import complete_utf8_prefix
 
@@ -58,12 +59,6 @@ def show_bytes(data: bytes) -> str:
 
 def trace_step(data: bytes, **kwargs) -> TraceStep:
     return TraceStep(piece=show_bytes(data), piece_bytes=data.hex(), **kwargs)
-
-
-def find_stop(data: bytes, stop_strings: list[str], start: int = 0) -> int | None:
-    """Byte offset of the earliest stop string in ``data`` (searching from ``start``), or None."""
-    hits = [i for s in stop_strings if s and (i := data.find(s.encode("utf-8"), max(start - len(s.encode()), 0))) >= 0]
-    return min(hits) if hits else None
 
 
 def finalize_text(data: bytes) -> str:

@@ -28,13 +28,13 @@ from typing import Optional
 
 import torch
 
-from decoding.base import TRUNCATED, DecodeOutput, Decoder, find_stop, later_option, trace_step, traced_output
+from decoding.base import TRUNCATED, DecodeOutput, Decoder, later_option, trace_step, traced_output
 from decoding.errors import FusemtError
 from decoding.search import BeamSearch, Extension, Live
 from decoding.speculate import Speculation, check_speculation_options, start_speculation
 from decoding.stats import BeamStats, FusionStats
 from decoding.stream import ModelStream, common_prefix_len, open_streams
-from decoding.prompt import stop_strings
+from decoding.prompt import ensemble_stop_strings, find_stop
 
 END = None  # the candidate key shared by every model's end tokens
 
@@ -145,7 +145,7 @@ class FusionDecoder(Decoder):
     def prepare(self, sources: list[str]) -> FusionState:
         streams, truncated = open_streams(self.models, sources, self.prompt,
                                           recompute=not self.cfg.use_cache)
-        stops = list(dict.fromkeys(s for m in self.models for s in stop_strings(m.tokenizer, self.prompt, m.spec.stop_strings)))
+        stops = ensemble_stop_strings(self.models, self.prompt)
         n = len(sources)
         return FusionState(sources=sources, streams=streams, stops=stops, active=list(range(n)),
                            text=[bytearray() for _ in range(n)], steps=[[] for _ in range(n)],

@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from decoding.errors import FusemtError
+from decoding.errors import FusemtError, fail
 from eval.jsonio import read_json_object, read_jsonl_objects
 from eval.metrics import corpus_scores
 
@@ -492,8 +491,7 @@ def main(argv: list[str] | None = None) -> None:
         report = Report.build(find_runs(args.folder), args.baseline, args.member_baselines)
         paths = report.write(args.folder)
     except FusemtError as err:
-        print(f"fusemt: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        fail(err)
     if args.wandb:
         log_report(report, args.folder, args.wandb_project)
     print(report.to_markdown(), end="")

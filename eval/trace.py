@@ -20,13 +20,13 @@ import html
 import json
 import math
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional
 
-from decoding.errors import FusemtError
+from decoding.errors import FusemtError, fail
 from decoding.methods import DECODERS
+from decoding.vocab import utf8_char_len
 from eval.jsonio import read_json_object
 from eval.metrics import segment_scores
 from eval.report import METRICS_FIX, RunOptions, read_rows, read_segment_comet
@@ -74,10 +74,6 @@ def _step_bytes(step: dict) -> bytes:
     return bytes.fromhex(step["piece_bytes"]) if "piece_bytes" in step else step["piece"].encode("utf-8")
 
 
-def _utf8_length(lead: int) -> int:
-    return 1 if lead < 0x80 else 2 if lead >> 5 == 0b110 else 3 if lead >> 4 == 0b1110 else 4 if lead >> 3 == 0b11110 else 1
-
-
 def character_chips(trace: list[dict]) -> list[CharChip]:
     """The output's characters in order, each with the steps that produced its bytes: a kana that a
     byte-level model emitted as two pieces is one chip of two steps, a two-character piece is two
@@ -99,7 +95,7 @@ def character_chips(trace: list[dict]) -> list[CharChip]:
         for byte in _step_bytes(step):
             pending.append(byte)
             owners.append(index)
-            if len(pending) < _utf8_length(pending[0]):
+            if len(pending) < utf8_char_len(pending[0]):  # 0: no character starts so: incomplete
                 continue
             try:
                 text = bytes(pending).decode("utf-8")
@@ -533,8 +529,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         html_path, png = write_trace_report(args.results, args.segment)
     except FusemtError as err:
-        print(f"fusemt: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        fail(err)
     print(f"wrote {html_path}\nwrote {png}")
 
 

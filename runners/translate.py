@@ -22,14 +22,14 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from decoding.methods import decoder_class
-from decoding.errors import FusemtError
+from decoding.errors import FusemtError, fail
 from decoding.model import load_model
 from decoding.prompt import prompt_text
 from eval.comet_score import comet_scores
 from eval.metrics import corpus_scores, script_shares
 from eval.trace import render_html
 from eval.wandb_logger import RunLogger
-from runners.cli import fail, run_cli
+from runners.cli import run_cli
 from runners.config import CONF_DIR, RunConfig, build_run_config
 from runners.data import Segment, load_segments
 from runners.provenance import provenance

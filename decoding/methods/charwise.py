@@ -48,15 +48,16 @@ from typing import Optional
 
 import torch
 
-from decoding.base import TRUNCATED, DecodeOutput, Decoder, find_stop, trace_step, traced_output
+from decoding.base import TRUNCATED, DecodeOutput, Decoder, trace_step, traced_output
 from decoding.charprob import CharMasses, CharModel, CoverBeam, CoverConfig, Node
 from decoding.errors import FusemtError
 from decoding.fusion import FusionDecoder, check_fusion_options, normalized_weights, unique_names
 from decoding.methods import register
-from decoding.prompt import render_prompt, stop_strings, uses_chat_template
+from decoding.prompt import ensemble_stop_strings, find_stop, prompt_rows, render_prompt, uses_chat_template
 from decoding.repetition import RepetitionGuard
 from decoding.speculate import Speculation, start_speculation
 from decoding.stats import SegmentStats, SpeculationStats, mean, part, per_model
+from decoding.stream import common_prefix_len
 from decoding.vocab import complete_utf8_prefix
 
 END = None  # the end candidate
@@ -208,7 +209,7 @@ class CharwiseDecoder(Decoder):
         members, truncated = [], [False] * len(sources)
         for model in self.models:
             batch = render_prompt(model, sources, self.prompt)
-            rows = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+            rows = prompt_rows(batch)
             # A chat template's generation prompt ("<|im_start|>assistant\n") ends where its training
             # text always had a token boundary: re-covering its newline lets tokens such as "\n\n"
             # span it, which the model never saw there (Qwen then gave a first "\n" ~0.9).
@@ -216,7 +217,7 @@ class CharwiseDecoder(Decoder):
             members.append(CharModel(model, rows, self.covers, backoff, recompute=not self.cfg.use_cache,
                                      canonical=self.cfg.covers == "canonical"))
             truncated = [a or b for a, b in zip(truncated, batch["truncated"])]
-        stops = list(dict.fromkeys(s for m in self.models for s in stop_strings(m.tokenizer, self.prompt, m.spec.stop_strings)))
+        stops = ensemble_stop_strings(self.models, self.prompt)
         n = len(sources)
         return CharwiseState(sources=sources, members=members, stops=stops, active=list(range(n)),
                              text=[bytearray() for _ in range(n)], steps=[[] for _ in range(n)], agree=[0] * n,
@@ -425,9 +426,7 @@ class CharwiseDecoder(Decoder):
             before = beam.best_path()
             beam.advance(choice.char)
             after = beam.best_path()
-            common = 0
-            while common < min(len(before), len(after)) and before[common] == after[common]:
-                common += 1
+            common = common_prefix_len(before, after)
             ids[self.names[m]] = list(after[common:])
             if common < len(before):
                 retokenized[self.names[m]] = len(before) - common

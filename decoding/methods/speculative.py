@@ -23,13 +23,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from decoding.base import TRUNCATED, DecodeOutput, Decoder, find_stop, trace_step, traced_output
+from decoding.base import TRUNCATED, DecodeOutput, Decoder, trace_step, traced_output
 from decoding.errors import FusemtError
 from decoding.fusion import unique_names
 from decoding.methods import register
-from decoding.stream import ModelStream, open_streams
+from decoding.stream import ModelStream, common_prefix_len, open_streams
 from decoding.vocab import complete_utf8_prefix, utf8_pending
-from decoding.prompt import stop_strings
+from decoding.prompt import find_stop, stop_strings
 from decoding.stats import SegmentStats, mean, per_model
 
 
@@ -226,10 +226,8 @@ class SpeculativeDecoder(Decoder):
     def _verify(self, props: list[int], scores: torch.Tensor, q: torch.Tensor | None) -> tuple[int, int]:
         """(accepted count, the target's own next token) for one row."""
         if self.cfg.temperature <= 0:
-            choice = scores.argmax(-1).tolist()
-            n = 0
-            while n < len(props) and props[n] == choice[n]:
-                n += 1
+            choice = scores.argmax(-1).tolist()  # len(props) + 1: the next token after all of them too
+            n = common_prefix_len(props, choice)
             return n, choice[n]
         p = warp(scores, self.cfg.temperature, self.cfg.top_p)
         for n, x in enumerate(props):
