@@ -117,6 +117,12 @@ class Decoder(ABC):
         max_new_tokens: int = 128
         min_new_tokens: int = 0  # end tokens and stop strings are ignored before this many steps
 
+        def __post_init__(self) -> None:
+            """An option given under its old name (``option_alias``) becomes the current one; the old reads None."""
+            resolved = resolve_aliases(type(self), {f.name: getattr(self, f.name) for f in fields(self)})
+            for f in fields(self):
+                setattr(self, f.name, resolved.get(f.name))
+
     @classmethod
     def check_config(cls, cfg: "Decoder.Config", n_models: int) -> None:
         """Checks that need no model, run at start-up before any model loads; subclasses add theirs."""
@@ -166,10 +172,57 @@ def later_option(default):
     return field(default=default, metadata={"later": True})
 
 
+def renamed_option(default, was: str, was_values: dict | None = None, later: bool = False):
+    """An option that had another name, ``was`` (still accepted: an ``option_alias`` field of the same
+    Config). The fingerprint spells it as ``was``, its value mapped through ``was_values`` where the
+    old option took other values (draft_schedule=heuristic was adaptive=true), so the finished results
+    of runs from before the rename keep their file."""
+    return field(default=default, metadata={"later": later, "was": was, "was_values": was_values or {}})
+
+
+def option_alias(of: str):
+    """The old name of option ``of``: a value given under it (not None) is the value of ``of``."""
+    return field(default=None, metadata={"alias_of": of})
+
+
+def resolve_aliases(schema: type, values: dict) -> dict:
+    """``values`` with each option given under an old name (``option_alias``) moved to its current
+    name, the old names dropped; the two names given different values is a user mistake."""
+    spec = {f.name: f for f in fields(schema)}
+    out = dict(values)
+    for name, f in spec.items():
+        canonical = f.metadata.get("alias_of")
+        given = out.pop(name, None) if canonical else None
+        if given is None:
+            continue
+        target = spec[canonical]
+        value = {old: new for new, old in target.metadata["was_values"].items()}.get(given, given)
+        current = out.get(canonical, target.default)
+        if current != target.default and current != value:
+            raise FusemtError(f"decoding.{name}={given} and decoding.{canonical}={current} set one option twice: "
+                              f"keep decoding.{canonical} ({name} is its old name)")
+        out[canonical] = value
+    return out
+
+
 def fingerprint_values(schema: type, values: dict) -> dict:
-    """``values`` (a method's decoding options) without the later options that are at their default."""
-    later = {f.name: f.default for f in fields(schema) if f.metadata.get("later")}
-    return {k: v for k, v in values.items() if not (k in later and v == later[k])}
+    """``values`` (a method's decoding options) as the run's fingerprint has always spelled them: old
+    names resolved, later options at their default left out, renamed options under their old name."""
+    spec = {f.name: f for f in fields(schema)}
+    out = {}
+    for key, value in resolve_aliases(schema, values).items():
+        meta = spec[key].metadata if key in spec else {}
+        if meta.get("later") and value == spec[key].default:
+            continue
+        if meta.get("was"):
+            key, value = meta["was"], meta["was_values"].get(value, value)
+        out[key] = value
+    return out
+
+
+def current_options(cfg) -> dict:
+    """A method's typed Config as a dict of its current option names (old-name aliases left out)."""
+    return {f.name: getattr(cfg, f.name) for f in fields(cfg) if not f.metadata.get("alias_of")}
 
 
 def typed_config(schema: type, values: dict, what: str):

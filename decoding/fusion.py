@@ -28,7 +28,8 @@ from typing import Optional
 
 import torch
 
-from decoding.base import TRUNCATED, DecodeOutput, Decoder, later_option, trace_step, traced_output
+from decoding.base import (TRUNCATED, DecodeOutput, Decoder, later_option, option_alias, renamed_option, trace_step,
+                           traced_output)
 from decoding.errors import FusemtError
 from decoding.search import BeamSearch, Extension, Live
 from decoding.speculate import Speculation, check_speculation_options, start_speculation
@@ -92,9 +93,9 @@ def check_fusion_options(cfg, n_models: int) -> None:
     check_speculation_options(cfg, n_models)
     if cfg.num_beams < 1:
         raise FusemtError(f"decoding.num_beams={cfg.num_beams}: must be at least 1")
-    if cfg.num_beams > 1 and (cfg.temperature > 0 or cfg.speculate):
+    if cfg.num_beams > 1 and (cfg.temperature > 0 or cfg.num_draft_tokens):
         raise FusemtError(f"decoding.num_beams={cfg.num_beams} searches deterministically: set decoding.temperature=0 "
-                          "and decoding.speculate=0")
+                          "and decoding.num_draft_tokens=0")
 
 
 def normalized_weights(weights: Optional[list[float]], n_models: int) -> list[float]:
@@ -116,7 +117,8 @@ class FusionDecoder(Decoder):
         temperature: float = 0.0  # 0: argmax; >0: sample from the fused scores
         use_cache: bool = True  # False: slow full-recompute reference path (for testing)
         seed: int = 0
-        speculate: int = later_option(0)  # >0: a speculative ensemble, this many drafted tokens per round (same output)
+        # >0: a speculative ensemble, this many drafted tokens per round (same output); was `speculate`
+        num_draft_tokens: int = renamed_option(0, was="speculate", later=True)
         drafter: Optional[int] = later_option(None)  # index of the drafting member; None: the one with the fewest parameters
         alternate: bool = later_option(False)  # members take turns drafting, round by round
         draft_schedule: str = later_option("constant")  # constant | heuristic: HF's adaptive draft length
@@ -124,6 +126,7 @@ class FusionDecoder(Decoder):
         num_beams: int = later_option(1)  # >1: beam search over fused hypotheses (decoding/search.py)
         length_penalty: float = later_option(1.0)  # as Hugging Face: score / length ** length_penalty
         early_stopping: bool = later_option(True)  # as Hugging Face: stop a source once num_beams hypotheses finished
+        speculate: Optional[int] = option_alias("num_draft_tokens")
 
     @classmethod
     def check_config(cls, cfg, n_models: int) -> None:

@@ -25,8 +25,9 @@ from typing import Any, ClassVar
 MEAN, SUM, CONSTANT, PER_MODEL_SUM, PART = "mean", "sum", "constant", "per_model_sum", "part"
 
 
-def mean(default: Any = MISSING):
-    return field(default=default, metadata={"combine": MEAN})
+def mean(default: Any = MISSING, was: str | None = None):
+    """``was``: the field's name in rows written before it was renamed."""
+    return field(default=default, metadata={"combine": MEAN, "was": was})
 
 
 def total(default: Any = MISSING):
@@ -72,7 +73,8 @@ class SegmentStats:
         """The run-level figures of these per-segment records (each a row's ``stats`` dict)."""
         out: dict = {}
         for f in fields(cls):
-            values = [row[f.name] for row in rows if row.get(f.name) is not None]
+            was = f.metadata.get("was")
+            values = [value for row in rows if (value := row.get(f.name, row.get(was) if was else None)) is not None]
             if not values:
                 continue
             kind = f.metadata["combine"]
@@ -103,14 +105,14 @@ class SingleModelStats(SegmentStats):
 
 @dataclass
 class SpeculationStats(SegmentStats):
-    """A speculative round's figures, the same record for the ``speculative`` method and the
-    ensembles' ``num_draft_tokens`` option: ``draft_acceptance`` is the share of the draft taken
-    (drafted tokens the target accepted; in an ensemble, fused steps that followed the draft)."""
+    """A speculative ensemble's figures (``num_draft_tokens`` > 0). ``acceptance_rate`` is the same
+    stat as the ``speculative`` method's: the share of the draft that verification kept (here, fused
+    steps that followed the draft); rows written before it was renamed call it ``draft_acceptance``."""
 
     rounds: int = total()
-    drafted_steps: int = total()  # steps that took the draft's token / piece
-    corrected_steps: int = total()  # steps where the target (the fused choice) left the draft
-    draft_acceptance: float = mean()
+    drafted_steps: int = total()  # fused steps that took the draft's piece
+    corrected_steps: int = total()  # fused steps that left the draft
+    acceptance_rate: float = mean(was="draft_acceptance")
 
 
 @dataclass

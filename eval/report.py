@@ -336,6 +336,8 @@ class Report:
             row.update({key: run.options.cell(key) for key in self.option_keys})
             row.update({key: run.metrics.get(key) for key in SCORE_COLUMNS})
             row["forward_passes"] = run.forward_passes
+            # one stat: the speculative method's, or a speculative ensemble's (decoding.num_draft_tokens)
+            row["acceptance_rate"] = run.metrics.get("acceptance_rate", (run.metrics.get("speculation") or {}).get("acceptance_rate"))
             if self.baselines:
                 boot, base = self.bootstraps.get(run.name), self.baselines.get(run.name)
                 row.update(baseline=base.name if base and base is not run else None,

@@ -21,8 +21,9 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from decoding.methods import decoder_class
+from decoding.base import current_options
 from decoding.errors import FusemtError, fail
+from decoding.methods import decoder_class
 from decoding.model import load_model
 from decoding.prompt import prompt_text
 from eval.comet_score import comet_scores
@@ -192,7 +193,7 @@ def _decode_all(run: RunConfig, decoder, todo: list[Segment], results: ResultsFi
 
 def _config_of(run: RunConfig) -> dict:
     """The run's resolved config, JSON-safe: what the report and W&B compare runs by."""
-    return json.loads(json.dumps({"method": run.decoding_name, "decoding": run.decoding.__dict__,
+    return json.loads(json.dumps({"method": run.decoding_name, "decoding": current_options(run.decoding),
                                   "models": [m.__dict__ for m in run.models], "dataset": run.dataset.__dict__,
                                   "prompt": run.prompt.__dict__, "batch_size": run.batch_size, "seed": run.seed},
                                  default=lambda o: o.__dict__ if hasattr(o, "__dict__") else str(o)))

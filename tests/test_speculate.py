@@ -62,7 +62,7 @@ def test_a_draft_the_ensemble_follows_saves_passes(tiny_pair):
     assert trace_pieces(spec) == trace_pieces(plain)
     for p, s in zip(plain, spec):
         info = s.stats["speculation"]
-        assert info["draft_acceptance"] > 0.7
+        assert info["acceptance_rate"] > 0.7
         assert s.stats["forward_passes"][model.name] <= info["rounds"] < p.stats["forward_passes"][model.name]
 
 

@@ -74,7 +74,7 @@ def test_run_level_stats_of_a_two_segment_run(method, options, toy_pair, tiny_pa
             assert 0 <= summary[rate] <= 1
     if "speculation" in summary:
         spec = summary["speculation"]
-        assert 0 <= spec["draft_acceptance"] <= 1
+        assert 0 <= spec["acceptance_rate"] <= 1
         assert spec["rounds"] == sum(s["speculation"]["rounds"] for s in segments) >= 2
     names = {name for s in segments for name in s.get("forward_passes", {})}
     assert names and all(summary["forward_passes"][n] == sum(s["forward_passes"][n] for s in segments) for n in names)
