@@ -19,14 +19,15 @@ EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 
 
 def documented_methods() -> set[str]:
-    """Methods with an entry in the methods documentation: a ``## <name>`` section of docs/methods.md,
-    or (before the docs split) a ``**<name>** —`` paragraph of README's "Decoding methods" section."""
+    """Methods with an entry in the methods documentation (docs/methods.md; before the docs split,
+    README's "Decoding methods" section): a ``## <name>`` heading or a paragraph opening ``**<name>**``."""
     methods_doc = ROOT / "docs" / "methods.md"
     if methods_doc.exists():
-        return set(re.findall(r"^## ([a-z_]+)\s*$", methods_doc.read_text(encoding="utf-8"), re.M))
-    readme = ROOT.joinpath("README.md").read_text(encoding="utf-8")
-    section = readme.split("## Decoding methods, exactly", 1)[1].split("\n## ", 1)[0]
-    return set(re.findall(r"\*\*([a-z_]+)\*\*[ ,]", section))
+        text = methods_doc.read_text(encoding="utf-8")
+    else:
+        text = ROOT.joinpath("README.md").read_text(encoding="utf-8").split("## Decoding methods, exactly", 1)[1]
+        text = text.split("\n## ", 1)[0]
+    return set(re.findall(r"^## ([a-z_]+)\s*$", text, re.M)) | set(re.findall(r"^\*\*([a-z_]+)\*\*[ ,]", text, re.M))
 
 
 def test_registered_methods_are_the_decoding_configs_and_the_documented_methods():
