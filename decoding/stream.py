@@ -22,20 +22,25 @@ whole text), except over an unfinished final character; it rolls back only the t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import get_layer_types_and_kwargs
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 from decoding.canonical import Cut, TailRule
-from decoding.prompt import render_prompt
+from decoding.prompt import prompt_rows, render_prompt
 from decoding.vocab import complete_utf8_prefix, utf8_pending
 
 RETOKENIZE_WINDOW = 4  # own tokens re-tokenised together with newly appended bytes (append_bytes)
 
 
-def common_prefix_len(a: list[int], b: list[int]) -> int:
-    # bisection over slice comparisons (C loops): a few Python steps however long the lists are
+def common_prefix_len(a: Sequence, b: Sequence) -> int:
+    """How many leading items ``a`` and ``b`` share (token ids, cover paths): the one helper for it."""
+    if type(a) is not type(b):  # slices of a tuple and a list never compare equal
+        a, b = list(a), list(b)
+    # bisection over slice comparisons (C loops): a few Python steps however long the sequences are
     lo, hi = 0, min(len(a), len(b))
     if a[:hi] == b[:hi]:
         return hi
@@ -396,7 +401,7 @@ def open_streams(models, sources: list[str], prompt, recompute: bool):
     streams, truncated = [], [False] * len(sources)
     for model in models:
         batch = render_prompt(model, sources, prompt)
-        rows = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+        rows = prompt_rows(batch)
         streams.append(ModelStream(model, rows, recompute=recompute))
         truncated = [a or b for a, b in zip(truncated, batch["truncated"])]
     return streams, truncated
