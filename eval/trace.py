@@ -49,6 +49,11 @@ def origin_meaning(method: str, origin: str, models: list[str]) -> str:
         return {"draft": "proposed by the draft model, accepted by the target",
                 "target": "the target's own token: its correction of a rejected draft token, or the bonus token"
                 }.get(origin, origin)
+    if method == "pool":
+        if origin.startswith("run:"):
+            return f"the chosen candidate is the output of the finished run {origin[4:]} (and of any other origin in its pool row)"
+        model, _, kind = origin.partition(":")
+        return f"the chosen candidate is one of {model}'s own {kind} generations (see the pool table below the segment)"
     if method == "charwise":
         if origin in ("both", "all"):
             return "every member's most likely next character (the members agree)"
@@ -381,6 +386,18 @@ def _metric_line(metrics: dict) -> str:
     return " · ".join(f"{k}: {html.escape(str(metrics[k]))}" for k in keys if metrics.get(k) is not None)
 
 
+def _pool_line(metrics: dict) -> str:
+    """A pool run's origin shares and oracle; the oracle rule itself is marked as an upper bound."""
+    if "pool_choice_share" not in metrics:
+        return ""
+    shares = ", ".join(f"{html.escape(o)} {v:.0%}" for o, v in metrics["pool_choice_share"].items())
+    oracle = (f' · pool oracle (upper bound): BLEU {metrics["pool_oracle_bleu"]}, chrF {metrics["pool_oracle_chrf"]}'
+              if "pool_oracle_chrf" in metrics else "")
+    bound = ('<div class="warn">select=oracle: chosen with the reference: an UPPER BOUND, not a translation method</div>'
+             if (metrics.get("config") or {}).get("decoding", {}).get("select") == "oracle" else "")
+    return f'{bound}<div class="meta">choices by origin: {shares}{oracle}</div>'
+
+
 def _legend(rows: list[dict], method: str, colours: dict[str, str], colour_class: dict[str, str]) -> str:
     """Each colour that occurs, with what it means for this method, and each chip shape that occurs."""
     models = list(dict.fromkeys(m for r in rows for m in r.get("models", [])))
@@ -444,6 +461,26 @@ def _options_line(metrics: dict) -> str:
     return f'<div class="meta">{source}: {line}</div>{folded}'
 
 
+def pool_html(pool: Optional[list[dict]]) -> str:
+    """A pool's candidates ranked by the score the rule chose by (▶ the chosen one); ties keep pool order."""
+    if not pool:
+        return ""
+    ranked = sorted(pool, key=lambda c: -c["score"])
+    members = list(dict.fromkeys(m for c in pool for m in c.get("logprob") or {}))
+    head = "".join(f"<th>log p {html.escape(m)}</th>" for m in members)
+    body = "".join(
+        f'<tr><td>{"▶" if c["chosen"] else ""}</td><td class="num">{c["score"]:.3f}</td><td>{html.escape(c["text"])}</td>'
+        f'<td>{html.escape(", ".join(f"{o}×{n}" for o, n in c["origins"].items()))}</td><td class="num">{c["count"]}</td>'
+        f'<td class="num">{_cell(c.get("utility"), 2)}</td>'
+        + "".join(f'<td class="num">{_cell((c.get("logprob") or {}).get(m), 2)}</td>' for m in members)
+        + f'<td class="num">{_cell(c.get("joint"), 4)}</td><td class="num">{_cell(c.get("ref_chrf"), 1)}</td></tr>'
+        for c in ranked)
+    return (f'<details><summary>pool: {len(pool)} candidates, ranked by the rule\'s score (▶ chosen)</summary><table>'
+            f'<tr><th></th><th>score</th><th>candidate</th><th>origins</th><th>count</th><th>expected utility</th>{head}'
+            '<th>joint (per char)</th><th>chrF vs reference (oracle only)</th></tr>'
+            f'{body}</table></details>')
+
+
 def step_limit(options: RunOptions) -> Optional[int]:
     """The run's ``max_new_tokens`` (steps: tokens, or characters for charwise), when its config is known."""
     value = options.values.get("max_new_tokens")
@@ -478,7 +515,7 @@ def render_html(rows: list[dict], metrics: dict | None, title: str,
 <div class="field"><b>reference</b> {html.escape(str(reference or ''))}</div>
 <div class="field"><b>hypothesis</b> {html.escape(row['hypothesis'])}</div>{diff}
 <div class="chips">{chips_html(trace, colour_class, colours) if trace else "<i>no trace</i>"}</div>
-<div class="stats">{stat_line}</div>{other_warnings}
+<div class="stats">{stat_line}</div>{other_warnings}{pool_html(row.get("pool"))}
 </section>""")
     return f"""<!DOCTYPE html>
 <html lang="ja"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
@@ -486,7 +523,7 @@ def render_html(rows: list[dict], metrics: dict | None, title: str,
 <h1>{html.escape(title)}</h1>
 <div class="meta">{html.escape(method)} · {html.escape(" + ".join(metrics.get("models") or models))}</div>
 <div class="meta">{_metric_line(metrics)}</div>
-{_options_line(metrics)}
+{_pool_line(metrics)}{_options_line(metrics)}
 <h2>Legend</h2>
 {_legend(rows, method, colours, colour_class)}
 <p class="meta">Scores per segment: sentence chrF and BLEU (sacrebleu, ja-mecab, effective order), COMET where scored,

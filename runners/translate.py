@@ -26,10 +26,11 @@ from decoding.errors import FusemtError
 from decoding.model import load_model
 from decoding.prompt import prompt_text
 from eval.comet_score import comet_scores
-from eval.metrics import corpus_scores, script_shares
+from eval.metrics import corpus_scores, pool_metrics, script_shares
 from eval.trace import render_html
 from eval.wandb_logger import RunLogger
 from runners.cli import fail, run_cli
+from runners.candidates import load_run_candidates
 from runners.config import CONF_DIR, RunConfig, build_run_config
 from runners.data import Segment, load_segments
 from runners.provenance import provenance
@@ -87,14 +88,18 @@ def run_metrics(run: RunConfig, rows: list[dict], selected_ids: list[str]) -> tu
     metrics["n_new_tokens"] = sum(r["n_new_tokens"] for r in rows)
     metrics["tokens_per_s"] = round(metrics["n_new_tokens"] / total_time, 3) if total_time > 0 else None
     metrics.update(summarize_stats(rows))
+    metrics.update(pool_metrics(scored))
     return metrics, comet_segments
 
 
 def segment_row(run: RunConfig, seg: Segment, hypothesis: str, n_new_tokens: int, time_s: float, trace: list,
-                stats: dict, warnings: list[str]) -> dict:
-    return {"id": seg.id, "source": seg.source, "reference": seg.reference, "domain": seg.domain, "hypothesis": hypothesis,
-            "method": run.decoding_name, "models": [m.label for m in run.models], "n_new_tokens": n_new_tokens,
-            "time_s": round(time_s, 4), "warnings": warnings, "stats": stats, "trace": trace}
+                stats: dict, warnings: list[str], pool: list[dict] | None = None) -> dict:
+    row = {"id": seg.id, "source": seg.source, "reference": seg.reference, "domain": seg.domain, "hypothesis": hypothesis,
+           "method": run.decoding_name, "models": [m.label for m in run.models], "n_new_tokens": n_new_tokens,
+           "time_s": round(time_s, 4), "warnings": warnings, "stats": stats, "trace": trace}
+    if pool is not None:
+        row["pool"] = pool
+    return row
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -114,13 +119,15 @@ def translate(run: RunConfig, sweep_group: str | None = None) -> dict:
     todo = [s for s in segments if s.id not in results.done_ids]
     log.info("%s: %d segments, %d already done, writing %s", run.run_name, len(segments), len(segments) - len(todo),
              run.results_path)
+    runs = getattr(run.decoding, "runs", None)  # finished outputs a method chooses among: checked before models load
+    method_inputs = {"external": load_run_candidates(runs, run.dataset, todo, run.results_dir)} if runs and todo else {}
     try:
         if todo or run.render_input_text:
             models = [load_model(spec) for spec in run.models]
         if run.render_input_text:
             _print_prompts(models, segments, run)
         if todo:
-            decoder = decoder_class(run.decoding_name)(run.decoding, models, run.prompt)
+            decoder = decoder_class(run.decoding_name)(run.decoding, models, run.prompt, **method_inputs)
             _decode_all(run, decoder, todo, results)
     except KeyboardInterrupt:
         results.close()
@@ -190,11 +197,11 @@ def _decode_all(run: RunConfig, decoder, todo: list[Segment], results: ResultsFi
             live = [s for s in batch if s.source.strip()]
             if live:
                 t0 = time.perf_counter()
-                outputs = decoder.decode([s.source for s in live])
+                outputs = decoder.decode([s.source for s in live], segments=live)
                 dt = time.perf_counter() - t0
                 for seg, out in zip(live, outputs):
                     results.append(segment_row(run, seg, out.text, out.n_new_tokens, dt / len(live), out.trace,
-                                               out.stats, out.warnings))
+                                               out.stats, out.warnings, out.pool))
                     n_tokens += out.n_new_tokens
                 elapsed += dt
                 bar.set_postfix(tok_s=f"{n_tokens / elapsed:.1f}")
