@@ -331,3 +331,21 @@ def test_system_combination_runs_without_models(tmp_path):
     assert sum(metrics["pool_choice_share"].values()) >= 1 and metrics["pool_oracle_chrf"] >= metrics["chrf"]
     page = (tmp_path / "results" / "sample" / "ensemble" / "combo.trace.html").read_text()
     assert "ranked by the rule" in page and "▶" in page
+
+
+@pytest.mark.slow
+def test_likelihood_on_the_embedded_models_equals_a_plain_forward_pass():
+    """Gemma 3 270M (plain few-shot template: leading space, line end) and SmolLM2 (chat template: end
+    tokens) each score the same candidates in their own tokenization, batched as in a run."""
+    from conftest import compose_run
+
+    from decoding.model import load_model
+
+    run = compose_run("models=gemma3_smollm2", "decoding=pool")
+    models = [load_model(spec) for spec in run.models]
+    texts = [["今日は天気がいいです。", "天気", "The weather is nice."], ["メールを送ってください。"]]
+    check_likelihoods(models, run.prompt, ["The weather is nice today.", "Please send me the mail."], texts)
+    decoder = build_decoder("pool", models, run.prompt, generate=["greedy"], select="likelihood", max_new_tokens=24)
+    out = decoder.decode(["The weather is nice today."])[0]
+    assert {o for c in out.pool for o in c["origins"]} == {"gemma3_270m:greedy", "smollm2_135m:greedy"}
+    assert out.text == max(out.pool, key=lambda c: c["joint"])["text"]
