@@ -88,7 +88,7 @@ def run_metrics(run: RunConfig, rows: list[dict], selected_ids: list[str]) -> tu
     metrics["n_new_tokens"] = sum(r["n_new_tokens"] for r in rows)
     metrics["tokens_per_s"] = round(metrics["n_new_tokens"] / total_time, 3) if total_time > 0 else None
     metrics.update(summarize_stats(rows))
-    metrics.update(pool_metrics(scored))
+    metrics.update(pool_metrics(rows))
     return metrics, comet_segments
 
 
