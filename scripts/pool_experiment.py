@@ -72,12 +72,32 @@ def members_jobs() -> list[tuple[str, list[str]]]:
     ]
 
 
-# part: (jobs, common overrides, report baseline, keep the rows in the export)
+# part: (jobs, common overrides, report baseline, second baseline (or None), keep the rows in the export)
 PARTS = {
     "syscomb": (syscomb_jobs, ["dataset=wmt24_en_ja", f"dataset.path={WMT24 / 'wmt24_en_ja.jsonl'}"], "single_Claude-3.5",
-                False),
-    "members": (members_jobs, ["dataset=wmt24pp_en_ja_test", "prompt=wmt_en_ja"], "greedy__qwen25_coder_15b", True),
+                None, False),
+    "members": (members_jobs, ["dataset=wmt24pp_en_ja_test", "prompt=wmt_en_ja"], "greedy__qwen25_coder_15b",
+                "beam__qwen25_coder_15b", True),
 }
+
+
+def second_baseline_table(folder: Path, baseline: str) -> Path:
+    """Every run against a second baseline (the best member's beam 4), by the same paired bootstrap."""
+    sys.path.insert(0, str(ROOT))
+    from eval.report import find_runs, paired_bootstrap, pick_run
+
+    runs = find_runs(folder)
+    base = pick_run(runs, baseline)
+    lines = [f"Paired bootstrap (sacrebleu, 1000 resamples) against {base.name}:", "",
+             "| run | BLEU | chrF | Δ BLEU (p) | Δ chrF (p) |", "|---|---:|---:|---|---|"]
+    for run in sorted(runs, key=lambda r: r.name):
+        result = paired_bootstrap(base, run)
+        delta = (f"{result.bleu_delta:+.2f} ({result.bleu_p:.3f}) | {result.chrf_delta:+.2f} ({result.chrf_p:.3f})"
+                 if result else "— | —")
+        lines.append(f"| {run.name} | {run.metrics.get('bleu', 0):.2f} | {run.metrics.get('chrf', 0):.2f} | {delta} |")
+    path = folder / f"vs_{baseline}.md"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
 
 
 def export(results_dir: Path, target: Path, extra: list[Path]) -> int:
@@ -107,7 +127,7 @@ def main() -> None:
     parser.add_argument("--only", default="", help="run only the jobs whose label contains this text")
     parser.add_argument("--report-only", action="store_true", help="export and report what has finished")
     args = parser.parse_args()
-    make_jobs, common, baseline, keep_rows = PARTS[args.part]
+    make_jobs, common, baseline, second, keep_rows = PARTS[args.part]
     jobs = [(label, over) for label, over in make_jobs() if args.only in label]
     results_dir = RESULTS / args.part
     if args.list:
@@ -129,6 +149,8 @@ def main() -> None:
     extra = [ROOT / r for r in member_runs()] if args.part == "members" else []
     print(f"exported {export(results_dir, target, extra)} runs to {target}")
     report = subprocess.run([sys.executable, "-m", "eval.report", str(target), "--baseline", baseline], cwd=ROOT, env=env)
+    if second:
+        print(f"wrote {second_baseline_table(target, second)}")
     if not keep_rows:
         for rows in target.glob("*.jsonl"):
             rows.unlink()
