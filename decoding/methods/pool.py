@@ -19,12 +19,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from decoding.base import DecodeOutput, Decoder, register, trace_step
+from decoding.base import DecodeOutput, Decoder, trace_step
 from decoding.errors import FusemtError
 from decoding.generate import GenerateDecoder
 from decoding.mbr import (PairwiseUtility, argmax_first, build_pool, check_comet_checkpoint, expected_utility,
                           mbr_weights, model_weights, parse_utility)
+from decoding.methods import register
 from decoding.rescore import sequence_logprobs
+from decoding.stats import SegmentStats, mean, per_model
 
 RULES = ("mbr", "likelihood", "model_mbr", "oracle")
 GENERATION = re.compile(r"^(greedy|beam:(\d+)|samples:(\d+))$")
@@ -35,6 +37,7 @@ class _Generation(GenerateDecoder):
     """One member's generations of one kind, through Hugging Face generate."""
 
     name = "pool-generation"
+    search = "pool generation"
 
     def __init__(self, cfg: Decoder.Config, model, prompt, kwargs: dict):
         super().__init__(cfg, [model], prompt)
@@ -55,10 +58,25 @@ class PoolState:
     outputs: list[DecodeOutput] = field(default_factory=list)
 
 
+@dataclass
+class PoolStats(SegmentStats):
+    candidates: int = mean()  # distinct texts in the segment's pool
+    generations: int = mean()  # texts that entered it (duplicates included)
+    forward_passes: dict[str, int] = per_model()  # generate's steps and the scoring passes, per member
+
+
 @register
 class PoolDecoder(Decoder):
     name = "pool"
     min_models, max_models = 0, None
+    Stats = PoolStats
+
+    @classmethod
+    def origin_meaning(cls, origin: str, models: list[str]) -> str:
+        if origin.startswith("run:"):
+            return f"the chosen candidate is the output of the finished run {origin[4:]} (and of any other origin in its pool row)"
+        model, _, kind = origin.partition(":")
+        return f"the chosen candidate is one of {model}'s own {kind} generations (see the pool table below the segment)"
 
     @dataclass
     class Config(Decoder.Config):
@@ -200,7 +218,8 @@ class PoolDecoder(Decoder):
         step = trace_step(chosen.text.encode("utf-8"), ids={}, logprob={m: logprob[m][best] for m in names},
                           origin=next(iter(chosen.origins)), end=True,
                           extra={"score": round(score[best], 6), "candidates": len(pool)})
-        stats = {"candidates": len(pool), "generations": sum(c.count for c in pool), "forward_passes": dict(state.forward_passes)}
+        stats = PoolStats(candidates=len(pool), generations=sum(c.count for c in pool),
+                          forward_passes=dict(state.forward_passes)).to_json()
         warnings = [ORACLE_WARNING] if select == "oracle" else []
         return DecodeOutput(text=chosen.text, n_new_tokens=state.new_tokens[s], trace=[step.to_json()], stats=stats,
                             warnings=warnings, pool=rows)
