@@ -9,10 +9,9 @@ segments, official references) without loading a model: each system alone (a one
 returns it), MBR with the chrF and with the BLEU utility, and the oracle (an upper bound). ``members``
 pools the committed greedy and beam-4 outputs of the three members on the test slice
 (experiments/wmt24pp_en_ja/runs/wmt24pp/) and adds samples; MBR, likelihood, model_mbr and the oracle
-choose. Each part exports its runs (rows with their pools, metrics) to
-experiments/wmt24pp_en_ja/runs/pool_<part>/ and writes the report there with sacrebleu's paired
-bootstrap against the baseline (the best single system / the best member's greedy run). ``syscomb``
-keeps only the metrics and the report there (its 997-segment rows are 15 MB; this command remakes
+choose. Each part exports its runs (rows with their pools, metrics) to ``TARGETS`` and writes the
+report there with sacrebleu's paired bootstrap against the baseline (the best single system / the best member's greedy run). ``syscomb``
+keeps only the metrics and the report (outside runs/) (its 997-segment rows are 15 MB; this command remakes
 them in minutes, without a model).
 """
 
@@ -33,7 +32,9 @@ WMT24 = Path(os.path.relpath(Path(os.environ.get("FUSEMT_SHARED", ROOT.parent / 
 SYSTEMS = ["Claude-3.5", "GPT-4", "IKUN-C", "Team-J", "Unbabel-Tower70B"]
 MEMBER_RUNS = ROOT / "experiments" / "wmt24pp_en_ja" / "runs" / "wmt24pp"
 MEMBERS = ["gemma3_270m", "qwen25_coder_05b", "qwen25_coder_15b"]
-OUT = ROOT / "experiments" / "wmt24pp_en_ja" / "runs"
+EXPERIMENT = ROOT / "experiments" / "wmt24pp_en_ja"
+# syscomb keeps no rows, so its metrics live outside runs/ (where every metrics file sits beside its rows)
+TARGETS = {"syscomb": EXPERIMENT / "pool_syscomb", "members": EXPERIMENT / "runs" / "pool_members"}
 RESULTS = ROOT / "results" / "pool"
 
 
@@ -145,7 +146,7 @@ def main() -> None:
             print(f"[{n}/{len(jobs)}] {label}: exit {proc.returncode}, {time.perf_counter() - start:.0f} s", flush=True)
             if proc.returncode != 0:
                 failed.append(label)
-    target = OUT / f"pool_{args.part}"
+    target = TARGETS[args.part]
     extra = [ROOT / r for r in member_runs()] if args.part == "members" else []
     print(f"exported {export(results_dir, target, extra)} runs to {target}")
     report = subprocess.run([sys.executable, "-m", "eval.report", str(target), "--baseline", baseline], cwd=ROOT, env=env)
