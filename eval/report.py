@@ -1,7 +1,8 @@
 """Collect every run under a folder into one comparison: a table with the options that tell the runs
 apart, per-domain scores, paired-bootstrap markers against a baseline, and a quality-vs-speed plot.
 
-    python -m eval.report results/ [--baseline unite__gemma3_270m+smollm2_135m] [--wandb]
+    python -m eval.report results/ [--baseline unite__gemma3_270m+smollm2_135m] [--correction holm|none] [--wandb]
+    python -m eval.report runs/ --member-baselines --member-ranking dev/compat.json
 
 writes ``report.md``, ``report.csv``, ``report_domains.csv`` (when the results rows carry a
 ``domain``) and ``report.png`` into that folder; ``--wandb`` also logs the tables (W&B Tables) and
@@ -30,6 +31,8 @@ BASE_COLUMNS = ["run_name", "method", "models"]
 SCORE_COLUMNS = ["dataset", "segments", "bleu", "chrf", "comet", "tokens_per_s", "forward_passes", "acceptance_rate",
                  "agreement_rate", "latin_share", "non_japanese_share"]
 BOOTSTRAP_COLUMNS = ["baseline", "bleu_delta", "bleu_p", "chrf_delta", "chrf_p", "bootstrap_segments"]
+ADJUSTED_COLUMNS = ["bleu_p_adj", "chrf_p_adj"]  # with a multiple-comparison correction
+CORRECTIONS = ("holm", "none")
 # Options shown whenever a run has them; any other option is shown when its values differ between runs.
 KEY_OPTIONS = ("weights", "top_k", "num_beams")
 # Overrides outside these change nothing the runs are compared on (selection, batching, logging).
@@ -173,6 +176,22 @@ class Run:
         return {str(r["id"]): r for r in self.rows or [] if r.get("reference") is not None}
 
 
+def mix_warnings(runs: list[Run]) -> list[str]:
+    """What makes a table of these runs misleading: runs of different datasets, or of one dataset
+    with different segment counts (their scores are over different segments)."""
+    warnings = []
+    datasets = sorted({run.dataset or "?" for run in runs})
+    if len(datasets) > 1:
+        warnings.append(f"the runs are of {len(datasets)} datasets ({', '.join(datasets)}): compare scores only "
+                        "within one dataset")
+    for dataset in datasets:
+        counts = sorted({run.metrics.get("segments") for run in runs if (run.dataset or "?") == dataset} - {None})
+        if len(counts) > 1:
+            warnings.append(f"the runs of {dataset} scored different numbers of segments ({', '.join(map(str, counts))}): "
+                            "their scores are over different segments; finish the runs or report one selection")
+    return warnings
+
+
 def find_runs(folder: Path) -> list[Run]:
     """Every run under ``folder`` that has a metrics file."""
     if not folder.is_dir():
@@ -230,10 +249,16 @@ class Bootstrap:
     bleu_p: float
     chrf_delta: float
     chrf_p: float
+    adjusted: dict[str, float] = field(default_factory=dict)  # metric -> p after the table's correction
+
+    def p(self, metric: str) -> float:
+        """The p-value the marker uses: corrected when the report applied a correction, else raw."""
+        return self.adjusted.get(metric, getattr(self, f"{metric}_p"))
 
     def marker(self, metric: str) -> str:
-        """▲ / ▼: significantly better / worse than the baseline (p < 0.05, on enough segments); nothing otherwise."""
-        delta, p = getattr(self, f"{metric}_delta"), getattr(self, f"{metric}_p")
+        """▲ / ▼: significantly better / worse than the baseline (p < 0.05 after the report's correction,
+        on enough segments); nothing otherwise."""
+        delta, p = getattr(self, f"{metric}_delta"), self.p(metric)
         if self.segments < BOOTSTRAP_MIN_SEGMENTS or p >= SIGNIFICANCE or delta == 0:
             return ""
         return "▲" if delta > 0 else "▼"
@@ -262,10 +287,38 @@ def paired_bootstrap(baseline: Run, run: Run, n_samples: int = BOOTSTRAP_SAMPLES
                      chrf_p=round(chrf_run.p_value, 4))
 
 
-def best_member_run(runs: list[Run], run: Run) -> Optional[Run]:
-    """For an ensemble: the best (BLEU, then chrF) single-model run of one of its members on the same
-    dataset that searched as it did: greedy, or for an ensemble beam search (``num_beams`` > 1)
-    beam search with as many beams; None for a single-model run or when no member ran alone so."""
+def holm(p_values: list[float]) -> list[float]:
+    """Holm–Bonferroni adjusted p-values, in the given order: the i-th smallest of m is multiplied by
+    m - i + 1, made monotone (never below the one before it) and capped at 1. Rejecting where the
+    adjusted p < alpha controls the family-wise error rate at alpha over all m tests."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    adjusted, running = [0.0] * len(p_values), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def read_member_ranking(path: Path) -> list[str]:
+    """Member names best first from a ``fusemt-compat`` result (compat.json, e.g. on a dev slice):
+    by the score its rules compare (``rules.metric``), then the other score."""
+    data = read_json_object(path, "pass the compat.json that fusemt-compat wrote")
+    models = data.get("models")
+    metric = (data.get("rules") or {}).get("metric", "chrf")
+    if not isinstance(models, list) or not all(isinstance(m, dict) and isinstance(m.get("scores"), dict)
+                                               and "name" in m for m in models):
+        raise FusemtError(f"{path} has no models with scores: pass the compat.json that fusemt-compat wrote")
+    other = "bleu" if metric == "chrf" else "chrf"
+    ranked = sorted(models, key=lambda m: (-(m["scores"].get(metric) or 0), -(m["scores"].get(other) or 0)))
+    return [str(m["name"]) for m in ranked]
+
+
+def best_member_run(runs: list[Run], run: Run, ranking: Optional[list[str]] = None) -> Optional[Run]:
+    """For an ensemble: the single-model run of its best member on the same dataset that searched as it
+    did: greedy, or for an ensemble beam search (``num_beams`` > 1) beam search with as many beams.
+    The best member is the first of ``ranking`` (chosen elsewhere, e.g. on a dev slice) that ran so,
+    else the run with the best BLEU, then chrF, on this dataset; None for a single-model run or when
+    no member ran alone so."""
     members = run.members
     if len(members) < 2:
         return None
@@ -273,6 +326,9 @@ def best_member_run(runs: list[Run], run: Run) -> Optional[Run]:
     singles = [r for r in runs if r.dataset == run.dataset and len(r.members) == 1 and r.members[0] in members
                and (r.method == "greedy" if beams == "1" else
                     r.method == "beam" and r.options.values.get("num_beams", "4") == beams)]
+    if ranking is not None:
+        ranked = [r for name in ranking for r in singles if r.members[0] == name]
+        return ranked[0] if ranked else None
     return max(singles, key=lambda r: (r.metrics.get("bleu") or 0, r.metrics.get("chrf") or 0), default=None)
 
 
@@ -292,7 +348,7 @@ def _format(column: str, value) -> str:
         return "—"
     if isinstance(value, bool) or not isinstance(value, float):
         return str(value)
-    digits = 4 if column in ("comet", "bleu_p", "chrf_p") else 3 if column.endswith("_rate") else 2
+    digits = 4 if column in ("comet", "bleu_p", "chrf_p", "bleu_p_adj", "chrf_p_adj") else 3 if column.endswith("_rate") else 2
     return f"{value:.{digits}f}"
 
 
@@ -304,30 +360,50 @@ class Report:
     bootstraps: dict[str, Bootstrap] = field(default_factory=dict)  # by run name
     baseline_rule: str = ""  # how the baselines were chosen, for the legend
     domains: dict[str, dict[str, dict]] = field(default_factory=dict)  # run name -> domain -> scores
+    correction: str = "holm"  # multiple-comparison correction over the table's tests: holm | none
+    tests: int = 0  # how many tests the correction covers
+    warnings: list[str] = field(default_factory=list)  # what the reader must know about the mix of runs
 
     @classmethod
-    def build(cls, runs: list[Run], baseline: Optional[str] = None, member_baselines: bool = False) -> "Report":
+    def build(cls, runs: list[Run], baseline: Optional[str] = None, member_baselines: bool = False,
+              correction: str = "holm", member_ranking: Optional[list[str]] = None,
+              ranking_source: str = "") -> "Report":
         """``baseline``: every run is tested against that run; ``member_baselines``: each ensemble
-        against the best single-model run of its members that searched alike (``best_member_run``)."""
+        against the single-model run of its best member that searched alike (``best_member_run``,
+        by ``member_ranking`` when given). ``correction="holm"`` adjusts the p-values of all the
+        table's tests (BLEU and chrF of every tested run) with Holm–Bonferroni."""
         runs = sorted(runs, key=lambda r: (r.dataset or "", -(r.metrics.get("bleu") or 0), r.name))
-        report = cls(runs, distinguishing_options(runs))
+        report = cls(runs, distinguishing_options(runs), correction=correction, warnings=mix_warnings(runs))
         if baseline is not None:
             chosen = pick_run(runs, baseline)
             report.baselines = {run.name: chosen for run in runs if run.dataset == chosen.dataset}
             report.baseline_rule = f"the baseline {chosen.name}"
         elif member_baselines:
-            report.baselines = {run.name: base for run in runs if (base := best_member_run(runs, run))}
-            report.baseline_rule = ("the best single member of the run's ensemble, searching as the ensemble did "
-                                    "(greedy, or beam search with as many beams; column baseline)")
+            report.baselines = {run.name: base for run in runs if (base := best_member_run(runs, run, member_ranking))}
+            chosen_by = (f"the member ranked best in {ranking_source}" if member_ranking is not None
+                         else "the member with the best BLEU (then chrF) in this table")
+            report.baseline_rule = (f"the single-model run of the ensemble's best member ({chosen_by}), searching as "
+                                    "the ensemble did (greedy, or beam search with as many beams; column baseline)")
         for run in runs:
             if run.name in report.baselines and (result := paired_bootstrap(report.baselines[run.name], run)):
                 report.bootstraps[run.name] = result
+        report._correct()
         report.domains = {run.name: scores for run in runs if (scores := per_domain(run))}
         return report
 
+    def _correct(self) -> None:
+        """Adjust every test's p-value over the family of the table's tests (BLEU and chrF per run)."""
+        tests = [(boot, metric) for boot in self.bootstraps.values() for metric in ("bleu", "chrf")]
+        self.tests = len(tests)
+        if self.correction == "none" or not tests:
+            return
+        for (boot, metric), adjusted in zip(tests, holm([getattr(b, f"{m}_p") for b, m in tests])):
+            boot.adjusted[metric] = round(adjusted, 4)
+
     @property
     def columns(self) -> list[str]:
-        return BASE_COLUMNS + self.option_keys + SCORE_COLUMNS + (BOOTSTRAP_COLUMNS if self.baselines else [])
+        tested = BOOTSTRAP_COLUMNS + (ADJUSTED_COLUMNS if self.correction != "none" else []) if self.baselines else []
+        return BASE_COLUMNS + self.option_keys + SCORE_COLUMNS + tested
 
     def rows(self) -> list[dict]:
         """One row per run: identity, distinguishing options, scores (numbers), bootstrap p-values."""
@@ -343,12 +419,24 @@ class Report:
                            bleu_delta=boot and boot.bleu_delta, bleu_p=boot and boot.bleu_p,
                            chrf_delta=boot and boot.chrf_delta, chrf_p=boot and boot.chrf_p,
                            bootstrap_segments=boot and boot.segments)
+                if self.correction != "none":
+                    row.update(bleu_p_adj=boot and boot.adjusted.get("bleu"), chrf_p_adj=boot and boot.adjusted.get("chrf"))
             table.append(row)
         return table
 
+    def significance_note(self) -> str:
+        """Which p-values the markers use: the correction and its family, or none."""
+        if self.correction == "none":
+            return "raw p-values, no multiple-comparison correction (--correction none)"
+        return (f"p-values Holm–Bonferroni-adjusted over the {self.tests} tests of this table (BLEU and chrF of each "
+                "tested run; columns *_p_adj, raw p in *_p)")
+
     def to_markdown(self) -> str:
-        shown = [c for c in self.columns if c not in BOOTSTRAP_COLUMNS or c in ("bleu_delta", "chrf_delta", "chrf_p")]
-        lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+        p_shown = ("bleu_p_adj", "chrf_p_adj") if self.correction != "none" else ("bleu_p", "chrf_p")
+        shown = [c for c in self.columns if c not in BOOTSTRAP_COLUMNS + ADJUSTED_COLUMNS
+                 or c in ("bleu_delta", "chrf_delta", *p_shown)]
+        lines = [f"> warning: {w}" for w in self.warnings] + ([""] if self.warnings else [])
+        lines += ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
         for run, row in zip(self.runs, self.rows()):
             cells = []
             for column in shown:
@@ -362,8 +450,8 @@ class Report:
         if self.baselines:
             lines.append(f"\n▲ / ▼: BLEU or chrF significantly better / worse than {self.baseline_rule} "
                          f"(sacrebleu paired bootstrap, {BOOTSTRAP_SAMPLES} resamples, p < {SIGNIFICANCE}, on the "
-                         f"segments both runs have, when there are at least {BOOTSTRAP_MIN_SEGMENTS}); deltas are "
-                         "run minus baseline; baselines and BLEU p-values in report.csv.")
+                         f"segments both runs have, when there are at least {BOOTSTRAP_MIN_SEGMENTS}); "
+                         f"{self.significance_note()}; deltas are run minus baseline; baselines in report.csv.")
         if self.domains:
             lines += ["", "## Per domain (BLEU / chrF, segments)", ""]
             names = sorted({d for scores in self.domains.values() for d in scores})
@@ -485,15 +573,26 @@ def main(argv: list[str] | None = None) -> None:
     baseline.add_argument("--baseline", help="run name (or a part of exactly one) to mark significant differences against")
     baseline.add_argument("--member-baselines", action="store_true",
                           help="test each ensemble against the best greedy single-model run of its members")
+    parser.add_argument("--member-ranking", type=Path, metavar="COMPAT_JSON",
+                        help="with --member-baselines: rank the members by this fusemt-compat result (e.g. on a dev "
+                             "slice) instead of by their scores in this table")
+    parser.add_argument("--correction", choices=CORRECTIONS, default="holm",
+                        help="multiple-comparison correction over the table's tests (default: holm = Holm–Bonferroni)")
     parser.add_argument("--wandb", action="store_true", help="also log the tables and the plot to W&B")
     parser.add_argument("--wandb-project", default="fusemt")
     args = parser.parse_args(argv)
+    if args.member_ranking and not args.member_baselines:
+        parser.error("--member-ranking goes with --member-baselines")
     try:
-        report = Report.build(find_runs(args.folder), args.baseline, args.member_baselines)
+        ranking = read_member_ranking(args.member_ranking) if args.member_ranking else None
+        report = Report.build(find_runs(args.folder), args.baseline, args.member_baselines, args.correction,
+                              ranking, ranking_source=str(args.member_ranking))
         paths = report.write(args.folder)
     except FusemtError as err:
         print(f"fusemt: error: {err}", file=sys.stderr)
         sys.exit(2)
+    for warning in report.warnings:
+        print(f"fusemt: warning: {warning}", file=sys.stderr)
     if args.wandb:
         log_report(report, args.folder, args.wandb_project)
     print(report.to_markdown(), end="")

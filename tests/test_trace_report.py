@@ -14,7 +14,8 @@ import pytest
 
 from eval.metrics import corpus_scores, segment_scores
 from eval.plots import chromium, screenshot
-from eval.report import Report, RunOptions, distinguishing_options, find_runs, spread
+from decoding.errors import FusemtError
+from eval.report import Report, RunOptions, distinguishing_options, find_runs, holm, read_member_ranking, spread
 from eval.trace import (character_chips, chip_tooltip, diff_html, render_html, repetition, segment_flags,
                         step_tooltip, write_trace_report)
 
@@ -459,7 +460,70 @@ def test_member_baselines_test_each_ensemble_against_its_best_single_member(tmp_
     rows = {r["run_name"]: r for r in report.rows()}
     assert rows["unite__a+b"]["baseline"] == "greedy__b" and rows["unite__a+b"]["bleu_delta"] > 0
     assert rows["unite__a+b"]["forward_passes"] == 21.0 and rows["greedy__a"]["baseline"] is None  # 840 / 40 segments
-    assert "best single member" in report.to_markdown()
+    assert "ensemble's best member (the member with the best BLEU" in report.to_markdown()
+    # ranked elsewhere (a dev slice's compat.json): the first ranked member that ran alone is the baseline
+    ranked = Report.build(find_runs(tmp_path), member_baselines=True, member_ranking=["c", "a", "b"],
+                          ranking_source="dev/compat.json")
+    assert {name: base.name for name, base in ranked.baselines.items()} == {"unite__a+b": "greedy__a"}
+    assert "ranked best in dev/compat.json" in ranked.to_markdown()
+
+
+def test_member_ranking_comes_from_a_compat_result(tmp_path):
+    compat = tmp_path / "compat.json"
+    compat.write_text(json.dumps({"rules": {"metric": "chrf"}, "models": [
+        {"name": "a", "scores": {"bleu": 9.0, "chrf": 10.0}}, {"name": "b", "scores": {"bleu": 2.0, "chrf": 12.0}},
+        {"name": "c", "scores": {"bleu": 5.0, "chrf": 10.0}}]}))
+    assert read_member_ranking(compat) == ["b", "a", "c"]  # by chrF, the compat rule's metric, then BLEU
+    compat.write_text(json.dumps({"models": "x"}))
+    with pytest.raises(FusemtError, match="has no models with scores"):
+        read_member_ranking(compat)
+
+
+def test_holm_matches_the_step_down_definition():
+    # Holm (1979): sorted p (0.01, 0.02, 0.03, 0.04) times (4, 3, 2, 1) = 0.04, 0.06, 0.06 (monotone), 0.06
+    assert holm([0.03, 0.01, 0.04, 0.02]) == pytest.approx([0.06, 0.04, 0.06, 0.06])
+    assert holm([0.5, 0.9]) == [1.0, 1.0] and holm([]) == []
+    p = [0.006, 0.029, 0.001, 0.2, 0.04]
+    m = len(p)
+    for i, adjusted in enumerate(holm(p)):  # the definition: max over the smaller p's of (m - rank) p, capped at 1
+        ranks = sorted(range(m), key=lambda j: p[j])
+        assert adjusted == pytest.approx(max(min(1, (m - r) * p[ranks[r]]) for r in range(ranks.index(i) + 1)))
+
+
+def test_report_corrects_p_values_with_holm_and_says_so(tmp_path):
+    good = _bootstrap_rows(lambda refs: refs)
+    poor = _bootstrap_rows(lambda refs: [r[:6] + "電車" for r in refs])
+    close = _bootstrap_rows(lambda refs: [r if i % 8 else r[:6] + "電車" for i, r in enumerate(refs)])
+    _write_run(tmp_path, "greedy__poor", "greedy", 5.0, 8.0, rows=poor)
+    _write_run(tmp_path, "unite__good", "unite", 90.0, 4.0, rows=good)
+    _write_run(tmp_path, "unite__close", "unite", 20.0, 4.0, rows=close)
+    report = Report.build(find_runs(tmp_path), baseline="greedy__poor")
+    assert report.tests == 4
+    raw = [getattr(report.bootstraps[n], f"{m}_p") for n in ("unite__good", "unite__close") for m in ("bleu", "chrf")]
+    adjusted = [report.bootstraps[n].adjusted[m] for n in ("unite__good", "unite__close") for m in ("bleu", "chrf")]
+    assert adjusted == pytest.approx([round(a, 4) for a in holm(raw)])
+    rows = {r["run_name"]: r for r in report.rows()}
+    assert rows["unite__close"]["chrf_p_adj"] == report.bootstraps["unite__close"].adjusted["chrf"]
+    md = report.to_markdown()
+    assert "Holm–Bonferroni-adjusted over the 4 tests" in md and "chrf_p_adj" in md.splitlines()[0]
+    # a raw p under 0.05 that the correction lifts above it loses its marker
+    boot = report.bootstraps["unite__close"]
+    boot.chrf_p, boot.adjusted["chrf"] = 0.03, 0.09
+    assert boot.marker("chrf") == ""
+    plain = Report.build(find_runs(tmp_path), baseline="greedy__poor", correction="none")
+    assert "no multiple-comparison correction" in plain.to_markdown() and "chrf_p_adj" not in plain.columns
+
+
+def test_report_warns_when_it_mixes_datasets_or_segment_counts(tmp_path):
+    _write_run(tmp_path, "greedy__a", "greedy", 5.0, 8.0)
+    _write_run(tmp_path, "greedy__b", "greedy", 6.0, 8.0, rows=_bootstrap_rows(lambda refs: refs), segments=40)
+    report = Report.build(find_runs(tmp_path))
+    assert report.warnings == ["the runs of sample_en_ja scored different numbers of segments (2, 40): their scores "
+                               "are over different segments; finish the runs or report one selection"]
+    assert report.to_markdown().startswith("> warning: the runs of sample_en_ja")
+    _write_run(tmp_path, "greedy__b", "greedy", 6.0, 8.0, dataset="wmt24")
+    proc = _cli("eval.report", tmp_path, cwd=tmp_path)
+    assert proc.returncode == 0 and "fusemt: warning: the runs are of 2 datasets (sample_en_ja, wmt24)" in proc.stderr
 
 
 def test_an_ensemble_beam_search_is_tested_against_its_members_beam_search_with_as_many_beams(tmp_path):
