@@ -565,10 +565,24 @@ def log_report(report: Report, folder: Path, project: str) -> None:
     logger.finish()
 
 
+def select_runs(paths: list[Path], output: Optional[Path]) -> tuple[list[Run], Path]:
+    """The runs to report and the folder to write into: one folder's runs, or exactly the given results files."""
+    if len(paths) == 1 and paths[0].is_dir():
+        return find_runs(paths[0]), output or paths[0]
+    if folders := [p for p in paths if p.is_dir()]:
+        raise FusemtError(f"{folders[0]} is a folder: pass one folder, or results JSONL files")
+    if output is None:
+        raise FusemtError("results files given: say where the report goes with -o <folder>")
+    return [Run.from_results(path) for path in dict.fromkeys(p.resolve() for p in paths)], output
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="One comparison table (markdown + CSV), per-domain scores, paired "
                                                  "bootstrap against a baseline, and a quality-vs-speed plot.")
-    parser.add_argument("folder", type=Path, nargs="?", default=Path("results"))
+    parser.add_argument("paths", type=Path, nargs="*", default=[Path("results")], metavar="FOLDER_OR_RESULTS",
+                        help="a folder (every run under it with a metrics file), or results JSONL files (exactly "
+                             "these runs, e.g. the ones a sweep's summary lists)")
+    parser.add_argument("-o", "--output", type=Path, help="folder for report.md/.csv/.png (default: the folder given)")
     baseline = parser.add_mutually_exclusive_group()
     baseline.add_argument("--baseline", help="run name (or a part of exactly one) to mark significant differences against")
     baseline.add_argument("--member-baselines", action="store_true",
@@ -584,17 +598,19 @@ def main(argv: list[str] | None = None) -> None:
     if args.member_ranking and not args.member_baselines:
         parser.error("--member-ranking goes with --member-baselines")
     try:
+        runs, folder = select_runs(args.paths, args.output)
         ranking = read_member_ranking(args.member_ranking) if args.member_ranking else None
-        report = Report.build(find_runs(args.folder), args.baseline, args.member_baselines, args.correction,
+        report = Report.build(runs, args.baseline, args.member_baselines, args.correction,
                               ranking, ranking_source=str(args.member_ranking))
-        paths = report.write(args.folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = report.write(folder)
     except FusemtError as err:
         print(f"fusemt: error: {err}", file=sys.stderr)
         sys.exit(2)
     for warning in report.warnings:
         print(f"fusemt: warning: {warning}", file=sys.stderr)
     if args.wandb:
-        log_report(report, args.folder, args.wandb_project)
+        log_report(report, folder, args.wandb_project)
     print(report.to_markdown(), end="")
     print("\n".join(f"wrote {p}" for p in paths))
 

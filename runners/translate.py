@@ -34,7 +34,7 @@ from runners.config import CONF_DIR, RunConfig, build_run_config
 from runners.data import Segment, load_segments
 from runners.provenance import provenance
 from runners.results import ResultsFile
-from runners.sweep import job_context, record_failure
+from runners.sweep import job_context, record_failure, record_job
 
 log = logging.getLogger("fusemt")
 
@@ -249,7 +249,9 @@ def _main(cfg: DictConfig) -> None:
     with job_context() as job:
         try:
             run = build_run_config(cfg)
-            translate(job.place_on_devices(run), sweep_group=job.sweep_group)
+            metrics = translate(job.place_on_devices(run), sweep_group=job.sweep_group)
+            if job.multirun:
+                record_job(job, run.results_path, metrics)
         except FusemtError as err:
             if not job.multirun:
                 fail(err)
