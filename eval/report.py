@@ -15,6 +15,7 @@ import argparse
 import csv
 import json
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -41,6 +42,8 @@ SIGNIFICANCE = 0.05
 BOOTSTRAP_SAMPLES = 1000
 # Resampling a handful of segments has only a handful of distinct outcomes: no marker below this many.
 BOOTSTRAP_MIN_SEGMENTS = 20
+KEY_WIDTH = 48  # characters per line of a run's label in the plot's key
+PLOT_DPI = 110
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -478,66 +481,106 @@ class Report:
         return paths
 
     def figure(self):
-        """Quality (COMET when every run has it, else BLEU) against tokens/s; each point's label sits in
-        the right margin at its own height, spread apart so that no two labels overlap."""
+        """BLEU and chrF (and COMET when every run has it) against tokens/s, one panel each. Points are
+        coloured by method (legend) and numbered; the key beside the panels gives each number's short
+        label (method, models where they differ, the options that tell runs of that method apart).
+        Runs at the same point share one number label. The figure grows until every text fits."""
         from eval.plots import label_text, use_cjk_font
 
         use_cjk_font()
         import matplotlib.pyplot as plt
+        from matplotlib.lines import Line2D
 
-        quality = "comet" if all(run.metrics.get("comet") is not None for run in self.runs) else "bleu"
-        labels = run_labels(self.runs, self.option_keys)
-        points = [(run.metrics["tokens_per_s"], run.metrics[quality], label, run.method)
-                  for run, label in zip(self.runs, labels)
-                  if run.metrics.get("tokens_per_s") is not None and run.metrics.get(quality) is not None]
-        fig, ax = plt.subplots(figsize=(10, max(4.5, 0.22 * len(points) + 1.5)))
-        fig.subplots_adjust(left=0.08, right=0.58, top=0.92, bottom=0.12)
-        methods = list(dict.fromkeys(p[3] for p in points))
+        metrics = ["bleu", "chrf"] + (["comet"] if all(run.metrics.get("comet") is not None for run in self.runs) else [])
+        plotted = [(n, run, label) for n, (run, label) in enumerate(zip(self.runs, short_labels(self.runs)), 1)
+                   if run.metrics.get("tokens_per_s") is not None]
+        methods = list(dict.fromkeys(run.method for _, run, _ in plotted))
         colours = plt.get_cmap("tab10")
-        for x, y, _, method in points:
-            ax.scatter(x, y, s=40, color=colours(methods.index(method) % 10), zorder=3)
-        ax.set_xlabel("tokens / s")
-        ax.set_ylabel("BLEU" if quality == "bleu" else "COMET")
-        ax.set_title("quality vs speed")
-        ax.grid(alpha=0.3)
-        if points:
-            ax.margins(0.15)
-            fig.canvas.draw()  # fixes the limits the data -> axes-fraction transform below uses
-            to_axes = ax.transData + ax.transAxes.inverted()
-            heights = [to_axes.transform((x, y))[1] for x, y, _, _ in points]
-            line_height = 7 * 1.5 / (ax.get_window_extent().height * 72 / fig.dpi)  # 7-pt text, in axes fraction
-            for (x, y, label, method), height in zip(points, spread(heights, line_height)):
-                ax.annotate(label_text(label), (x, y), xytext=(1.04, height), textcoords="axes fraction", fontsize=7,
-                            va="center", annotation_clip=False, color=colours(methods.index(method) % 10),
-                            arrowprops={"arrowstyle": "-", "color": "#999", "lw": 0.6, "shrinkA": 0, "shrinkB": 3})
+
+        def colour(method: str):
+            return colours(methods.index(method) % 10)
+
+        key = [(f"{n:>2}  " + textwrap.fill(label_text(label), KEY_WIDTH, subsequent_indent="    "), colour(run.method))
+               for n, run, label in plotted]
+        key_lines = sum(text.count("\n") + 1 for text, _ in key)
+        width, height = 4.2 * len(metrics) + 4.2, max(4.5, 0.17 * key_lines + 2.2)
+        fig = plt.figure(figsize=(width, height), dpi=PLOT_DPI)  # measured at the resolution it is saved at
+        panels = fig.subplots(1, len(metrics), squeeze=False)[0]
+        for ax, metric in zip(panels, metrics):
+            positions: dict[tuple, list[int]] = {}
+            for n, run, _ in plotted:
+                if (y := run.metrics.get(metric)) is None:
+                    continue
+                x = run.metrics["tokens_per_s"]
+                ax.scatter(x, y, s=36, color=colour(run.method), zorder=3)
+                positions.setdefault((round(x, 6), round(y, 6)), []).append(n)
+            for (x, y), numbers in positions.items():
+                ax.annotate(",".join(map(str, numbers)), (x, y), xytext=(4, 3), textcoords="offset points", fontsize=7)
+            ax.set_xlabel("tokens / s")
+            ax.set_title({"bleu": "BLEU", "chrf": "chrF", "comet": "COMET"}[metric])
+            ax.grid(alpha=0.3)
+            ax.margins(0.12)
+        fig.suptitle("quality vs speed", fontsize=11)
+        handles = [Line2D([], [], marker="o", linestyle="", color=colour(m), label=m) for m in methods]
+        legend = fig.legend(handles=handles, title="method", loc="upper left", fontsize=8, title_fontsize=8, frameon=False)
+        texts = [fig.text(0, 0, text, fontsize=7, color=c, va="top", family="monospace") for text, c in key]
+        fit_key_beside(fig, panels, legend, texts)
         return fig
 
     def plot(self, path: Path) -> Path:
         import matplotlib.pyplot as plt
 
         fig = self.figure()
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=PLOT_DPI)
         plt.close(fig)
         return path
 
 
-def spread(heights: list[float], gap: float, low: float = 0.0, high: float = 1.0) -> list[float]:
-    """Label heights as close to ``heights`` as keeps every two at least ``gap`` apart, in the same
-    order, inside [low, high] where the labels fit there."""
-    order = sorted(range(len(heights)), key=lambda i: heights[i])
-    placed: list[float] = []
-    for i in order:
-        placed.append(max(heights[i], placed[-1] + gap) if placed else heights[i])
-    if not placed:
-        return []
-    # centre the column on the points it labels (pushing up alone drifts it upwards), then keep it inside
-    shift = (sum(heights) - sum(placed)) / len(placed)
-    shift -= max(placed[-1] + shift - high, 0.0)
-    shift += max(low - (placed[0] + shift), 0.0)
-    result = [0.0] * len(heights)
-    for i, height in zip(order, placed):
-        result[i] = height + shift
-    return result
+def fit_key_beside(fig, panels, legend, texts, pad_in: float = 0.15) -> None:
+    """Place the legend and the key texts in a column right of the panels, and widen / heighten the
+    figure until the column, the panels' tick labels and titles all lie inside it."""
+    for _ in range(4):
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        dpi = fig.dpi
+        legend_box = legend.get_window_extent(renderer)
+        column = max([legend_box.width] + [t.get_window_extent(renderer).width for t in texts]) / dpi + 2 * pad_in
+        column_height = (legend_box.height + sum(t.get_window_extent(renderer).height for t in texts)) / dpi + 1.0
+        width, height = fig.get_size_inches()
+        width, height = max(width, 3.2 * len(panels) + column), max(height, column_height)
+        fig.set_size_inches(width, height)
+        right = 1 - column / width
+        fig.subplots_adjust(left=0.6 / width, right=right - 0.3 / width, bottom=0.7 / height, top=1 - 0.7 / height,
+                            wspace=0.28)
+        legend.set_bbox_to_anchor((right, 1 - 0.4 / height), transform=fig.transFigure)
+        fig.canvas.draw()
+        y = legend.get_window_extent(fig.canvas.get_renderer()).y0 / (height * dpi) - 0.1 / height
+        for text in texts:
+            text.set_position((right + pad_in / width, y))
+            y -= text.get_window_extent(fig.canvas.get_renderer()).height / (height * dpi) + 0.03 / height
+        if all(inside(fig, artist) for artist in [legend, *texts, *fig.texts]):
+            return
+
+
+def inside(fig, artist) -> bool:
+    """Whether the artist's rendered extent lies within the figure's canvas."""
+    box, canvas = artist.get_window_extent(fig.canvas.get_renderer()), fig.bbox
+    return box.x0 >= canvas.x0 - 0.5 and box.y0 >= canvas.y0 - 0.5 and box.x1 <= canvas.x1 + 0.5 and box.y1 <= canvas.y1 + 0.5
+
+
+def short_labels(runs: list[Run]) -> list[str]:
+    """Short names for figures: the method, the models when the runs' models differ, and the options
+    whose values differ between the runs of that method (``unite top_k=5``); an option the run lacks is
+    left out."""
+    show_models = len({run.models for run in runs}) > 1
+    labels = []
+    for run in runs:
+        same_method = [r for r in runs if r.method == run.method]
+        keys = [key for key in distinguishing_options(same_method) if len({r.options.values.get(key) for r in same_method}) > 1]
+        parts = [run.method] + ([run.models] if show_models else [])
+        parts += [f"{key}={run.options.values[key]}" for key in keys if key in run.options.values]
+        labels.append(" ".join(parts))
+    return labels
 
 
 def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> Path:

@@ -15,7 +15,8 @@ import pytest
 from eval.metrics import corpus_scores, segment_scores
 from eval.plots import chromium, screenshot
 from decoding.errors import FusemtError
-from eval.report import Report, RunOptions, distinguishing_options, find_runs, holm, read_member_ranking, spread
+from eval.report import (Report, RunOptions, distinguishing_options, find_runs, holm, read_member_ranking,
+                         short_labels)
 from eval.trace import (character_chips, chip_tooltip, diff_html, render_html, repetition, segment_flags,
                         step_tooltip, write_trace_report)
 
@@ -276,26 +277,55 @@ def test_per_domain_scores(tmp_path):
     assert "Per domain" not in Report.build(find_runs(tmp_path)).to_markdown()
 
 
-def test_spread_keeps_labels_apart_in_order():
-    heights = [0.5, 0.51, 0.49, 0.9, 0.95]
-    placed = spread(heights, 0.05)
-    ordered = sorted(range(5), key=lambda i: heights[i])
-    assert [placed[i] for i in ordered] == sorted(placed)  # same order as the points
-    assert all(b - a >= 0.05 - 1e-9 for a, b in zip(sorted(placed), sorted(placed)[1:]))
-    assert 0 <= min(placed) and max(placed) <= 1
+def _text_boxes(figure):
+    """Every text the rendered figure draws (titles, tick labels, annotations, legend, key), as extents."""
+    from matplotlib.text import Text
+
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    return [t.get_window_extent(renderer) for t in figure.findobj(Text) if t.get_visible() and t.get_text()]
 
 
-def test_plot_labels_do_not_overlap(tmp_path):
-    for i in range(8):  # eight runs at nearly the same point
+def test_plot_has_short_labels_a_method_legend_chrf_beside_bleu_and_nothing_cut(tmp_path):
+    long_prompt = {"system": "日本語に翻訳してください。" * 4}
+    for i in range(8):  # eight runs at nearly the same point, differing by one option
         _write_run(tmp_path, f"unite__m__d__{i}", "unite", 14.0 + i * 0.01, 4.0 + i * 0.01,
                    **_config({"name": "unite", "top_k": i + 1}))
+    _write_run(tmp_path, "tokenwise__a", "tokenwise", 9.0, 2.0, **_config({"name": "tokenwise", "single_weight": 0.3}))
+    _write_run(tmp_path, "tokenwise__b", "tokenwise", 9.5, 2.0, **_config({"name": "tokenwise", "single_weight": 0.7}))
+    _write_run(tmp_path, "greedy__long", "greedy", 5.0, 9.0,
+               config={"decoding": {"name": "greedy"}, "prompt": long_prompt, "seed": 0})
     report = Report.build(find_runs(tmp_path))
+    labels = dict(zip((r.name for r in report.runs), short_labels(report.runs)))
+    assert labels["unite__m__d__3"] == "unite top_k=4" and labels["tokenwise__a"] == "tokenwise single_weight=0.3"
+    assert labels["greedy__long"] == "greedy"  # nothing tells it apart from other greedy runs
     figure = report.figure()
-    renderer = figure.canvas.get_renderer()
-    boxes = [t.get_window_extent(renderer) for t in figure.axes[0].texts]
-    assert len(boxes) == 8 and all(t.get_text().startswith("unite top_k=") for t in figure.axes[0].texts)
-    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
-    assert max(b.x1 for b in boxes) <= figure.bbox.width  # inside the figure
+    assert [ax.get_title() for ax in figure.axes] == ["BLEU", "chrF"]
+    (legend,) = figure.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["unite", "tokenwise", "greedy"]
+    key = [t.get_text() for t in figure.texts if t.get_text()[:2].strip().isdigit()]
+    assert len(key) == 11 and any(line.endswith("unite top_k=8") for line in key)
+    boxes = _text_boxes(figure)
+    canvas = figure.bbox
+    assert all(canvas.x0 <= b.x0 and b.x1 <= canvas.x1 + 0.5 and canvas.y0 <= b.y0 and b.y1 <= canvas.y1 + 0.5
+               for b in boxes), "a text runs off the canvas"
+    key_boxes = [t.get_window_extent(figure.canvas.get_renderer()) for t in figure.texts if t.get_text() in key]
+    assert not any(a.overlaps(b) for i, a in enumerate(key_boxes) for b in key_boxes[i + 1:])
+    # the saved PNG has the figure's size: what was checked is what is written
+    png = report.plot(tmp_path / "report.png")
+    from PIL import Image
+
+    with Image.open(png) as image:
+        assert image.size == (round(canvas.width), round(canvas.height))
+
+
+def test_a_long_label_widens_the_figure_instead_of_running_off(tmp_path):
+    for i, value in enumerate(["x" * 90, "y" * 90]):
+        _write_run(tmp_path, f"greedy__{i}", "greedy", 5.0 + i, 9.0,
+                   config={"decoding": {"name": "greedy"}, "prompt": {"system": value + " " + value}, "seed": 0})
+    figure = Report.build(find_runs(tmp_path)).figure()
+    canvas = figure.bbox
+    assert all(b.x1 <= canvas.x1 + 0.5 and b.y0 >= canvas.y0 - 0.5 for b in _text_boxes(figure))
 
 
 def test_report_collects_every_run(tmp_path):
