@@ -130,8 +130,10 @@ def test_all_model_text_is_escaped():
 
 
 def test_segment_line_has_sentence_scores_comet_length_ratio_and_agreement(tmp_path):
+    agreed = [step("今日は".encode(), "both"), step("天気".encode(), "gemma3_270m"), step("が良いです。".encode(), "lookup"),
+              step("".encode(), "both", end=True)]
     rows = [{"id": "a", "source": "x", "reference": "今日は天気がいいです。", "hypothesis": "今日は天気が良いです。",
-             "stats": {"agreement_rate": 0.25}, "trace": []},
+             "models": ["gemma3_270m", "smollm2_135m"], "stats": {"agreement_rate": 0.0}, "trace": agreed},
             {"id": "b", "source": "y", "reference": "駅はどこですか", "hypothesis": "駅", "trace": []},
             {"id": "c", "source": "z", "reference": None, "hypothesis": "参照なし", "trace": []}]
     jsonl = tmp_path / "run.jsonl"
@@ -140,12 +142,50 @@ def test_segment_line_has_sentence_scores_comet_length_ratio_and_agreement(tmp_p
     page, _ = write_trace_report(jsonl, segment=None)
     text = page.read_text(encoding="utf-8")
     scores = segment_scores([r["hypothesis"] for r in rows[:2]], [r["reference"] for r in rows[:2]])
-    assert f"chrF {scores.chrf[0]:.1f} · BLEU {scores.bleu[0]:.1f} · COMET 0.812 · length 1.00× reference · agreement 0.25" in text
+    # the agreed share counts the green (every member proposed it) steps: 2 of 4, whatever the top-1 stat says
+    assert (f"chrF {scores.chrf[0]:.1f} · BLEU {scores.bleu[0]:.1f} · COMET 0.812 · length 1.00× reference · "
+            "agreed 0.50 of steps (green)") in text
+    assert "top-1 agreement (every member&#x27;s most likely piece the same): 0" in text
     assert f"chrF {scores.chrf[1]:.1f} · BLEU {scores.bleu[1]:.1f} · COMET 0.310 · length 0.14× reference" in text
     # the sort data carries the same numbers
     sections = dict(re.findall(r'<section id="seg(\d)" data-order="\d" data-bleu="[^"]*" data-chrf="([^"]*)"', text))
     assert float(sections["0"]) == scores.chrf[0] and sections["2"] == ""
     assert 'id="sort"' in text and '<option value="comet">COMET</option>' in text
+
+
+def test_speculative_rounds_are_shown_as_text_on_the_page():
+    ru = "ルール".encode()
+    trace = [  # round 1: draft proposed ル + ー (ル as two byte pieces), target accepted 2 pieces then wrote its own ー
+        {**step(ru[:2], "draft"), "round": 1}, {**step(ru[2:3], "draft"), "round": 1},
+        {**step("ー".encode(), "target"), "round": 1, "proposed": ["\\xe3\\x83", "\\xab", "ル"], "accepted": 2},
+        # round 2: nothing accepted, the target ends
+        {**step(b"", "target", end=True), "round": 2, "proposed": ["ル"], "accepted": 0}]
+    from eval.trace import speculative_rounds
+
+    rounds = speculative_rounds(trace)
+    assert [(r["accepted_text"], r["rejected_text"], r["target_text"], r["accepted"], r["proposed"]) for r in rounds] == [
+        ("ル", "ル", "ー", 2, 3), ("", "ル", "<end>", 0, 1)]
+    page = render_html([{"id": "a", "source": "rule", "reference": "ルール", "hypothesis": "ルー", "trace": trace,
+                         "models": ["qwen15", "qwen05"], "stats": {"rounds": 2, "forward_passes": {"qwen15": 2, "qwen05": 4},
+                                                                   "acceptance_rate": 0.5}}],
+                       {"method": "speculative"}, "spec")
+    assert "2 speculative rounds" in page
+    assert '<span class="acc">ル</span><del>ル</del> <span class="own">ー</span></td><td class="num">2/3</td>' in page
+    assert "forward passes: qwen15 2, qwen05 4 · acceptance rate: 0.5" in page and "{&quot;" not in page
+
+
+def test_options_that_do_nothing_at_these_settings_are_not_shown():
+    config = {"config": {"decoding": {"name": "unite", "top_k": 10, "speculate": 0, "drafter": None, "alternate": False,
+                                      "draft_schedule": "constant", "draft_confidence": 0.0, "num_beams": 1,
+                                      "length_penalty": 1.0, "early_stopping": True, "temperature": 0.0, "seed": 0},
+                         "prompt": {}, "seed": 0}}
+    page = render_html(ROWS, config, "unite")
+    line = re.search(r'<div class="meta">options: (.*?)</div>', page).group(1)
+    assert line.startswith("top_k=10 · speculate=0 · num_beams=1 · temperature=0.0")
+    assert "drafter=" not in line and "length_penalty=" not in line and "seed=0 ·" not in line.split("(not shown")[0]
+    assert "no effect at these settings: drafter, alternate, draft_schedule, draft_confidence, length_penalty" in line
+    beams = {"config": {**config["config"], "decoding": {**config["config"]["decoding"], "num_beams": 4}}}
+    assert "length_penalty=1.0" in render_html(ROWS, beams, "unite")
 
 
 def test_diff_against_the_reference():
