@@ -63,6 +63,9 @@ def test_multirun_greedy_and_beam(tmp_path):
     assert proc.returncode == 0
     names = sorted(p.name.split("__")[0] for p in (tmp_path / "results" / "sample" / "ensemble").glob("*.metrics.json"))
     assert names == ["beam", "greedy"]
+    # the sweep ends with its jobs' table and the report command for exactly its two runs
+    assert "fusemt: sweep summary" in proc.stdout and "| job | run_name | decoding | segments |" in proc.stdout
+    assert proc.stdout.count("complete |") == 2 and "python -m eval.report " in proc.stdout
 
 
 @pytest.mark.slow
