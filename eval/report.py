@@ -610,8 +610,8 @@ def log_report(report: Report, folder: Path, project: str) -> None:
 
 def select_runs(paths: list[Path], output: Optional[Path]) -> tuple[list[Run], Path]:
     """The runs to report and the folder to write into: one folder's runs, or exactly the given results files."""
-    if len(paths) == 1 and paths[0].is_dir():
-        return find_runs(paths[0]), output or paths[0]
+    if len(paths) == 1 and (paths[0].is_dir() or paths[0].suffix != ".jsonl"):
+        return find_runs(paths[0]), output or paths[0]  # a folder (one that is not says so)
     if folders := [p for p in paths if p.is_dir()]:
         raise FusemtError(f"{folders[0]} is a folder: pass one folder, or results JSONL files")
     if output is None:
