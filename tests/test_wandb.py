@@ -206,3 +206,19 @@ def test_unreachable_wandb_server_with_a_key_logs_offline_within_seconds(tmp_pat
     assert logger.run is not None and logger.run.settings.mode == "offline"
     logger.finish()
     assert list(tmp_path.glob("wandb/offline-run-*"))
+
+
+def test_shards_and_selections_of_one_run_share_its_wandb_id_other_configs_do_not():
+    from conftest import compose_run
+
+    from eval.wandb_logger import run_id
+
+    def identity(*overrides):
+        run = compose_run(*overrides)
+        return run_id(run.run_name, run.fingerprint)
+
+    base = identity()
+    assert identity("dataset.shard=0/2") == identity("dataset.shard=1/2") == identity("dataset.limit=3") == base
+    assert identity("batch_size=2") == base  # batching does not change what is decoded
+    assert identity("decoding=beam") != base and identity("run_name=mine") != base
+    assert re.fullmatch(r"[0-9a-f]{12}-[0-9a-f]{8}", base)  # W&B ids: no / \\ # ? % :
