@@ -116,7 +116,7 @@ def translate(run: RunConfig, sweep_group: str | None = None) -> dict:
              run.results_path)
     sweep = run.logger.group or sweep_group  # the W&B group: one per multirun sweep unless logger.group is set
     # An invocation that decodes nothing new (a finished run rerun) adds nothing to its W&B run.
-    logger = open_run_logger(run, sweep) if todo else None
+    logger = open_run_logger(run, sweep) if todo and run.logger.name != "none" else None
     try:
         if todo or run.render_input_text:
             models = [load_model(spec) for spec in run.models]
