@@ -16,12 +16,11 @@ import argparse
 import difflib
 import html
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from decoding.errors import FusemtError
+from decoding.errors import FusemtError, fail
 from eval.metrics import corpus_scores
 from eval.report import (BOOTSTRAP_MIN_SEGMENTS, SIGNIFICANCE, Bootstrap, Run, distinguishing_options, find_runs, holm,
                          paired_bootstrap, pick_run, run_labels)
@@ -320,8 +319,7 @@ def main(argv: list[str] | None = None) -> None:
         title = f"compare: {len(comparison.runs)} runs" + (f" on {dataset}" if dataset else "")
         page.write_text(comparison.render(title, page.parent), encoding="utf-8")
     except FusemtError as err:
-        print(f"fusemt: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        fail(err)
     if args.wandb:
         log_compare(comparison, page, args.wandb_project)
     print(f"wrote {page}")

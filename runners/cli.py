@@ -15,7 +15,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from omegaconf import DictConfig, OmegaConf
 
-from decoding.errors import FusemtError
+from decoding.errors import FusemtError, fail
 from runners.config import CONF_DIR, build_run_config, register_schemas
 
 # Hydra's own flags; everything else on the command line is an override.
@@ -92,7 +92,7 @@ def _methods_with(key: str) -> str:
     """For an unknown ``decoding.<option>``: which methods have that option (empty when none does)."""
     from dataclasses import fields
 
-    from decoding.base import DECODERS, decoder_class
+    from decoding.methods import DECODERS, decoder_class
 
     option = key.lstrip("+~").removeprefix("decoding.")
     if not key.lstrip("+~").startswith("decoding.") or "." in option:
@@ -149,12 +149,6 @@ def check_overrides(config_name: str, overrides: list[str], build=build_run_conf
             GlobalHydra.instance().clear()
         if build is not None:
             build(cfg)
-
-
-def fail(err: FusemtError) -> None:
-    """A user mistake: one line, exit code 2."""
-    print(f"fusemt: error: {err}", file=sys.stderr)
-    sys.exit(2)
 
 
 def run_cli(hydra_main, config_name: str, build=build_run_config) -> None:
