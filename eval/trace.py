@@ -488,7 +488,8 @@ def _options_line(metrics: dict) -> str:
         return ""
     source = "options" if options.complete else "overrides (other options at their defaults)"
     method = {k: v for k, v in options.values.items() if not k.startswith("prompt.")}
-    inert = [k for key, value, keys in INERT_OPTIONS if method.get(key, value) == value for k in keys if k in method]
+    inert = list(dict.fromkeys(k for key, value, keys in INERT_OPTIONS if method.get(key, value) == value
+                               for k in keys if k in method))
     method = {k: v for k, v in method.items() if k not in inert}
     prompt = {k: v for k, v in options.values.items() if k.startswith("prompt.")}
     line = " · ".join(f"{html.escape(k)}={html.escape(v)}" for k, v in method.items())
