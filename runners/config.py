@@ -136,6 +136,10 @@ def build_run_config(cfg: DictConfig) -> RunConfig:
     if not method_cls.uses_models(decoding):  # e.g. a combination of finished runs: no model is loaded
         models = []
     method_cls.check_config(decoding, len(models))
+    if len(models) == 1 and method_cls.max_models != 1:
+        # Allowed on purpose (a sweep's single-model baseline through the same engine), but never silent.
+        log.warning("decoding=%s with one model: no ensemble, it decodes %s alone; give two or more models "
+                    "(e.g. models=gemma3_smollm2) to ensemble", method, models[0].label)
     dataset = typed_config(DatasetConfig, OmegaConf.to_container(cfg.dataset, resolve=True), "dataset")
     prompt = typed_config(PromptConfig, OmegaConf.to_container(cfg.prompt, resolve=True), "prompt")
     logger = typed_config(LoggerConfig, OmegaConf.to_container(cfg.logger, resolve=True), "logger")
