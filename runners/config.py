@@ -136,7 +136,7 @@ def build_run_config(cfg: DictConfig) -> RunConfig:
     if not method_cls.uses_models(decoding):  # e.g. a combination of finished runs: no model is loaded
         models = []
     method_cls.check_config(decoding, len(models))
-    if len(models) == 1 and method_cls.max_models != 1:
+    if len(models) == 1 and method_cls.max_models != 1 and not getattr(decoding, "runs", None):  # runs: other systems
         # Allowed on purpose (a sweep's single-model baseline through the same engine), but never silent.
         log.warning("decoding=%s with one model: no ensemble, it decodes %s alone; give two or more models "
                     "(e.g. models=gemma3_smollm2) to ensemble", method, models[0].label)
