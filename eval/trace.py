@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional
 
-from decoding.errors import FusemtError
-from eval.jsonio import read_json_object
+from decoding.errors import FusemtError, os_error
+from eval.jsonio import read_json_object, write_atomically
 from eval.metrics import segment_scores
 from eval.report import METRICS_FIX, RunOptions, read_rows, read_segment_comet
 
@@ -537,7 +537,7 @@ def write_trace_report(results: Path, segment: int | None = 0) -> tuple[Path, Pa
     metrics_path = results.with_suffix(".metrics.json")
     metrics = read_json_object(metrics_path, METRICS_FIX) if metrics_path.exists() else None
     html_path = results.with_suffix(".trace.html")
-    html_path.write_text(render_html(rows, metrics, results.stem, read_segment_comet(results)), encoding="utf-8")
+    write_atomically(html_path, render_html(rows, metrics, results.stem, read_segment_comet(results)))
     png = None
     if segment is not None:
         if not 0 <= segment < len(rows):
@@ -553,8 +553,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         html_path, png = write_trace_report(args.results, args.segment)
-    except FusemtError as err:
-        print(f"fusemt: error: {err}", file=sys.stderr)
+    except (FusemtError, OSError) as err:  # an OS error: a read-only folder, a full disk, ...
+        print(f"fusemt: error: {os_error(err) if isinstance(err, OSError) else err}", file=sys.stderr)
         sys.exit(2)
     print(f"wrote {html_path}\nwrote {png}")
 
