@@ -121,7 +121,8 @@ def translate(run: RunConfig, sweep_group: str | None = None) -> dict:
             _decode_all(run, decoder, todo, results)
     except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (a scheduler's time limit or pre-emption)
         results.close()  # releases this run's claims: a requeued job resumes them at once
-        print(f"fusemt: {stop_reason(stop)}: {len(results.done_ids)} finished segments are kept in "
+        # Counted in the file: the signal may have come between writing a row and noting it.
+        print(f"fusemt: {stop_reason(stop)}: {len(results.snapshot())} finished segments are kept in "
               f"{run.results_path}; rerun the same command to resume", file=sys.stderr)
         raise SystemExit(stop_exit_code(stop)) from None
     results.close()
