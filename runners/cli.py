@@ -211,7 +211,8 @@ def run_cli(hydra_main, config_name: str, build=build_run_config) -> None:
     try:
         if not set(flags) & _INFO_FLAGS:
             check_overrides(config_name, overrides, build)
-            check_output_dir(config_name, overrides, multirun=bool({"-m", "--multirun"} & set(flags)))
+            if not {"--cfg", "-c"} & set(flags):  # printing the config creates no folder
+                check_output_dir(config_name, overrides, multirun=bool({"-m", "--multirun"} & set(flags)))
         with sigterm_as_interrupt():
             hydra_main()
     except FusemtError as err:

@@ -336,6 +336,23 @@ def test_deterministic_runs_keep_their_fingerprints(overrides):
     assert compose_run(*overrides).fingerprint == DETERMINISTIC_FINGERPRINTS[overrides]
 
 
+def test_committed_runs_resume_into_their_own_files():
+    """Every committed run of the quality experiment, rebuilt from the overrides it recorded, gets its
+    run name back (whose last part is its fingerprint); runs whose models are not installed here are left out."""
+    from decoding.errors import FusemtError
+
+    checked = 0
+    for path in sorted((ROOT / "experiments").glob("*/runs/*/*.metrics.json")):
+        metrics = json.loads(path.read_text())
+        try:
+            run = compose_run(*metrics["provenance"]["overrides"])
+        except FusemtError:  # a model package not installed (make models)
+            continue
+        assert run.run_name == metrics["run_name"], path
+        checked += 1
+    assert checked >= 3
+
+
 @pytest.mark.parametrize("method", ["unite", "charwise", "speculative"])
 def test_one_seed_seeds_the_sampler_and_names_the_run(method):
     sampling = ["models=pair", f"decoding={method}", "decoding.temperature=0.7"]
