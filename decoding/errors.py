@@ -1,6 +1,8 @@
 """User-facing errors: raised for bad input, printed as one line by the CLI entry points."""
 
 import errno
+import sys
+from typing import NoReturn
 
 
 class FusemtError(Exception):
@@ -27,3 +29,8 @@ def os_error(err: OSError, path=None) -> FusemtError:
     cause = err.strerror or str(err) or type(err).__name__
     fix = _OS_FIXES.get(err.errno, "check the path and the file system")
     return FusemtError(f"{where or 'a file'}: {cause}: {fix}")
+def fail(err: Exception | str) -> NoReturn:
+    """The one way an entry point reports a user mistake: one line ``fusemt: error: <problem>: <fix>``, exit 2.
+    An OS error (read-only folder, full disk, ...) is one too: its line names the path and the cause."""
+    print(f"fusemt: error: {os_error(err) if isinstance(err, OSError) else err}", file=sys.stderr)
+    sys.exit(2)

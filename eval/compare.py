@@ -16,12 +16,11 @@ import argparse
 import difflib
 import html
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from decoding.errors import FusemtError, os_error
+from decoding.errors import FusemtError, fail
 from eval.jsonio import write_atomically
 from eval.metrics import corpus_scores
 from eval.report import Run, distinguishing_options, find_runs, pick_run, run_labels
@@ -292,8 +291,7 @@ def main(argv: list[str] | None = None) -> None:
         title = f"compare: {len(comparison.runs)} runs" + (f" on {dataset}" if dataset else "")
         write_atomically(page, comparison.render(title))
     except (FusemtError, OSError) as err:  # an OS error: a read-only folder, a full disk, ...
-        print(f"fusemt: error: {os_error(err) if isinstance(err, OSError) else err}", file=sys.stderr)
-        sys.exit(2)
+        fail(err)
     if args.wandb:
         log_compare(comparison, page, args.wandb_project)
     print(f"wrote {page}")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from decoding.errors import FusemtError, os_error
+from decoding.errors import FusemtError, fail, os_error
 from runners.config import CONF_DIR, build_run_config, register_schemas
 
 # Hydra's own flags; everything else on the command line is an override.
@@ -193,12 +193,6 @@ def check_output_dir(config_name: str, overrides: list[str], multirun: bool) -> 
         raise os_error(err) from None
 
 
-def fail(err: FusemtError) -> None:
-    """A user mistake: one line, exit code 2."""
-    print(f"fusemt: error: {err}", file=sys.stderr)
-    sys.exit(2)
-
-
 def run_cli(hydra_main, config_name: str, build=build_run_config) -> None:
     """Start a Hydra entry point: version, pre-checked overrides, then Hydra; Ctrl-C ends in one line."""
     argv = sys.argv[1:]
@@ -218,7 +212,7 @@ def run_cli(hydra_main, config_name: str, build=build_run_config) -> None:
     except FusemtError as err:
         fail(err)
     except OSError as err:
-        fail(os_error(err))
+        fail(err)
     except KeyboardInterrupt as stop:
         print(f"fusemt: {stop_reason(stop)}: finished segments are kept; rerun the same command to resume",
               file=sys.stderr)
