@@ -79,3 +79,24 @@ def script_shares(hypotheses: list[str]) -> dict:
     n = max(len(hypotheses), 1)
     return {"latin_share": round(sum(map(is_mostly_latin, hypotheses)) / n, 4),
             "non_japanese_share": round(sum(any(map(_outside_japanese, h)) for h in hypotheses) / n, 4)}
+
+
+class RunningScores:
+    """Corpus BLEU (``ja-mecab``) and chrF of a growing set of segments, for live progress: each
+    segment's sacrebleu sufficient statistics are extracted once and summed, so a score after every
+    batch costs the new segments, not the whole run again. Equal to ``corpus_scores`` on the same pairs."""
+
+    def __init__(self):
+        self._metrics = {"bleu": BLEU(tokenize="ja-mecab"), "chrf": CHRF()}
+        self._stats: dict[str, list] = {name: [] for name in self._metrics}
+
+    def add(self, hypotheses: list[str], references: list[str]) -> None:
+        if hypotheses:
+            for name, metric in self._metrics.items():
+                self._stats[name] += metric._extract_corpus_statistics(hypotheses, [references])
+
+    def scores(self) -> dict[str, float]:
+        if not self._stats["bleu"]:
+            return {}
+        return {name: round(metric._aggregate_and_compute(self._stats[name]).score, 4)
+                for name, metric in self._metrics.items()}

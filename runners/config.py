@@ -177,6 +177,10 @@ def build_run_config(cfg: DictConfig) -> RunConfig:
                     ", ".join(m.label for m in models[: method_cls.max_models]))
         models = models[: method_cls.max_models]
     method_cls.check_config(decoding, len(models))
+    if len(models) == 1 and method_cls.max_models != 1:
+        # Allowed on purpose (a sweep's single-model baseline through the same engine), but never silent.
+        log.warning("decoding=%s with one model: no ensemble, it decodes %s alone; give two or more models "
+                    "(e.g. models=gemma3_smollm2) to ensemble", method, models[0].label)
     dataset = typed_config(DatasetConfig, _values(cfg, "dataset"), "dataset")
     prompt = typed_config(PromptConfig, _values(cfg, "prompt"), "prompt")
     logger = typed_config(LoggerConfig, _values(cfg, "logger"), "logger")
