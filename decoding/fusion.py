@@ -36,6 +36,7 @@ from decoding.speculate import Speculation, check_speculation_options, start_spe
 from decoding.stats import BeamStats, FusionStats
 from decoding.stream import ModelStream, common_prefix_len, open_streams
 from decoding.prompt import ensemble_stop_strings, find_stop
+from decoding.sampling import segment_generators
 
 END = None  # the candidate key shared by every model's end tokens
 
@@ -71,6 +72,7 @@ class FusionState:
     speculation: Optional[Speculation] = None
     search: Optional[BeamSearch] = None  # beam search (num_beams > 1): sequences are hypothesis slots
     source_of: list[int] = field(default_factory=list)  # per sequence (slot): its source
+    generators: list[torch.Generator] = field(default_factory=list)  # per source, when sampling
 
 
 def unique_names(models) -> list[str]:
@@ -85,11 +87,12 @@ def check_fusion_options(cfg, n_models: int) -> None:
     """The options every fusion method shares (FusionDecoder.Config): top_k, temperature, weights."""
     if cfg.top_k < 1:
         raise FusemtError(f"decoding.top_k={cfg.top_k}: must be at least 1")
-    if cfg.temperature < 0:
-        raise FusemtError(f"decoding.temperature={cfg.temperature}: must be >= 0 (0: argmax)")
+    if not 0 <= cfg.temperature < math.inf:
+        raise FusemtError(f"decoding.temperature={cfg.temperature}: must be finite and >= 0 (0: argmax)")
     weights = cfg.weights
-    if weights is not None and (len(weights) != n_models or any(w < 0 for w in weights) or sum(weights) <= 0):
-        raise FusemtError(f"decoding.weights={list(weights)}: need {n_models} non-negative weights, not all 0")
+    if weights is not None and (len(weights) != n_models or not all(0 <= w < math.inf for w in weights)
+                                or sum(weights) <= 0):
+        raise FusemtError(f"decoding.weights={list(weights)}: need {n_models} finite non-negative weights, not all 0")
     check_speculation_options(cfg, n_models)
     if cfg.num_beams < 1:
         raise FusemtError(f"decoding.num_beams={cfg.num_beams}: must be at least 1")
@@ -137,7 +140,6 @@ class FusionDecoder(Decoder):
         super().__init__(cfg, models, prompt)
         self.names = unique_names(models)
         self.weights = normalized_weights(cfg.weights, len(models))
-        self.generator = torch.Generator().manual_seed(cfg.seed)
 
     # --- method hook -------------------------------------------------------------------------
     @abstractmethod
@@ -157,7 +159,8 @@ class FusionDecoder(Decoder):
                            speculation=start_speculation(self.cfg, self.models, self.names, sources, self.prompt, streams),
                            search=(BeamSearch(n, self.cfg.num_beams, self.cfg.length_penalty, self.cfg.early_stopping)
                                    if self.cfg.num_beams > 1 else None),
-                           source_of=list(range(n)))
+                           source_of=list(range(n)),
+                           generators=segment_generators(self.cfg.seed, sources) if self.cfg.temperature > 0 else [])
 
     @torch.inference_mode()
     def step(self, state: FusionState) -> bool:
@@ -199,7 +202,8 @@ class FusionDecoder(Decoder):
         self._look_up(candidates, logprobs, state.streams)
         chosen = {}
         for row, seq in zip(rows, seqs):
-            chosen[seq] = self._choose(candidates[row], bytes(state.text[seq]))
+            generator = state.generators[state.source_of[seq]] if state.generators else None
+            chosen[seq] = self._choose(candidates[row], bytes(state.text[seq]), generator)
             top1 = {c.key for c in candidates[row] if any(c.ids[m] == top[m][1][row][0] and c.proposed[m]
                                                           for m in range(len(self.models)))}
             state.agree[seq] += len(top1) == 1
@@ -356,8 +360,10 @@ class FusionDecoder(Decoder):
             for cand, p in zip(slots, probs):
                 cand.probs[m] = max(cand.probs[m], p)
 
-    def _choose(self, candidates: list[Candidate], text: bytes) -> tuple[Candidate, list[tuple[float, Candidate]]]:
-        """The chosen candidate and every candidate with its score, best first (the greedy choice)."""
+    def _choose(self, candidates: list[Candidate], text: bytes,
+                generator: Optional[torch.Generator]) -> tuple[Candidate, list[tuple[float, Candidate]]]:
+        """The chosen candidate (sampled from the source's own ``generator`` at temperature > 0) and every
+        candidate with its score, best first (the greedy choice)."""
         scores = self.score(candidates, text)
         # Ties (e.g. a candidate scored by the first token of its spelling) go to the candidate that
         # the higher-weighted models can spell exactly as one token; sorting is stable.
@@ -367,7 +373,7 @@ class FusionDecoder(Decoder):
             weights = torch.tensor([s if s > -math.inf else 0.0 for s in scores], dtype=torch.float64)
             weights = weights.clamp_min(0) ** (1.0 / self.cfg.temperature)
             if weights.sum() > 0:
-                return candidates[int(torch.multinomial(weights, 1, generator=self.generator))], ranked
+                return candidates[int(torch.multinomial(weights, 1, generator=generator))], ranked
         return ranked[0][1], ranked
 
     # --- appending -------------------------------------------------------------------------

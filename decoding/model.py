@@ -79,6 +79,23 @@ def _gguf_location(spec: ModelSpec) -> tuple[str, Optional[str]]:
     return spec.path, spec.gguf_file
 
 
+def check_local_model(spec: ModelSpec) -> None:
+    """A model given as a local path must hold a model, checked at start-up before any model loads:
+    a Hugging Face folder (config.json) or, with ``gguf_file``, that GGUF."""
+    if spec.path is None or spec.package or spec.chunks is not None:
+        return
+    where = Path(spec.path).expanduser()
+    if not where.exists():
+        return  # a hub id, or a missing path: loading says which
+    if not where.is_dir():
+        raise FusemtError(f"model '{spec.label}': {where} is a file, not a model folder: give the folder "
+                          "(for a GGUF: path=<folder> gguf_file=<file name>)")
+    needed = where / (spec.gguf_file or "config.json")
+    if not needed.is_file():
+        raise FusemtError(f"model '{spec.label}': {where} holds no model ({needed.name} not found): give a Hugging "
+                          "Face model folder (config.json, tokenizer, weights), or a GGUF with gguf_file=")
+
+
 def _gguf_cache_dir(directory: str, gguf_file: str) -> Path:
     import transformers
 

@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from string import Formatter
 
 from jinja2.exceptions import TemplateError
+
+from decoding.errors import FusemtError
 
 
 @dataclass
@@ -26,6 +29,29 @@ class PromptConfig:
     examples: list[FewShotExample] = field(default_factory=list)
     # A few-shot continuation would go on with the next example: stop at the end of the line.
     plain_stop_strings: list[str] = field(default_factory=lambda: ["\n"])
+
+
+# The {keys} each template is formatted with; the first must appear in it.
+_TEMPLATE_KEYS = {"instruction": ("source", "src_lang", "tgt_lang"), "plain_template": ("source", "src_lang", "tgt_lang"),
+                  "example_template": ("source", "target", "src_lang", "tgt_lang")}
+
+
+def check_prompt(prompt: PromptConfig) -> None:
+    """Templates are checked at start-up, before any model loads: an unknown ``{key}`` or a template
+    without ``{source}`` (every segment would translate the template itself) is a one-line error."""
+    for name, keys in _TEMPLATE_KEYS.items():
+        template = getattr(prompt, name)
+        try:
+            used = {key for _, key, _, _ in Formatter().parse(template) if key is not None}
+        except ValueError as err:
+            raise FusemtError(f"prompt.{name} is not a valid template ({err}): write a literal brace as {{{{ or }}}}") from None
+        unknown = sorted(used - set(keys))
+        if unknown:
+            raise FusemtError(f"prompt.{name} uses {{{unknown[0]}}}: the keys are {', '.join('{' + k + '}' for k in keys)} "
+                              "(a literal brace is written {{ or }})")
+        if keys[0] not in used:
+            raise FusemtError(f"prompt.{name} has no {{source}}: without it every segment would translate the "
+                              "template itself: put {source} where the text goes")
 
 
 def uses_chat_template(tokenizer) -> bool:

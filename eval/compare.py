@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from decoding.errors import FusemtError, fail
+from eval.jsonio import write_atomically
 from eval.metrics import corpus_scores
 from eval.report import (BOOTSTRAP_MIN_SEGMENTS, SIGNIFICANCE, Bootstrap, Run, distinguishing_options, find_runs, holm,
                          paired_bootstrap, pick_run, run_labels)
@@ -46,7 +47,22 @@ def load_runs(paths: list[Path]) -> list[Run]:
     if len(datasets) > 1:
         raise FusemtError(f"the runs translate different datasets ({', '.join(datasets)}): compare the runs of one "
                           "dataset (e.g. the folder results/<group>/ensemble of one of them)")
+    _check_same_texts(runs)
     return runs
+
+
+def _check_same_texts(runs: list[Run]) -> None:
+    """Runs are compared segment by segment, by id: a segment must be the same text in every run. Two
+    files that share a dataset name (or a dataset edited between runs) would otherwise be compared as one."""
+    first: dict[str, tuple[Run, dict]] = {}
+    for run in runs:
+        for row in run.rows:
+            seen = first.setdefault(row["id"], (run, row))
+            for key in ("source", "reference"):
+                if row.get(key) != seen[1].get(key):
+                    raise FusemtError(f"segment '{row['id']}' has another {key} in {run.results} than in "
+                                      f"{seen[0].results}: the runs translate different data: compare runs of one "
+                                      "dataset file")
 
 
 def diff_marks(hypothesis: str, baseline: str) -> str:
@@ -317,8 +333,8 @@ def main(argv: list[str] | None = None) -> None:
         page = args.output or default_output(args.results)
         dataset = next((run.dataset for run in comparison.runs if run.dataset), None)
         title = f"compare: {len(comparison.runs)} runs" + (f" on {dataset}" if dataset else "")
-        page.write_text(comparison.render(title, page.parent), encoding="utf-8")
-    except FusemtError as err:
+        write_atomically(page, comparison.render(title, page.parent))
+    except (FusemtError, OSError) as err:  # an OS error: a read-only folder, a full disk, ...
         fail(err)
     if args.wandb:
         log_compare(comparison, page, args.wandb_project)

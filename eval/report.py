@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from decoding.errors import FusemtError, fail
-from eval.jsonio import read_json_object, read_jsonl_objects
+from eval.jsonio import read_json_object, read_jsonl_objects, write_atomically
 from eval.metrics import corpus_scores
 
 ROW_KEYS = ("id", "source", "hypothesis")  # what every results line has and the pages show
@@ -50,7 +50,7 @@ def read_rows(path: Path) -> list[dict]:
     """The segments of a results JSONL (one-line errors naming file, line and fix)."""
     if not path.is_file():
         raise FusemtError(f"results file {path} not found: pass a results/.../<run_name>.jsonl")
-    rows = read_jsonl_objects(path, RESULTS_FIX, required=ROW_KEYS)
+    rows = read_jsonl_objects(path, RESULTS_FIX, required=ROW_KEYS, segment=True)
     if not rows:
         raise FusemtError(f"{path} holds no segments yet")
     return rows
@@ -128,13 +128,13 @@ class Run:
     def from_results(cls, results: Path) -> "Run":
         rows = read_rows(results)
         metrics_path = results.with_suffix(".metrics.json")
-        metrics = read_json_object(metrics_path, METRICS_FIX) if metrics_path.exists() else {}
+        metrics = check_metrics(read_json_object(metrics_path, METRICS_FIX), metrics_path) if metrics_path.exists() else {}
         return cls(results, metrics, rows, read_segment_comet(results))
 
     @classmethod
     def from_metrics(cls, metrics_path: Path) -> "Run":
         results = metrics_path.with_name(metrics_path.name.removesuffix(METRICS_SUFFIX) + ".jsonl")
-        metrics = read_json_object(metrics_path, METRICS_FIX)
+        metrics = check_metrics(read_json_object(metrics_path, METRICS_FIX), metrics_path)
         if not results.exists():
             return cls(results, metrics, None, None)
         return cls(results, metrics, read_rows(results), read_segment_comet(results))
@@ -346,6 +346,25 @@ def pick_run(runs: list[Run], wanted: str, flag: str = "--baseline") -> Run:
     return matches[0]
 
 
+def _markdown_cell(text: str) -> str:
+    """A table cell whatever the text: a '|' or a line break in a value (a prompt option) would split the row."""
+    return text.replace("|", "\\|").replace("\r\n", " ").replace("\n", " ").replace("\r", " ")
+
+
+def check_metrics(metrics: dict, path: Path) -> dict:
+    """A metrics file as the report reads it: a run (its ``run_name``) with numeric scores or null; a
+    hand-edited one that says otherwise is refused, naming the file and the key."""
+    if not isinstance(metrics.get("run_name"), str):
+        raise FusemtError(f"{path} has no 'run_name', so it describes no run: {METRICS_FIX}")
+    for key in SCORE_COLUMNS:
+        value = metrics.get(key)
+        if key not in ("dataset", "forward_passes") and value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise FusemtError(f"{path}: '{key}' is {json.dumps(value, ensure_ascii=False)}, not a number or null: "
+                              f"{METRICS_FIX}")
+    return metrics
+
+
 def _format(column: str, value) -> str:
     if value is None:
         return "—"
@@ -441,7 +460,7 @@ class Report:
         shown = [c for c in self.columns if c not in BOOTSTRAP_COLUMNS + ADJUSTED_COLUMNS
                  or c in ("bleu_delta", "chrf_delta", *p_shown)]
         lines = [f"> warning: {w}" for w in self.warnings] + ([""] if self.warnings else [])
-        lines += ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+        lines += ["| " + " | ".join(map(_markdown_cell, shown)) + " |", "|" + "---|" * len(shown)]
         for run, row in zip(self.runs, self.rows()):
             cells = []
             for column in shown:
@@ -450,7 +469,7 @@ class Report:
                 if column in ("bleu", "chrf") and boot and boot.marker(column):
                     text += f" {boot.marker(column)}"
                 is_baseline = run in self.baselines.values() and column == "run_name"
-                cells.append("**baseline** " + text if is_baseline else text)
+                cells.append(_markdown_cell("**baseline** " + text if is_baseline else text))
             lines.append("| " + " | ".join(cells) + " |")
         if self.baselines:
             lines.append(f"\n▲ / ▼: BLEU or chrF significantly better / worse than {self.baseline_rule} "
@@ -460,11 +479,11 @@ class Report:
         if self.domains:
             lines += ["", "## Per domain (BLEU / chrF, segments)", ""]
             names = sorted({d for scores in self.domains.values() for d in scores})
-            lines += ["| run_name | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+            lines += ["| run_name | " + " | ".join(map(_markdown_cell, names)) + " |", "|" + "---|" * (len(names) + 1)]
             for run_name, scores in self.domains.items():
                 cells = [f"{s['bleu']:.2f} / {s['chrf']:.2f} ({s['segments']})" if (s := scores.get(d)) else "—"
                          for d in names]
-                lines.append(f"| {run_name} | " + " | ".join(cells) + " |")
+                lines.append(f"| {_markdown_cell(run_name)} | " + " | ".join(cells) + " |")
         return "\n".join(lines) + "\n"
 
     def domain_rows(self) -> list[dict]:
@@ -473,7 +492,7 @@ class Report:
 
     def write(self, folder: Path) -> list[Path]:
         md, csv_path = folder / "report.md", folder / "report.csv"
-        md.write_text(self.to_markdown(), encoding="utf-8")
+        write_atomically(md, self.to_markdown())
         _write_csv(csv_path, self.columns, self.rows())
         paths = [md, csv_path]
         if self.domains:
@@ -649,7 +668,7 @@ def main(argv: list[str] | None = None) -> None:
                               ranking, ranking_source=str(args.member_ranking))
         folder.mkdir(parents=True, exist_ok=True)
         paths = report.write(folder)
-    except FusemtError as err:
+    except (FusemtError, OSError) as err:  # an OS error: a read-only folder, a full disk, ...
         fail(err)
     for warning in report.warnings:
         print(f"fusemt: warning: {warning}", file=sys.stderr)

@@ -27,7 +27,7 @@ from typing import Mapping, Optional
 from decoding.errors import FusemtError, fail
 from decoding.methods import DECODERS
 from decoding.vocab import utf8_char_len
-from eval.jsonio import read_json_object
+from eval.jsonio import read_json_object, write_atomically
 from eval.metrics import segment_scores
 from eval.report import METRICS_FIX, RunOptions, read_rows, read_segment_comet
 
@@ -626,7 +626,7 @@ def write_trace_report(results: Path, segment: int | None = 0) -> tuple[Path, Pa
     metrics_path = results.with_suffix(".metrics.json")
     metrics = read_json_object(metrics_path, METRICS_FIX) if metrics_path.exists() else None
     html_path = results.with_suffix(".trace.html")
-    html_path.write_text(render_html(rows, metrics, results.stem, read_segment_comet(results)), encoding="utf-8")
+    write_atomically(html_path, render_html(rows, metrics, results.stem, read_segment_comet(results)))
     png = None
     if segment is not None:
         if not 0 <= segment < len(rows):
@@ -642,7 +642,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         html_path, png = write_trace_report(args.results, args.segment)
-    except FusemtError as err:
+    except (FusemtError, OSError) as err:  # an OS error: a read-only folder, a full disk, ...
         fail(err)
     print(f"wrote {html_path}\nwrote {png}")
 

@@ -9,13 +9,17 @@ mistake fails at start-up in one line naming the valid keys or options (exit cod
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from decoding.errors import FusemtError, fail
+from decoding.errors import FusemtError, fail, os_error
 from runners.config import CONF_DIR, build_run_config, register_schemas
 
 # Hydra's own flags; everything else on the command line is an override.
@@ -151,6 +155,58 @@ def check_overrides(config_name: str, overrides: list[str], build=build_run_conf
             build(cfg)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: what SLURM and most schedulers send at a time limit or on pre-emption. Raised where
+    the signal arrives and handled like Ctrl-C (finished segments kept, claims released), exit 143."""
+
+
+def stop_reason(stop: KeyboardInterrupt) -> str:
+    return "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"
+
+
+def stop_exit_code(stop: KeyboardInterrupt) -> int:
+    return 128 + (signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """Within: SIGTERM raises ``Terminated``. Only where SIGTERM has its default handler (a launcher
+    such as submitit installs its own, to requeue) and in the main thread (where signals arrive)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def check_output_dir(config_name: str, overrides: list[str], multirun: bool) -> None:
+    """Create Hydra's output folder (``hydra.run.dir``, or ``hydra.sweep.dir`` with -m) now: Hydra
+    itself reports a folder it cannot create with a traceback."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name, overrides=job_override_lists(overrides)[0], return_hydra_config=True)
+        folder = Path(cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir)
+    except Exception:  # noqa: BLE001 - a config that does not compose was reported by check_overrides
+        return
+    finally:
+        GlobalHydra.instance().clear()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise os_error(err) from None
+
+
 def run_cli(hydra_main, config_name: str, build=build_run_config) -> None:
     """Start a Hydra entry point: version, pre-checked overrides, then Hydra; Ctrl-C ends in one line."""
     argv = sys.argv[1:]
@@ -163,9 +219,15 @@ def run_cli(hydra_main, config_name: str, build=build_run_config) -> None:
     try:
         if not set(flags) & _INFO_FLAGS:
             check_overrides(config_name, overrides, build)
-        hydra_main()
+            if not {"--cfg", "-c"} & set(flags):  # printing the config creates no folder
+                check_output_dir(config_name, overrides, multirun=bool({"-m", "--multirun"} & set(flags)))
+        with sigterm_as_interrupt():
+            hydra_main()
     except FusemtError as err:
         fail(err)
-    except KeyboardInterrupt:
-        print("fusemt: interrupted: finished segments are kept; rerun the same command to resume", file=sys.stderr)
-        sys.exit(130)
+    except OSError as err:
+        fail(err)
+    except KeyboardInterrupt as stop:
+        print(f"fusemt: {stop_reason(stop)}: finished segments are kept; rerun the same command to resume",
+              file=sys.stderr)
+        sys.exit(stop_exit_code(stop))

@@ -10,15 +10,17 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from decoding.base import Decoder, fingerprint_values, typed_config
 from decoding.errors import FusemtError
 from decoding.methods import DECODERS, decoder_class, method_names
-from decoding.model import ModelSpec, cache_root
+from decoding.model import ModelSpec, cache_root, check_local_model
 from decoding.packaged import check_available
 from eval.wandb_logger import LoggerConfig
 from runners.data import DatasetConfig
-from decoding.prompt import PromptConfig
+from decoding.prompt import PromptConfig, check_prompt
+from decoding.sampling import SAMPLER
 
 log = logging.getLogger("fusemt")
 
@@ -91,6 +93,46 @@ def resolve_member(member) -> ModelSpec:
     return typed_config(ModelSpec, values, f"model '{name}'")
 
 
+# A results file's name plus its longest derived name (".<name>.jsonl.claims") fits one 255-byte component.
+_LONGEST_EXTRA = len("..jsonl.owners")
+
+
+def check_run_name(run_name: str) -> None:
+    """``run_name`` names files inside results_dir: one plain file name, never a path out of it."""
+    if run_name in ("", ".", "..") or any(c in run_name for c in "/\\\0"):
+        raise FusemtError(f"run_name='{run_name}' is not a plain file name (no '/', '..' or absolute path): "
+                          "results go under paths.results_dir; set that to write elsewhere")
+    if len(run_name.encode()) + _LONGEST_EXTRA > 255:
+        raise FusemtError(f"run_name is {len(run_name.encode())} bytes: a file name holds at most "
+                          f"{255 - _LONGEST_EXTRA} with the results files' suffixes: choose a shorter run_name")
+
+
+def _values(cfg: DictConfig, section: str) -> Any:
+    """A config section as plain values; an interpolation that cannot be resolved (``${...}`` in a
+    prompt, say) is a one-line error, not omegaconf's traceback."""
+    try:
+        return OmegaConf.to_container(cfg[section], resolve=True)
+    except OmegaConfBaseException as err:
+        first = str(err).strip().splitlines()[0]
+        raise FusemtError(f"cannot resolve {section}: {first}: write a literal '${{' as '\\${{'") from None
+
+
+def _one_seed(decoding, decoding_values: dict, seed: int) -> bool:
+    """The run's one ``seed`` seeds every sampler: a method's ``decoding.seed`` is set from it.
+
+    Returns whether the run samples. Not sampling, the method's seed stays 0, its value before there
+    was one seed, so that the fingerprints (and results files) of deterministic runs do not change.
+    """
+    if not hasattr(decoding, "seed"):
+        return False
+    if decoding.seed not in (0, seed):
+        raise FusemtError(f"decoding.seed={decoding.seed}: the run has one seed, which seeds every sampler: "
+                          f"pass seed={decoding.seed} instead")
+    sampling = getattr(decoding, "temperature", 0) > 0
+    decoding.seed = decoding_values["seed"] = seed if sampling else 0
+    return sampling
+
+
 @dataclass
 class RunConfig:
     """Everything a run needs, typed."""
@@ -119,10 +161,11 @@ def build_run_config(cfg: DictConfig) -> RunConfig:
     if not isinstance(members, ListConfig) or len(members) == 0:
         raise FusemtError("models.members must be a non-empty list, e.g. models.members=[gemma3_270m,smollm2_135m]")
     models = [resolve_member(m) for m in members]
-    for spec in models:  # a model whose packages are missing fails now, not after the others loaded
+    for spec in models:  # a model whose packages or files are missing fails now, not after the others loaded
         if spec.chunks is not None:
             check_available(spec.chunks, spec.label, cache_root())
-    decoding_values = OmegaConf.to_container(cfg.decoding, resolve=True)
+        check_local_model(spec)
+    decoding_values = _values(cfg, "decoding")
     method = decoding_values.get("name")
     if not method:
         raise FusemtError(f"decoding.name is missing: choose decoding={'|'.join(method_names())}")
@@ -140,26 +183,35 @@ def build_run_config(cfg: DictConfig) -> RunConfig:
         # Allowed on purpose (a sweep's single-model baseline through the same engine), but never silent.
         log.warning("decoding=%s with one model: no ensemble, it decodes %s alone; give two or more models "
                     "(e.g. models=gemma3_smollm2) to ensemble", method, models[0].label)
-    dataset = typed_config(DatasetConfig, OmegaConf.to_container(cfg.dataset, resolve=True), "dataset")
-    prompt = typed_config(PromptConfig, OmegaConf.to_container(cfg.prompt, resolve=True), "prompt")
-    logger = typed_config(LoggerConfig, OmegaConf.to_container(cfg.logger, resolve=True), "logger")
-    if cfg.batch_size < 1:
-        raise FusemtError(f"batch_size={cfg.batch_size}: must be at least 1")
+    dataset = typed_config(DatasetConfig, _values(cfg, "dataset"), "dataset")
+    prompt = typed_config(PromptConfig, _values(cfg, "prompt"), "prompt")
+    logger = typed_config(LoggerConfig, _values(cfg, "logger"), "logger")
+    batch_size = cfg.batch_size
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise FusemtError(f"batch_size={batch_size}: must be at least 1, a whole number")
+    seed = cfg.seed
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise FusemtError(f"seed={seed}: must be a whole number")
+    check_prompt(prompt)
+    sampling = _one_seed(decoding, decoding_values, seed)
     # What changes the outputs (not limit/shard/domains, batching, metrics or logging): it names the
     # default results file, so every swept hyperparameter gets its own file and a rerun of the same
     # config resumes; lines written under another fingerprint are refused.
     fingerprint_src = json.dumps({"models": [m.__dict__ for m in models], "method": method,
                                   "decoding": fingerprint_values(method_cls.Config, decoding_values),
-                                  "prompt": OmegaConf.to_container(cfg.prompt, resolve=True), "seed": cfg.seed,
-                                  "dataset": {k: getattr(dataset, k) for k in DATASET_IDENTITY}},
+                                  "prompt": _values(cfg, "prompt"), "seed": seed,
+                                  "dataset": {k: getattr(dataset, k) for k in DATASET_IDENTITY},
+                                  # samples drawn per segment (decoding/sampling.py), not from one stream per batch
+                                  **({"sampler": SAMPLER} if sampling else {})},
                                  sort_keys=True, default=str)
     fingerprint = hashlib.sha256(fingerprint_src.encode()).hexdigest()[:12]
     model_part = "+".join(m.label for m in models) or "runs"
-    run_name = cfg.run_name or f"{method}__{model_part}__{dataset.name}__{fingerprint[:8]}"
+    run_name = str(cfg.run_name or f"{method}__{model_part}__{dataset.name}__{fingerprint[:8]}")
+    check_run_name(run_name)
     return RunConfig(
         models=models, decoding_name=method, decoding=decoding, dataset=dataset, prompt=prompt, logger=logger,
-        metrics=OmegaConf.to_container(cfg.metrics, resolve=True), run_name=run_name, batch_size=cfg.batch_size,
-        seed=cfg.seed, results_dir=Path(cfg.paths.results_dir).expanduser(),
+        metrics=_values(cfg, "metrics"), run_name=run_name, batch_size=batch_size,
+        seed=seed, results_dir=Path(cfg.paths.results_dir).expanduser(),
         render_input_text=bool(cfg.debug.render_input_text),
         fingerprint=fingerprint,
     )

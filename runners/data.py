@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
+from decoding import hub
 from decoding.errors import FusemtError
 from eval.jsonio import parse_jsonl_line
 
@@ -77,14 +78,24 @@ def _read_jsonl(path: Path) -> list:
 
 
 def _read_hub(cfg: DatasetConfig) -> list[dict]:
+    # A hub that cannot be reached is known within a second (decoding/hub.py): then only the local
+    # datasets cache is read, instead of retrying the hub for half a minute before the same answer.
+    unreachable = hub.unavailable_reason()
     try:
         import datasets
 
-        return list(datasets.load_dataset(cfg.hub_id, cfg.hub_config, split=cfg.split))
+        offline = datasets.config.HF_HUB_OFFLINE
+        datasets.config.HF_HUB_OFFLINE = offline or unreachable is not None
+        try:
+            return list(datasets.load_dataset(cfg.hub_id, cfg.hub_config, split=cfg.split))
+        finally:
+            datasets.config.HF_HUB_OFFLINE = offline
     except Exception as err:  # offline, unknown id, ...: one line, with the fix
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        why = f" ({unreachable})" if unreachable else ""
         raise FusemtError(
-            f"cannot load hub dataset {cfg.hub_id}/{cfg.hub_config}: {first} — offline, pass a local copy with dataset.path=<file.jsonl>"
+            f"cannot load hub dataset {cfg.hub_id}/{cfg.hub_config}: {first}{why} — offline, pass a local copy with "
+            "dataset.path=<file.jsonl>"
         ) from None
 
 
@@ -113,6 +124,18 @@ def parse_shard(shard: str) -> tuple[int, int]:
     if not 0 <= index < count:
         raise FusemtError(f"dataset.shard='{shard}': need 0 <= i < n")
     return index, count
+
+
+def dataset_location(cfg: DatasetConfig) -> str:
+    """Where the dataset is read from, for messages."""
+    if cfg.path:
+        return str(Path(cfg.path).expanduser())
+    return f"hub {cfg.hub_id}/{cfg.hub_config}" if cfg.hub_id else str(SAMPLE_PATH)
+
+
+def dataset_segments(cfg: DatasetConfig, records: list) -> dict[str, Segment]:
+    """Every segment of the dataset by id, whatever the selection (domains, ids_file, limit, shard)."""
+    return {s.id: s for s in load_segments(replace(cfg, limit=None, shard=None, domains=[], ids_file=None), records)}
 
 
 def load_records(cfg: DatasetConfig) -> list:

@@ -24,13 +24,15 @@ import logging
 import os
 import socket
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from decoding.errors import FusemtError
+from decoding.errors import FusemtError, os_error
 from eval.jsonio import parse_jsonl_line
 
 log = logging.getLogger(__name__)
+
+RESUME_FIX = "fix or delete that line (a deleted segment is decoded again), then rerun to resume"
 
 
 def read_rows(path: Path, start: int = 0, first_line: int = 1) -> tuple[list[dict], int, int, int]:
@@ -43,9 +45,25 @@ def read_rows(path: Path, start: int = 0, first_line: int = 1) -> tuple[list[dic
         fh.seek(start)
         data = fh.read()
     complete = data[: data.rfind(b"\n") + 1]
-    rows = [parse_jsonl_line(line, f"{path}:{n}", "fix or delete that line, then rerun to resume", required=("id",))
+    rows = [parse_jsonl_line(line, f"{path}:{n}", RESUME_FIX, required=("id",), segment=True)
             for n, line in enumerate(complete.split(b"\n")[:-1], first_line)]
     return [row for row in rows if row is not None], complete.count(b"\n"), start + len(complete), start + len(data)
+
+
+def check_rows_match(rows: list[dict], dataset: dict, path: Path, dataset_name: str) -> None:
+    """Finished rows must be segments of the dataset as it is now: a row whose id the dataset lacks, or
+    whose source or reference differs (the dataset was edited in place), would be resumed and scored as
+    if it were current. ``dataset``: every segment by id; ``dataset_name`` names it in the message."""
+    for row in rows:
+        seg = dataset.get(row["id"])
+        if seg is None:
+            raise FusemtError(f"{path} holds segment '{row['id']}', which {dataset_name} does not have: the file was "
+                              "edited or written for other data: delete that line, or pass a new run_name=...")
+        for key, now in (("source", seg.source), ("reference", seg.reference)):
+            if row.get(key) != now:
+                raise FusemtError(f"segment '{row['id']}' has another {key} in {dataset_name} than in {path}: the "
+                                  "dataset changed after these results were written: restore it, or pass a new "
+                                  "run_name=... (or delete the results file) to decode it as it is now")
 
 
 class ResultsFile:
@@ -66,14 +84,24 @@ class ResultsFile:
         self._lines = 0  # lines of the file already read
         self._owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._owner_fh = None
-        path.parent.mkdir(parents=True, exist_ok=True)
+        with self._os_errors():
+            path.parent.mkdir(parents=True, exist_ok=True)
         with self._locked():
             self._refresh()
 
     # --- locking -----------------------------------------------------------------------------
     @contextmanager
+    def _os_errors(self):
+        """A read-only folder, a full disk, a name too long: one line naming the file and the cause."""
+        try:
+            yield
+        except OSError as err:
+            raise os_error(err, self.path) from None
+
+    @contextmanager
     def _locked(self):
-        with open(self._sidecar("lock"), "a") as fh:
+        """The results lock; every file operation under it reports OS errors as one line."""
+        with self._os_errors(), open(self._sidecar("lock"), "a") as fh:
             fcntl.lockf(fh, fcntl.LOCK_EX)
             try:
                 yield
@@ -162,11 +190,19 @@ class ResultsFile:
             if row["id"] in self.done_ids:
                 log.warning("segment %s was finished by another process meanwhile: keeping that result", row["id"])
                 return False
-            with self.path.open("ab") as fh:
-                line = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
-                fh.write(line)
-                fh.flush()
-                os.fsync(fh.fileno())
+            line = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+            try:
+                unwritten = memoryview(line)
+                while unwritten:
+                    unwritten = unwritten[os.write(fd, unwritten):]
+                os.fsync(fd)
+            except OSError:  # a full disk: cut off the partial line; every finished segment stays
+                with suppress(OSError):  # failing that, the next run drops the partial line
+                    os.ftruncate(fd, self._offset)
+                raise
+            finally:
+                os.close(fd)
             self._offset += len(line)
             self._lines += 1
         self.rows.append(row)

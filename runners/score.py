@@ -32,8 +32,13 @@ def read_hypotheses(hyp_file: Path) -> tuple[dict[int, str] | None, dict[str, st
         raise FusemtError(f"hypothesis file {hyp_file} not found: check hyp_file=")
     if hyp_file.suffix == ".jsonl":
         rows = read_jsonl_objects(hyp_file, "pass a fusemt results JSONL or a plain text file with one hypothesis per line",
-                                  required=("id", "hypothesis"))
-        return None, {str(r["id"]): r["hypothesis"] for r in rows}
+                                  required=("id", "hypothesis"), segment=True)
+        by_id: dict[str, str] = {}
+        for row in rows:
+            if row["id"] in by_id:  # which of the two was meant cannot be told: refuse rather than pick one
+                raise FusemtError(f"{hyp_file} has segment id '{row['id']}' twice: keep one line per segment")
+            by_id[row["id"]] = row["hypothesis"]
+        return None, by_id
     try:
         lines = hyp_file.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as err:

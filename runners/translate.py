@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import sys
 import time
@@ -22,20 +21,21 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from decoding.base import current_options
-from decoding.errors import FusemtError, fail
+from decoding.errors import FusemtError, fail, os_error
 from decoding.methods import decoder_class
 from decoding.model import load_model
 from decoding.prompt import prompt_text
 from eval.comet_score import comet_scores
+from eval.jsonio import write_atomically
 from eval.metrics import RunningScores, corpus_scores, pool_metrics, script_shares
 from eval.trace import render_html
 from eval.wandb_logger import RunLogger, run_id
-from runners.cli import run_cli
 from runners.candidates import load_run_candidates
+from runners.cli import run_cli, sigterm_as_interrupt, stop_exit_code, stop_reason
 from runners.config import CONF_DIR, RunConfig, build_run_config
-from runners.data import Segment, load_segments
+from runners.data import Segment, dataset_location, dataset_segments, load_records, load_segments
 from runners.provenance import provenance
-from runners.results import ResultsFile
+from runners.results import ResultsFile, check_rows_match
 from runners.sweep import job_context, record_failure, record_job
 
 log = logging.getLogger("fusemt")
@@ -72,8 +72,8 @@ def run_metrics(run: RunConfig, rows: list[dict], selected_ids: list[str]) -> tu
         else:
             metrics["comet"] = result.system
             comet_segments = {r["id"]: score for r, score in zip(scored, result.segments)}
-    total_time = sum(r["time_s"] for r in rows)
-    metrics["n_new_tokens"] = sum(r["n_new_tokens"] for r in rows)
+    total_time = sum(r.get("time_s") or 0 for r in rows)  # a hand-written row may lack the timings
+    metrics["n_new_tokens"] = sum(r.get("n_new_tokens") or 0 for r in rows)
     metrics["tokens_per_s"] = round(metrics["n_new_tokens"] / total_time, 3) if total_time > 0 else None
     metrics.update(summarize_stats(run.decoding_name, rows))
     metrics.update(pool_metrics(rows))
@@ -90,20 +90,17 @@ def segment_row(run: RunConfig, seg: Segment, hypothesis: str, n_new_tokens: int
     return row
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
 def translate(run: RunConfig, sweep_group: str | None = None) -> dict:
     """Run one configuration end to end; returns the metrics written next to the JSONL."""
     random.seed(run.seed)
     torch.manual_seed(run.seed)
-    segments = load_segments(run.dataset)
+    records = load_records(run.dataset)
+    segments = load_segments(run.dataset, records)
     # Completeness is judged against the whole selection: every shard of a run shares one results file.
-    selected = segments if not run.dataset.shard else load_segments(replace(run.dataset, shard=None))
+    selected = segments if not run.dataset.shard else load_segments(replace(run.dataset, shard=None), records)
     results = ResultsFile(run.results_path, run.fingerprint)
+    check_rows_match(results.rows, dataset_segments(run.dataset, records), run.results_path,
+                     f"dataset '{run.dataset.name}' ({dataset_location(run.dataset)})")
     todo = [s for s in segments if s.id not in results.done_ids]
     log.info("%s: %d segments, %d already done, writing %s", run.run_name, len(segments), len(segments) - len(todo),
              run.results_path)
@@ -120,13 +117,14 @@ def translate(run: RunConfig, sweep_group: str | None = None) -> dict:
         if todo:
             decoder = decoder_class(run.decoding_name)(run.decoding, models, run.prompt, **method_inputs)
             _decode_all(run, decoder, todo, results, logger)
-    except KeyboardInterrupt:
-        results.close()
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (a scheduler's time limit or pre-emption)
+        results.close()  # releases this run's claims: a requeued job resumes them at once
         if logger:
-            logger.finish(exit_code=130)
-        print(f"fusemt: interrupted: {len(results.done_ids)} finished segments are kept in {run.results_path}; "
-              "rerun the same command to resume", file=sys.stderr)
-        raise SystemExit(130) from None
+            logger.finish(exit_code=stop_exit_code(stop))
+        # Counted in the file: the signal may have come between writing a row and noting it.
+        print(f"fusemt: {stop_reason(stop)}: {len(results.snapshot())} finished segments are kept in "
+              f"{run.results_path}; rerun the same command to resume", file=sys.stderr)
+        raise SystemExit(stop_exit_code(stop)) from None
     except BaseException:
         if logger:
             logger.finish(exit_code=1)
@@ -161,10 +159,10 @@ def write_run_files(run: RunConfig, results: ResultsFile, selected_ids: list[str
     comet_path = run.results_path.with_suffix(".comet.jsonl")
     with results.exclusive() as now:
         if len(now) == len(rows):
-            _write_atomically(metrics_path, json.dumps(metrics, ensure_ascii=False, indent=2) + "\n")
-            _write_atomically(trace_path, render_html(rows, metrics, run.run_name, segment_comet=comet_segments))
+            write_atomically(metrics_path, json.dumps(metrics, ensure_ascii=False, indent=2) + "\n")
+            write_atomically(trace_path, render_html(rows, metrics, run.run_name, segment_comet=comet_segments))
             if comet_segments is not None:
-                _write_atomically(comet_path, "".join(json.dumps({"id": sid, "comet": score}) + "\n"
+                write_atomically(comet_path, "".join(json.dumps({"id": sid, "comet": score}) + "\n"
                                                       for sid, score in comet_segments.items()))
             else:  # scores of an earlier state of the file would describe other segments
                 comet_path.unlink(missing_ok=True)
@@ -244,10 +242,12 @@ def _main(cfg: DictConfig) -> None:
     with job_context() as job:
         try:
             run = build_run_config(cfg)
-            metrics = translate(job.place_on_devices(run), sweep_group=job.sweep_group)
+            with sigterm_as_interrupt():
+                metrics = translate(job.place_on_devices(run), sweep_group=job.sweep_group)
             if job.multirun:
                 record_job(job, run.results_path, metrics)
-        except FusemtError as err:
+        except (FusemtError, OSError) as err:
+            err = os_error(err) if isinstance(err, OSError) else err
             if not job.multirun:
                 fail(err)
             record_failure(job, err)

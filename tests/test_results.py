@@ -46,7 +46,7 @@ def test_file_is_created_with_its_first_result(tmp_path):
     path = tmp_path / "run.jsonl"
     results = ResultsFile(path, "abc")
     assert not path.exists()  # a run that fails before finishing anything leaves no empty file
-    results.append({"id": "1"})
+    results.append({"id": "1", "hypothesis": "一"})
     assert path.exists()
 
 
@@ -88,7 +88,7 @@ ids = [str(i) for i in range(40)]
 while batch := results.claim(ids, 3):
     for sid in batch:
         time.sleep(0.01)  # "decoding"
-        results.append({{"id": sid, "by": {who!r}}})
+        results.append({{"id": sid, "hypothesis": "", "by": {who!r}}})
 results.close()
 """
 

@@ -107,7 +107,7 @@ def test_rejection_sampling_reproduces_the_target_distribution(point_mass):
         else:
             x = int(torch.multinomial(q, 1, generator=stub.generator))
             q_rows = q[None, :]
-        n_acc, nxt = stub._verify([x], target_lp, q_rows)
+        n_acc, nxt = stub._verify([x], target_lp, q_rows, stub.generator)
         counts[x if n_acc == 1 else nxt] += 1
     expected = p * draws
     chi2 = float(((counts - expected) ** 2 / expected).sum())

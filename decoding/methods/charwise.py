@@ -55,6 +55,7 @@ from decoding.fusion import FusionDecoder, check_fusion_options, normalized_weig
 from decoding.methods import register
 from decoding.prompt import ensemble_stop_strings, find_stop, prompt_rows, render_prompt, uses_chat_template
 from decoding.repetition import RepetitionGuard
+from decoding.sampling import segment_generators
 from decoding.speculate import Speculation, start_speculation
 from decoding.stats import SegmentStats, SpeculationStats, mean, part, per_model
 from decoding.stream import common_prefix_len
@@ -78,6 +79,7 @@ class CharwiseState:
     resolved: list[int] = field(default_factory=list)  # steps decided with every node above the threshold scored
     truncated: list[bool] = field(default_factory=list)
     speculation: Optional[Speculation] = None
+    generators: list[torch.Generator] = field(default_factory=list)  # per source, when sampling
 
 
 @dataclass
@@ -201,7 +203,6 @@ class CharwiseDecoder(Decoder):
         self.weights = normalized_weights(cfg.weights, len(models))
         self.names = unique_names(models)
         self.guard = RepetitionGuard.from_config(cfg)
-        self.generator = torch.Generator().manual_seed(cfg.seed)
         self.covers = CoverConfig(beam_size=cfg.beam_size, prune_threshold=cfg.prune_threshold)
 
     # --- prepare / step / finish -------------------------------------------------------------------
@@ -222,7 +223,8 @@ class CharwiseDecoder(Decoder):
         return CharwiseState(sources=sources, members=members, stops=stops, active=list(range(n)),
                              text=[bytearray() for _ in range(n)], steps=[[] for _ in range(n)], agree=[0] * n,
                              fast=[0] * n, resolved=[0] * n, truncated=truncated,
-                             speculation=start_speculation(self.cfg, self.models, self.names, sources, self.prompt))
+                             speculation=start_speculation(self.cfg, self.models, self.names, sources, self.prompt),
+                             generators=segment_generators(self.cfg.seed, sources) if self.cfg.temperature > 0 else [])
 
     @torch.inference_mode()
     def step(self, state: CharwiseState) -> bool:
@@ -393,7 +395,7 @@ class CharwiseDecoder(Decoder):
         elif self.cfg.temperature > 0:
             weights = torch.tensor([max(s, 0.0) ** (1.0 / self.cfg.temperature) for s in scores], dtype=torch.float64)
             if weights.sum() > 0:
-                pick = int(torch.multinomial(weights, 1, generator=self.generator))
+                pick = int(torch.multinomial(weights, 1, generator=state.generators[seq]))
         return Choice(candidates[pick], probs[pick], scores[pick], ranked, resolved=True,
                       tops=[top[0][0] if top else END for top in tops])
 

@@ -19,6 +19,7 @@ distribution equal to the target's p as well.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -28,6 +29,7 @@ from decoding.base import TRUNCATED, DecodeOutput, Decoder, option_alias, rename
 from decoding.errors import FusemtError
 from decoding.fusion import unique_names
 from decoding.methods import register
+from decoding.sampling import segment_generators
 from decoding.stream import ModelStream, common_prefix_len, open_streams
 from decoding.vocab import complete_utf8_prefix, utf8_pending
 from decoding.prompt import find_stop, stop_strings
@@ -62,6 +64,7 @@ class SpecState:
     draft_passes: list[int] = field(default_factory=list)
     truncated: list[bool] = field(default_factory=list)
     k: int = 0
+    generators: list[torch.Generator] = field(default_factory=list)  # per source, when sampling
 
 
 @dataclass
@@ -101,7 +104,7 @@ class SpeculativeDecoder(Decoder):
             raise FusemtError(f"decoding.num_draft_tokens={cfg.num_draft_tokens}: must be between 1 and "
                               f"decoding.max_draft_tokens ({cfg.max_draft_tokens})")
         check_draft_options(cfg)
-        if cfg.temperature < 0 or not 0 < cfg.top_p <= 1:
+        if not 0 <= cfg.temperature < math.inf or not 0 < cfg.top_p <= 1:
             raise FusemtError(f"decoding.temperature={cfg.temperature}, top_p={cfg.top_p}: need temperature >= 0 "
                               "and 0 < top_p <= 1")
 
@@ -117,7 +120,6 @@ class SpeculativeDecoder(Decoder):
         self.target_model, self.draft_model = models
         self.names = unique_names(models)
         self.same_vocab = self.target_model.vocab.token_bytes == self.draft_model.vocab.token_bytes
-        self.generator = torch.Generator().manual_seed(cfg.seed)
 
     # --- prepare / step / finish ---------------------------------------------------------------
     def prepare(self, sources: list[str]) -> SpecState:
@@ -129,7 +131,8 @@ class SpeculativeDecoder(Decoder):
         return SpecState(sources=sources, target=streams[0], draft=streams[1], stops=stops, active=list(range(n)),
                          text=[bytearray() for _ in range(n)], steps=[[] for _ in range(n)], rounds=[0] * n,
                          proposed=[0] * n, accepted=[0] * n, draft_passes=[0] * n, truncated=truncated,
-                         k=self.cfg.num_draft_tokens)
+                         k=self.cfg.num_draft_tokens,
+                         generators=segment_generators(self.cfg.seed, sources) if self.cfg.temperature > 0 else [])
 
     @torch.inference_mode()
     def step(self, state: SpecState) -> bool:
@@ -146,7 +149,7 @@ class SpeculativeDecoder(Decoder):
             props = proposals[row]
             scores = target_lp[row, width - len(props) - 1:]  # predictions of props[0..n-1] and the next token
             q = draft_q[row] if draft_q is not None and self.same_vocab else None
-            n_acc, next_id = self._verify(props, scores, q)
+            n_acc, next_id = self._verify(props, scores, q, state.generators[seq] if state.generators else None)
             state.rounds[seq] += 1
             state.proposed[seq] += len(props)
             state.accepted[seq] += n_acc
@@ -177,12 +180,13 @@ class SpeculativeDecoder(Decoder):
         return outputs
 
     # --- one round ---------------------------------------------------------------------------
-    def _pick(self, logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Draft token per row (argmax, or a sample) and, when sampling, the distribution it came from."""
+    def _pick(self, logprobs: torch.Tensor, generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Draft token per row (argmax, or a sample from the row's own generator) and, when sampling,
+        the distribution it came from."""
         if self.cfg.temperature <= 0:
             return logprobs.argmax(-1), None
         q = warp(logprobs, self.cfg.temperature, self.cfg.top_p)
-        return torch.multinomial(q, 1, generator=self.generator).squeeze(-1), q
+        return torch.cat([torch.multinomial(q[row], 1, generator=g) for row, g in enumerate(generators)]), q
 
     def _draft(self, state: SpecState) -> tuple[list[list[int]], list[torch.Tensor] | None]:
         """k draft tokens per row (cut after an end token) and, when sampling, their distributions."""
@@ -193,7 +197,7 @@ class SpeculativeDecoder(Decoder):
         end_ids = self.draft_model.vocab.end_ids
         for _ in range(state.k):
             logprobs = state.draft.logprobs()
-            picked, q = self._pick(logprobs)
+            picked, q = self._pick(logprobs, [state.generators[seq] for seq in state.active] if state.generators else [])
             confidence = logprobs.gather(-1, picked[:, None]).squeeze(-1).exp().tolist()
             for row, seq in enumerate(state.active):
                 state.draft_passes[seq] += 1
@@ -229,8 +233,9 @@ class SpeculativeDecoder(Decoder):
             props.append(self.target_model.tokenizer.eos_token_id)
         return props[: self.cfg.max_draft_tokens]
 
-    def _verify(self, props: list[int], scores: torch.Tensor, q: torch.Tensor | None) -> tuple[int, int]:
-        """(accepted count, the target's own next token) for one row."""
+    def _verify(self, props: list[int], scores: torch.Tensor, q: torch.Tensor | None,
+                generator: torch.Generator | None) -> tuple[int, int]:
+        """(accepted count, the target's own next token) for one row; samples from the row's ``generator``."""
         if self.cfg.temperature <= 0:
             choice = scores.argmax(-1).tolist()  # len(props) + 1: the next token after all of them too
             n = common_prefix_len(props, choice)
@@ -238,12 +243,12 @@ class SpeculativeDecoder(Decoder):
         p = warp(scores, self.cfg.temperature, self.cfg.top_p)
         for n, x in enumerate(props):
             q_x = float(q[n, x]) if q is not None else 1.0  # cross-tokenizer proposals are a point mass
-            if float(torch.rand((), generator=self.generator)) < min(1.0, float(p[n, x]) / q_x):
+            if float(torch.rand((), generator=generator)) < min(1.0, float(p[n, x]) / q_x):
                 continue
             residual = p[n] - (q[n] if q is not None else torch.nn.functional.one_hot(torch.tensor(x), p.shape[-1]))
             residual = residual.clamp_min(0)
-            return n, int(torch.multinomial(residual / residual.sum(), 1, generator=self.generator))
-        return len(props), int(torch.multinomial(p[len(props)], 1, generator=self.generator))
+            return n, int(torch.multinomial(residual / residual.sum(), 1, generator=generator))
+        return len(props), int(torch.multinomial(p[len(props)], 1, generator=generator))
 
     def _commit(self, state: SpecState, row: int, seq: int, props: list[int], n_acc: int, next_id: int,
                 scores: torch.Tensor, draft_ids: list[int]) -> bool:
