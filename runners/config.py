@@ -106,6 +106,7 @@ class RunConfig:
     metrics: dict
     run_name: str
     batch_size: int
+    prompt_cache: bool  # reuse the shared prompt prefix's KV cache (decoding.prefix): same outputs, faster
     seed: int
     results_dir: Path
     render_input_text: bool
@@ -141,7 +142,9 @@ def build_run_config(cfg: DictConfig) -> RunConfig:
     logger = typed_config(LoggerConfig, OmegaConf.to_container(cfg.logger, resolve=True), "logger")
     if cfg.batch_size < 1:
         raise FusemtError(f"batch_size={cfg.batch_size}: must be at least 1")
-    # What changes the outputs (not limit/shard/domains, batching, metrics or logging): it names the
+    if not isinstance(cfg.prompt_cache, bool):
+        raise FusemtError(f"prompt_cache={cfg.prompt_cache}: must be true or false")
+    # What changes the outputs (not limit/shard/domains, batching, prompt_cache, metrics or logging): it names the
     # default results file, so every swept hyperparameter gets its own file and a rerun of the same
     # config resumes; lines written under another fingerprint are refused.
     fingerprint_src = json.dumps({"models": [m.__dict__ for m in models], "method": method,
@@ -155,6 +158,7 @@ def build_run_config(cfg: DictConfig) -> RunConfig:
     return RunConfig(
         models=models, decoding_name=method, decoding=decoding, dataset=dataset, prompt=prompt, logger=logger,
         metrics=OmegaConf.to_container(cfg.metrics, resolve=True), run_name=run_name, batch_size=cfg.batch_size,
+        prompt_cache=cfg.prompt_cache,
         seed=cfg.seed, results_dir=Path(cfg.paths.results_dir).expanduser(),
         render_input_text=bool(cfg.debug.render_input_text),
         fingerprint=fingerprint,
