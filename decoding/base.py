@@ -8,13 +8,19 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from decoding.errors import FusemtError
+from decoding.prompt import find_stop
+from decoding.stats import SegmentStats
 from decoding.vocab import complete_utf8_prefix
+
+if TYPE_CHECKING:
+    from decoding.model import LoadedModel
+    from decoding.prompt import PromptConfig
 
 
 @dataclass
@@ -43,7 +49,7 @@ class DecodeOutput:
     text: str
     n_new_tokens: int
     trace: list[dict]
-    stats: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)  # the method's Stats record, as JSON
     warnings: list[str] = field(default_factory=list)
 
 
@@ -53,12 +59,6 @@ def show_bytes(data: bytes) -> str:
 
 def trace_step(data: bytes, **kwargs) -> TraceStep:
     return TraceStep(piece=show_bytes(data), piece_bytes=data.hex(), **kwargs)
-
-
-def find_stop(data: bytes, stop_strings: list[str], start: int = 0) -> int | None:
-    """Byte offset of the earliest stop string in ``data`` (searching from ``start``), or None."""
-    hits = [i for s in stop_strings if s and (i := data.find(s.encode("utf-8"), max(start - len(s.encode()), 0))) >= 0]
-    return min(hits) if hits else None
 
 
 def finalize_text(data: bytes) -> str:
@@ -87,14 +87,20 @@ def clip_trace(steps: list[TraceStep], stop_strings: list[str]) -> tuple[list[Tr
     return kept, raw[:cut], stop
 
 
-def traced_output(steps: list[TraceStep], stop_strings: list[str], stats: dict, warnings: list[str]) -> DecodeOutput:
+def traced_output(steps: list[TraceStep], stop_strings: list[str], stats: SegmentStats,
+                  warnings: list[str]) -> DecodeOutput:
     """A sequence's output from its full trace: cut at the first stop string, text finalised."""
     kept, raw, _ = clip_trace(steps, stop_strings)
     return DecodeOutput(text=finalize_text(raw), n_new_tokens=len(kept), trace=[s.to_json() for s in kept],
-                        stats=stats, warnings=warnings)
+                        stats=stats.to_json(), warnings=warnings)
 
 
 TRUNCATED = "prompt truncated to the model's max_input_tokens"
+
+
+def own_choice_meaning(origin: str, search: str) -> str:
+    """The legend of a step a single model chose by itself (greedy, beam, an ensemble of one)."""
+    return f"{origin}'s own {search} choice (single model)"
 
 
 class Decoder(ABC):
@@ -103,12 +109,19 @@ class Decoder(ABC):
     name: ClassVar[str]
     min_models: ClassVar[int] = 1
     max_models: ClassVar[int | None] = 1
+    Stats: ClassVar[type[SegmentStats]]  # the per-segment stats record (decoding/stats.py): fields and how they combine
 
     @dataclass
     class Config:
         name: str = ""
         max_new_tokens: int = 128
         min_new_tokens: int = 0  # end tokens and stop strings are ignored before this many steps
+
+        def __post_init__(self) -> None:
+            """An option given under its old name (``option_alias``) becomes the current one; the old reads None."""
+            resolved = resolve_aliases(type(self), {f.name: getattr(self, f.name) for f in fields(self)})
+            for f in fields(self):
+                setattr(self, f.name, resolved.get(f.name))
 
     @classmethod
     def check_config(cls, cfg: "Decoder.Config", n_models: int) -> None:
@@ -121,7 +134,13 @@ class Decoder(ABC):
         if not 0 <= cfg.min_new_tokens <= cfg.max_new_tokens:
             raise FusemtError(f"decoding.min_new_tokens={cfg.min_new_tokens}: must be between 0 and max_new_tokens")
 
-    def __init__(self, cfg: "Decoder.Config", models: list, prompt):
+    @classmethod
+    @abstractmethod
+    def origin_meaning(cls, origin: str, models: list[str]) -> str:
+        """What a trace step's ``origin`` means for this method: the trace page's legend text for that
+        colour. ``models``: the run's member names (an origin may be one of them, or several joined by +)."""
+
+    def __init__(self, cfg: "Decoder.Config", models: list["LoadedModel"], prompt: "PromptConfig") -> None:
         self.check_config(cfg, len(models))
         self.cfg = cfg
         self.models = models
@@ -153,26 +172,57 @@ def later_option(default):
     return field(default=default, metadata={"later": True})
 
 
+def renamed_option(default, was: str, was_values: dict | None = None, later: bool = False):
+    """An option that had another name, ``was`` (still accepted: an ``option_alias`` field of the same
+    Config). The fingerprint spells it as ``was``, its value mapped through ``was_values`` where the
+    old option took other values (draft_schedule=heuristic was adaptive=true), so the finished results
+    of runs from before the rename keep their file."""
+    return field(default=default, metadata={"later": later, "was": was, "was_values": was_values or {}})
+
+
+def option_alias(of: str):
+    """The old name of option ``of``: a value given under it (not None) is the value of ``of``."""
+    return field(default=None, metadata={"alias_of": of})
+
+
+def resolve_aliases(schema: type, values: dict) -> dict:
+    """``values`` with each option given under an old name (``option_alias``) moved to its current
+    name, the old names dropped; the two names given different values is a user mistake."""
+    spec = {f.name: f for f in fields(schema)}
+    out = dict(values)
+    for name, f in spec.items():
+        canonical = f.metadata.get("alias_of")
+        given = out.pop(name, None) if canonical else None
+        if given is None:
+            continue
+        target = spec[canonical]
+        value = {old: new for new, old in target.metadata["was_values"].items()}.get(given, given)
+        current = out.get(canonical, target.default)
+        if current != target.default and current != value:
+            raise FusemtError(f"decoding.{name}={given} and decoding.{canonical}={current} set one option twice: "
+                              f"keep decoding.{canonical} ({name} is its old name)")
+        out[canonical] = value
+    return out
+
+
 def fingerprint_values(schema: type, values: dict) -> dict:
-    """``values`` (a method's decoding options) without the later options that are at their default."""
-    later = {f.name: f.default for f in fields(schema) if f.metadata.get("later")}
-    return {k: v for k, v in values.items() if not (k in later and v == later[k])}
+    """``values`` (a method's decoding options) as the run's fingerprint has always spelled them: old
+    names resolved, later options at their default left out, renamed options under their old name."""
+    spec = {f.name: f for f in fields(schema)}
+    out = {}
+    for key, value in resolve_aliases(schema, values).items():
+        meta = spec[key].metadata if key in spec else {}
+        if meta.get("later") and value == spec[key].default:
+            continue
+        if meta.get("was"):
+            key, value = meta["was"], meta["was_values"].get(value, value)
+        out[key] = value
+    return out
 
 
-DECODERS: dict[str, type[Decoder]] = {}
-
-
-def register(cls: type[Decoder]) -> type[Decoder]:
-    DECODERS[cls.name] = cls
-    return cls
-
-
-def decoder_class(name: str) -> type[Decoder]:
-    import decoding.methods  # noqa: F401  (registers the built-in methods)
-
-    if name not in DECODERS:
-        raise FusemtError(f"unknown decoding method '{name}': use one of {', '.join(sorted(DECODERS))}")
-    return DECODERS[name]
+def current_options(cfg) -> dict:
+    """A method's typed Config as a dict of its current option names (old-name aliases left out)."""
+    return {f.name: getattr(cfg, f.name) for f in fields(cfg) if not f.metadata.get("alias_of")}
 
 
 def typed_config(schema: type, values: dict, what: str):

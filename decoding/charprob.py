@@ -54,18 +54,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from decoding.stream import ModelStream
+from decoding.stream import ModelStream, common_prefix_len
 from decoding.errors import FusemtError
-from decoding.vocab import ByteVocab
-
-
-def utf8_char_len(lead: int) -> int:
-    """Bytes of the UTF-8 character that starts with byte ``lead``; 0 for a byte no character starts with."""
-    if lead < 0x80:
-        return 1
-    if lead < 0xC2:  # continuation bytes, overlong C0/C1
-        return 0
-    return 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4 if lead < 0xF5 else 0
+from decoding.vocab import ByteVocab, utf8_char_len
 
 
 def is_char(data: bytes) -> bool:
@@ -580,9 +571,7 @@ class RowBook:
             stream.select_rows(sources)
         for row, (src, path) in enumerate(targets):
             old = self.paths[src]
-            common = 0
-            while common < min(len(old), len(path)) and old[common] == path[common]:
-                common += 1
+            common = common_prefix_len(old, path)
             if path in carries and row >= self.pinned:
                 common = min(common, len(path) - 2)  # the parent's position must be run too
             if common < len(old):
@@ -597,9 +586,8 @@ class RowBook:
         for r in range(len(self.paths)):
             if self.seq[r] != seq:
                 continue
-            p, common = self.paths[r], 0
-            while common < min(len(p), len(path)) and p[common] == path[common]:
-                common += 1
+            p = self.paths[r]
+            common = common_prefix_len(p, path)
             if common > best_len or (common == best_len and len(p) < len(self.paths[best])):
                 best, best_len = r, common
         assert best is not None, f"sequence {seq} has no row"

@@ -28,12 +28,14 @@ from typing import Optional
 
 import torch
 
-from decoding.base import TRUNCATED, DecodeOutput, Decoder, find_stop, later_option, trace_step, traced_output
+from decoding.base import (TRUNCATED, DecodeOutput, Decoder, later_option, option_alias, renamed_option, trace_step,
+                           traced_output)
 from decoding.errors import FusemtError
 from decoding.search import BeamSearch, Extension, Live
 from decoding.speculate import Speculation, check_speculation_options, start_speculation
+from decoding.stats import BeamStats, FusionStats
 from decoding.stream import ModelStream, common_prefix_len, open_streams
-from decoding.prompt import stop_strings
+from decoding.prompt import ensemble_stop_strings, find_stop
 
 END = None  # the candidate key shared by every model's end tokens
 
@@ -91,9 +93,9 @@ def check_fusion_options(cfg, n_models: int) -> None:
     check_speculation_options(cfg, n_models)
     if cfg.num_beams < 1:
         raise FusemtError(f"decoding.num_beams={cfg.num_beams}: must be at least 1")
-    if cfg.num_beams > 1 and (cfg.temperature > 0 or cfg.speculate):
+    if cfg.num_beams > 1 and (cfg.temperature > 0 or cfg.num_draft_tokens):
         raise FusemtError(f"decoding.num_beams={cfg.num_beams} searches deterministically: set decoding.temperature=0 "
-                          "and decoding.speculate=0")
+                          "and decoding.num_draft_tokens=0")
 
 
 def normalized_weights(weights: Optional[list[float]], n_models: int) -> list[float]:
@@ -106,6 +108,7 @@ class FusionDecoder(Decoder):
     """Base of the token-level ensembles: subclasses implement ``score``."""
 
     min_models, max_models = 1, None  # one member: its own decoding through the fusion engine (beam = HF beam)
+    Stats = FusionStats
 
     @dataclass
     class Config(Decoder.Config):
@@ -114,7 +117,8 @@ class FusionDecoder(Decoder):
         temperature: float = 0.0  # 0: argmax; >0: sample from the fused scores
         use_cache: bool = True  # False: slow full-recompute reference path (for testing)
         seed: int = 0
-        speculate: int = later_option(0)  # >0: a speculative ensemble, this many drafted tokens per round (same output)
+        # >0: a speculative ensemble, this many drafted tokens per round (same output); was `speculate`
+        num_draft_tokens: int = renamed_option(0, was="speculate", later=True)
         drafter: Optional[int] = later_option(None)  # index of the drafting member; None: the one with the fewest parameters
         alternate: bool = later_option(False)  # members take turns drafting, round by round
         draft_schedule: str = later_option("constant")  # constant | heuristic: HF's adaptive draft length
@@ -122,6 +126,7 @@ class FusionDecoder(Decoder):
         num_beams: int = later_option(1)  # >1: beam search over fused hypotheses (decoding/search.py)
         length_penalty: float = later_option(1.0)  # as Hugging Face: score / length ** length_penalty
         early_stopping: bool = later_option(True)  # as Hugging Face: stop a source once num_beams hypotheses finished
+        speculate: Optional[int] = option_alias("num_draft_tokens")
 
     @classmethod
     def check_config(cls, cfg, n_models: int) -> None:
@@ -143,7 +148,7 @@ class FusionDecoder(Decoder):
     def prepare(self, sources: list[str]) -> FusionState:
         streams, truncated = open_streams(self.models, sources, self.prompt,
                                           recompute=not self.cfg.use_cache)
-        stops = list(dict.fromkeys(s for m in self.models for s in stop_strings(m.tokenizer, self.prompt, m.spec.stop_strings)))
+        stops = ensemble_stop_strings(self.models, self.prompt)
         n = len(sources)
         return FusionState(sources=sources, streams=streams, stops=stops, active=list(range(n)),
                            text=[bytearray() for _ in range(n)], steps=[[] for _ in range(n)],
@@ -288,13 +293,13 @@ class FusionDecoder(Decoder):
         for source in range(len(state.sources)):
             seq, beam_score = state.search.best(source) if state.search else (source, None)
             n_steps = len(state.steps[seq])
-            stats = {"steps": n_steps, "agreement_rate": round(state.agree[seq] / max(n_steps, 1), 4),
-                     "cache_crops": dict(zip(self.names, state.rollbacks[seq])),
-                     "forward_passes": dict(zip(self.names, state.forward_passes[seq]))}
+            stats = FusionStats(steps=n_steps, agreement_rate=round(state.agree[seq] / max(n_steps, 1), 4),
+                                cache_crops=dict(zip(self.names, state.rollbacks[seq])),
+                                forward_passes=dict(zip(self.names, state.forward_passes[seq])))
             if state.speculation:
-                stats["speculation"] = state.speculation.stats(seq, stats["forward_passes"])
+                stats.speculation = state.speculation.stats(seq, stats.forward_passes)
             if state.search:
-                stats["beam"] = {"num_beams": self.cfg.num_beams, "score": round(beam_score, 6)}
+                stats.beam = BeamStats(num_beams=self.cfg.num_beams, score=round(beam_score, 6))
             outputs.append(traced_output(state.steps[seq], state.stops, stats,
                                          [TRUNCATED] if state.truncated[source] else []))
         return outputs

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from decoding.base import DecodeOutput, Decoder, trace_step, traced_output
+from decoding.base import DecodeOutput, Decoder, own_choice_meaning, trace_step, traced_output
 from decoding.prefix import prefilled_cache
 from decoding.prompt import render_prompt, stop_strings
+from decoding.stats import SingleModelStats
 
 
 @dataclass
@@ -49,6 +50,12 @@ class GenerateDecoder(Decoder):
     """Runs ``model.generate`` once for the whole batch; subclasses choose the generation kwargs."""
 
     min_models = max_models = 1
+    Stats = SingleModelStats
+    search: ClassVar[str]  # what the trace legend calls the model's choice ("greedy", "beam search")
+
+    @classmethod
+    def origin_meaning(cls, origin: str, models: list[str]) -> str:
+        return own_choice_meaning(origin, cls.search)
 
     def generation_kwargs(self) -> dict:
         raise NotImplementedError
@@ -95,7 +102,8 @@ class GenerateDecoder(Decoder):
                 if is_end:
                     break
             warnings = [f"prompt truncated to {model.spec.max_input_tokens} tokens"] if state.batch["truncated"][row] else []
-            state.outputs.append(traced_output(steps, stops, {"forward_passes": {model.name: len(out.scores)}}, warnings))
+            state.outputs.append(traced_output(steps, stops, SingleModelStats(forward_passes={model.name: len(out.scores)}),
+                                               warnings))
         return False
 
     def finish(self, state: GenerateState) -> list[DecodeOutput]:

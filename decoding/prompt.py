@@ -61,6 +61,17 @@ def stop_strings(tokenizer, prompt: PromptConfig, model_stop_strings: list[str])
     return list(dict.fromkeys(list(model_stop_strings) + extra))
 
 
+def ensemble_stop_strings(models, prompt: PromptConfig) -> list[str]:
+    """Every member's stop strings, once each: an ensemble's output ends at any of them."""
+    return list(dict.fromkeys(s for m in models for s in stop_strings(m.tokenizer, prompt, m.spec.stop_strings)))
+
+
+def find_stop(data: bytes, stop_strings: list[str], start: int = 0) -> int | None:
+    """Byte offset of the earliest stop string in ``data`` (searching from ``start``), or None."""
+    hits = [i for s in stop_strings if s and (i := data.find(s.encode("utf-8"), max(start - len(s.encode()), 0))) >= 0]
+    return min(hits) if hits else None
+
+
 def render_prompt(model, sources: list[str], prompt: PromptConfig):
     """Tokenise a batch of prompts for ``model`` (a LoadedModel): left-padded, with attention mask.
 
@@ -82,3 +93,8 @@ def render_prompt(model, sources: list[str], prompt: PromptConfig):
     batch = tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
     batch["truncated"] = truncated
     return batch
+
+
+def prompt_rows(batch) -> list[list[int]]:
+    """Each prompt's token ids without the left padding, from a ``render_prompt`` batch."""
+    return [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]

@@ -51,6 +51,10 @@ class SourceBeams:
 
 
 class BeamSearch:
+    """The strategy's state for a batch of ``sources``: per source at most ``num_beams`` live
+    hypotheses, each one row (slot) of the engine's streams, whose log-probabilities per step are
+    [live slots, vocab] per member; sizes here are Python lists, the tensors stay in the engine."""
+
     def __init__(self, sources: int, num_beams: int, length_penalty: float, early_stopping: bool):
         self.num_beams, self.length_penalty, self.early_stopping = num_beams, length_penalty, early_stopping
         self.sources = [SourceBeams(live=[Live(slot=s, score=0.0, length=0)]) for s in range(sources)]
@@ -60,7 +64,9 @@ class BeamSearch:
 
     def select(self, source: int, options: list[Extension]) -> tuple[list[Extension], list[Extension]]:
         """The next hypotheses of ``source`` and the extensions that join its finished pool, from
-        every scored extension of its live hypotheses (in hypothesis, then candidate rank order)."""
+        every scored extension of its live hypotheses (in hypothesis, then candidate rank order):
+        ``options`` has at most [live hypotheses × candidates each] entries; at most ``num_beams``
+        go on and at most ``num_beams`` finish."""
         beams, n = self.sources[source], self.num_beams
         ranked = sorted((o for o in options if o.score > -math.inf), key=lambda o: -o.score)[: 2 * n]
         finishing = [o for o in ranked[:n] if o.finishes and not (self.early_stopping and len(beams.finished) >= n)]

@@ -3,14 +3,17 @@
 Speculative Ensemble (Fu et al. 2025) verifies drafts against the fused distribution of members
 that share a vocabulary. Here the members need not: a round is
 1. ``Drafter``: one member (``decoding.drafter``, default the one with the fewest parameters;
-   ``decoding.alternate`` takes each member in turn) drafts up to ``decoding.speculate`` tokens
+   ``decoding.alternate`` takes each member in turn) drafts up to ``decoding.num_draft_tokens`` tokens
    greedily, from its own canonical encoding of the text (on the member's stream in the token
    fusion methods, on a stream of its own in ``charwise``). Each drafting pass gives that
    member's next-token distribution after the text and after each drafted token.
    As Hugging Face's assisted generation, the draft can be shortened where it is likely to be
    wasted: ``decoding.draft_confidence=c`` stops a row's draft before a token the drafter gives
    less than probability c, and ``decoding.draft_schedule=heuristic`` adapts each sequence's draft
-   length (+2 after a round that followed the whole draft, -1 otherwise, from 1 up to ``speculate``).
+   length (+2 after a round that followed the whole draft, -1 otherwise, from 1 up to ``num_draft_tokens``).
+   The options and the stat are the ``speculative`` method's (``num_draft_tokens``,
+   ``draft_schedule``, ``draft_confidence``; ``acceptance_rate``); ``speculate`` is the old name of
+   ``num_draft_tokens``.
 2. Every other member receives the drafted **text** (bytes), encoded canonically by its own
    tokenizer, and scores all of it in one pass that keeps every position (``Lookahead``: the
    distributions by token context).
@@ -35,6 +38,7 @@ from typing import Optional, Protocol
 import torch
 
 from decoding.errors import FusemtError
+from decoding.stats import SpeculationStats
 from decoding.stream import ModelStream, open_streams
 from decoding.vocab import utf8_pending
 
@@ -42,13 +46,18 @@ from decoding.vocab import utf8_pending
 DRAFT_SCHEDULES = ("constant", "heuristic")
 
 
-def check_speculation_options(cfg, n_models: int) -> None:
-    if cfg.speculate < 0:
-        raise FusemtError(f"decoding.speculate={cfg.speculate}: draft tokens per round must be >= 0 (0: off)")
+def check_draft_options(cfg) -> None:
+    """The drafting options the speculative method and the speculative ensembles share."""
     if cfg.draft_schedule not in DRAFT_SCHEDULES:
         raise FusemtError(f"decoding.draft_schedule={cfg.draft_schedule}: use one of {', '.join(DRAFT_SCHEDULES)}")
     if not 0 <= cfg.draft_confidence < 1:
         raise FusemtError(f"decoding.draft_confidence={cfg.draft_confidence}: must be in [0, 1) (0: off)")
+
+
+def check_speculation_options(cfg, n_models: int) -> None:
+    if cfg.num_draft_tokens < 0:
+        raise FusemtError(f"decoding.num_draft_tokens={cfg.num_draft_tokens}: draft tokens per round must be >= 0 (0: off)")
+    check_draft_options(cfg)
     if cfg.drafter is not None and not 0 <= cfg.drafter < n_models:
         raise FusemtError(f"decoding.drafter={cfg.drafter}: must index models.members (0..{n_models - 1})")
 
@@ -155,7 +164,7 @@ class Speculation:
     """A fusion method's speculative state: the drafter, the lookahead and per-sequence counts."""
 
     drafter: Drafter
-    max_draft: int  # decoding.speculate
+    max_draft: int  # decoding.num_draft_tokens
     adaptive: bool  # decoding.draft_schedule=heuristic
     lookahead: Lookahead = field(default_factory=Lookahead)
     draft_length: dict[int, int] = field(default_factory=dict)  # [seq]: tokens to draft next round
@@ -206,20 +215,20 @@ class Speculation:
             on = still
         return finished
 
-    def stats(self, seq: int, forward_passes: dict[str, int]) -> dict:
+    def stats(self, seq: int, forward_passes: dict[str, int]) -> SpeculationStats:
         """The sequence's speculation figures; ``forward_passes`` (by member name) gains the drafting passes."""
         for m, n in self.draft_passes.get(seq, {}).items():
             forward_passes[self.drafter.names[m]] += n
         drafted, corrected = self.drafted.get(seq, 0), self.corrected.get(seq, 0)
-        return {"rounds": self.rounds.get(seq, 0), "drafted_steps": drafted, "corrected_steps": corrected,
-                "draft_acceptance": round(drafted / max(drafted + corrected, 1), 4)}
+        return SpeculationStats(rounds=self.rounds.get(seq, 0), drafted_steps=drafted, corrected_steps=corrected,
+                                acceptance_rate=round(drafted / max(drafted + corrected, 1), 4))
 
 
 def start_speculation(cfg, models, names: list[str], sources: list[str], prompt,
                       member_streams: Optional[list[ModelStream]] = None) -> Optional[Speculation]:
     """The speculative state of a fusion method's batch (None when ``decoding.speculate`` is 0);
     ``member_streams``: the method's own streams, one per member, for the drafter to share."""
-    if not cfg.speculate:
+    if not cfg.num_draft_tokens:
         return None
     first = cfg.drafter if cfg.drafter is not None else cheapest_member(models)
     order = [first] + ([i for i in range(len(models)) if i != first] if cfg.alternate else [])
@@ -228,4 +237,4 @@ def start_speculation(cfg, models, names: list[str], sources: list[str], prompt,
     else:
         streams = {i: open_streams([models[i]], sources, prompt, recompute=not cfg.use_cache)[0][0] for i in order}
     drafter = Drafter(models, streams, order, names, cfg.draft_confidence, shared=member_streams is not None)
-    return Speculation(drafter, cfg.speculate, cfg.draft_schedule == "heuristic")
+    return Speculation(drafter, cfg.num_draft_tokens, cfg.draft_schedule == "heuristic")

@@ -22,18 +22,21 @@ whole text), except over an unfinished final character; it rolls back only the t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import get_layer_types_and_kwargs
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
-from decoding.prompt import render_prompt
+from decoding.prompt import prompt_rows, render_prompt
 from decoding.vocab import complete_utf8_prefix, utf8_pending
 
 RETOKENIZE_WINDOW = 4  # own tokens re-tokenised together with newly appended bytes (append_bytes)
 
 
-def common_prefix_len(a: list[int], b: list[int]) -> int:
+def common_prefix_len(a: Sequence, b: Sequence) -> int:
+    """How many leading items ``a`` and ``b`` share (token ids, cover paths): the one helper for it."""
     n = 0
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1
@@ -379,7 +382,7 @@ def open_streams(models, sources: list[str], prompt, recompute: bool):
     streams, truncated = [], [False] * len(sources)
     for model in models:
         batch = render_prompt(model, sources, prompt)
-        rows = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+        rows = prompt_rows(batch)
         streams.append(ModelStream(model, rows, recompute=recompute))
         truncated = [a or b for a, b in zip(truncated, batch["truncated"])]
     return streams, truncated

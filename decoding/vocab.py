@@ -42,18 +42,19 @@ def _decoder_types(tokenizer) -> set[str]:
     return found
 
 
-def _utf8_lead_len(b: int) -> int:
-    """Length of the UTF-8 character that starts with byte b; 0 for a byte that starts none (a
-    continuation byte, or C0, C1, F5..FF, which never occur in UTF-8)."""
-    if b < 0x80:
+def utf8_char_len(lead: int) -> int:
+    """Bytes of the UTF-8 character that starts with byte ``lead``; 0 for a byte that starts none (a
+    continuation byte, or C0, C1, F5..FF, which never occur in UTF-8): the one definition every
+    module uses (the trace page's character chips, charwise's character sets, the UTF-8 masks)."""
+    if lead < 0x80:
         return 1
-    if b < 0xC2:
+    if lead < 0xC2:
         return 0
-    if b < 0xE0:
+    if lead < 0xE0:
         return 2
-    if b < 0xF0:
+    if lead < 0xF0:
         return 3
-    return 4 if b < 0xF5 else 0
+    return 4 if lead < 0xF5 else 0
 
 
 # The byte after these lead bytes has a narrower range than 80..BF: no overlong forms, no
@@ -76,7 +77,7 @@ def utf8_pending(data: bytes) -> int:
     i = len(data) - 1
     seen = 0
     while i >= 0 and seen < 4:
-        need = _utf8_lead_len(data[i])
+        need = utf8_char_len(data[i])
         if need:
             return max(need - 1 - seen, 0)
         seen += 1
@@ -102,7 +103,7 @@ def _split_continuation(data: bytes) -> tuple[int, bool]:
     rest = data[lead:]
     i = 0
     while i < len(rest):
-        need = _utf8_lead_len(rest[i])
+        need = utf8_char_len(rest[i])
         if need == 0:
             return lead, False
         chunk = rest[i : i + need]

@@ -16,12 +16,11 @@ import argparse
 import difflib
 import html
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from decoding.errors import FusemtError
+from decoding.errors import FusemtError, fail
 from eval.metrics import corpus_scores
 from eval.report import Run, distinguishing_options, find_runs, pick_run, run_labels
 from eval.trace import PAGE_STYLE, SORT_SCRIPT, SegmentReview, flag_badges, review_segments, step_limit
@@ -276,8 +275,7 @@ def main(argv: list[str] | None = None) -> None:
         title = f"compare: {len(comparison.runs)} runs" + (f" on {dataset}" if dataset else "")
         page.write_text(comparison.render(title), encoding="utf-8")
     except FusemtError as err:
-        print(f"fusemt: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        fail(err)
     if args.wandb:
         log_compare(comparison, page, args.wandb_project)
     print(f"wrote {page}")

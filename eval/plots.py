@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 import shutil
 import subprocess
-import sys
 import tempfile
 from functools import lru_cache
 from pathlib import Path
 
-from decoding.errors import FusemtError
+from decoding.errors import FusemtError, fail
 
 # Preferred in this order; any other installed font that draws Japanese is the fallback.
 CJK_FONTS = ["Noto Sans CJK JP", "Noto Sans JP", "Source Han Sans JP", "IPAexGothic", "IPAGothic", "TakaoGothic",
@@ -147,8 +146,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             print(f"wrote {screenshot(args.page, args.png, args.width, args.height)}")
     except FusemtError as err:
-        print(f"fusemt: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        fail(err)
 
 
 if __name__ == "__main__":

@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from decoding.errors import FusemtError
+from decoding.errors import FusemtError, fail
 from eval.jsonio import read_json_object, read_jsonl_objects
 from eval.metrics import corpus_scores
 
@@ -337,6 +336,8 @@ class Report:
             row.update({key: run.options.cell(key) for key in self.option_keys})
             row.update({key: run.metrics.get(key) for key in SCORE_COLUMNS})
             row["forward_passes"] = run.forward_passes
+            # one stat: the speculative method's, or a speculative ensemble's (decoding.num_draft_tokens)
+            row["acceptance_rate"] = run.metrics.get("acceptance_rate", (run.metrics.get("speculation") or {}).get("acceptance_rate"))
             if self.baselines:
                 boot, base = self.bootstraps.get(run.name), self.baselines.get(run.name)
                 row.update(baseline=base.name if base and base is not run else None,
@@ -492,8 +493,7 @@ def main(argv: list[str] | None = None) -> None:
         report = Report.build(find_runs(args.folder), args.baseline, args.member_baselines)
         paths = report.write(args.folder)
     except FusemtError as err:
-        print(f"fusemt: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        fail(err)
     if args.wandb:
         log_report(report, args.folder, args.wandb_project)
     print(report.to_markdown(), end="")

@@ -20,12 +20,13 @@ import html
 import json
 import math
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional
 
-from decoding.errors import FusemtError
+from decoding.errors import FusemtError, fail
+from decoding.methods import DECODERS
+from decoding.vocab import utf8_char_len
 from eval.jsonio import read_json_object
 from eval.metrics import segment_scores
 from eval.report import METRICS_FIX, RunOptions, read_rows, read_segment_comet
@@ -44,32 +45,10 @@ STEP_FIELDS = {"piece", "piece_bytes", "ids", "logprob", "origin", "end", "top",
 
 
 def origin_meaning(method: str, origin: str, models: list[str]) -> str:
-    """What a chip colour means for this method (origins are set in decoding/fusion.py, decoding/methods/)."""
-    if method == "speculative":
-        return {"draft": "proposed by the draft model, accepted by the target",
-                "target": "the target's own token: its correction of a rejected draft token, or the bonus token"
-                }.get(origin, origin)
-    if method == "charwise":
-        if origin in ("both", "all"):
-            return "every member's most likely next character (the members agree)"
-        if origin == "fused":
-            return "no member's most likely character: the fused score chose it"
-        return f"the most likely next character of {' and '.join(origin.split('+'))} only; the fused score chose it"
-    if method in ("greedy", "beam") or (len(models) == 1 and origin in models):
-        return f"{origin}'s own {'beam search' if method == 'beam' else 'greedy'} choice (single model)"
-    if method == "tokenwise":
-        if origin in ("both", "all"):
-            return "proposed by every model (in each top-k): scored by the weighted mean of their probabilities"
-        if origin == "lookup":
-            return ("proposed by some models only (their mean × single_weight); a model that did not propose it has no "
-                    "token of exactly these bytes (its probability shown is of the first token of its spelling)")
-        return f"proposed by {' and '.join(origin.split('+'))} only: its probability × single_weight"
-    if origin in ("both", "all"):
-        return "in every model's top-k (proposed by all)"
-    if origin == "lookup":
-        return ("in some model's top-k; a model that did not propose it was scored by the first token of its "
-                "spelling (an approximation)")
-    return f"proposed by {' and '.join(origin.split('+'))} only (the others scored it with a token of exactly these bytes)"
+    """What a chip colour means: the method's own description (``Decoder.origin_meaning``); a method
+    this installation does not know gets the bare origin, never another method's text."""
+    cls = DECODERS.get(method)
+    return cls.origin_meaning(origin, models) if cls else f"origin '{origin}' (method '{method}' is not registered here)"
 
 
 def origin_colours(rows: list[dict]) -> dict[str, str]:
@@ -95,10 +74,6 @@ def _step_bytes(step: dict) -> bytes:
     return bytes.fromhex(step["piece_bytes"]) if "piece_bytes" in step else step["piece"].encode("utf-8")
 
 
-def _utf8_length(lead: int) -> int:
-    return 1 if lead < 0x80 else 2 if lead >> 5 == 0b110 else 3 if lead >> 4 == 0b1110 else 4 if lead >> 3 == 0b11110 else 1
-
-
 def character_chips(trace: list[dict]) -> list[CharChip]:
     """The output's characters in order, each with the steps that produced its bytes: a kana that a
     byte-level model emitted as two pieces is one chip of two steps, a two-character piece is two
@@ -120,7 +95,7 @@ def character_chips(trace: list[dict]) -> list[CharChip]:
         for byte in _step_bytes(step):
             pending.append(byte)
             owners.append(index)
-            if len(pending) < _utf8_length(pending[0]):
+            if len(pending) < utf8_char_len(pending[0]):  # 0: no character starts so: incomplete
                 continue
             try:
                 text = bytes(pending).decode("utf-8")
@@ -554,8 +529,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         html_path, png = write_trace_report(args.results, args.segment)
     except FusemtError as err:
-        print(f"fusemt: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        fail(err)
     print(f"wrote {html_path}\nwrote {png}")
 
 

@@ -15,7 +15,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from omegaconf import DictConfig, OmegaConf
 
-from decoding.errors import FusemtError
+from decoding.errors import FusemtError, fail
 from runners.config import CONF_DIR, build_run_config, register_schemas
 
 # Hydra's own flags; everything else on the command line is an override.
@@ -135,12 +135,6 @@ def check_overrides(config_name: str, overrides: list[str], build=build_run_conf
             GlobalHydra.instance().clear()
         if build is not None:
             build(cfg)
-
-
-def fail(err: FusemtError) -> None:
-    """A user mistake: one line, exit code 2."""
-    print(f"fusemt: error: {err}", file=sys.stderr)
-    sys.exit(2)
 
 
 def run_cli(hydra_main, config_name: str, build=build_run_config) -> None:

@@ -21,15 +21,16 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from decoding.base import decoder_class, typed_config
-from decoding.errors import FusemtError
+from decoding.base import typed_config
+from decoding.errors import FusemtError, fail
+from decoding.methods import decoder_class
 from decoding.model import load_model
 from decoding.prompt import PromptConfig
 from eval.compat import CompatRules, ModelProfile, agreement_rate, fertility, judge, length_ratio, verdict_table, write_report
 from eval.jsonio import read_jsonl_objects
 from eval.metrics import corpus_scores, script_shares
 from eval.wandb_logger import LoggerConfig, RunLogger
-from runners.cli import fail, run_cli
+from runners.cli import run_cli
 from runners.config import CONF_DIR, resolve_member
 from runners.data import DatasetConfig, load_segments
 

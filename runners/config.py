@@ -11,8 +11,9 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from decoding.base import decoder_class, fingerprint_values, typed_config
+from decoding.base import Decoder, fingerprint_values, typed_config
 from decoding.errors import FusemtError
+from decoding.methods import DECODERS, decoder_class, method_names
 from decoding.model import ModelSpec, cache_root
 from decoding.packaged import check_available
 from eval.wandb_logger import LoggerConfig
@@ -56,9 +57,6 @@ def register_schemas() -> None:
     """
     from hydra.core.config_store import ConfigStore
 
-    from decoding.base import DECODERS
-
-    decoder_class("greedy")  # imports the built-in methods
     store = ConfigStore.instance()
     for group, node in (("dataset", DatasetConfig), ("prompt", PromptConfig), ("logger", LoggerConfig),
                         ("metrics", MetricsConfig), ("models", ModelsConfig), ("debug", DebugConfig)):
@@ -99,11 +97,11 @@ class RunConfig:
 
     models: list[ModelSpec]
     decoding_name: str
-    decoding: object  # the method's Config dataclass
+    decoding: Decoder.Config  # the method's own Config subclass
     dataset: DatasetConfig
     prompt: PromptConfig
     logger: LoggerConfig
-    metrics: dict
+    metrics: dict[str, Any]  # MetricsConfig's fields
     run_name: str
     batch_size: int
     prompt_cache: bool  # reuse the shared prompt prefix's KV cache (decoding.prefix): same outputs, faster
@@ -128,7 +126,7 @@ def build_run_config(cfg: DictConfig) -> RunConfig:
     decoding_values = OmegaConf.to_container(cfg.decoding, resolve=True)
     method = decoding_values.get("name")
     if not method:
-        raise FusemtError("decoding.name is missing: choose decoding=greedy|beam|tokenwise|unite|speculative")
+        raise FusemtError(f"decoding.name is missing: choose decoding={'|'.join(method_names())}")
     method_cls = decoder_class(method)
     decoding = typed_config(method_cls.Config, decoding_values, f"decoding={method}")
     if method_cls.max_models is not None and len(models) > method_cls.max_models:

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 
 from omegaconf import OmegaConf
 
-from decoding.errors import FusemtError
+from decoding.errors import FusemtError, fail
 from decoding.model import cache_root
 from decoding.packaged import assembled_gguf
 from runners.config import model_names, resolve_member
@@ -40,8 +39,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             print(OmegaConf.to_yaml({spec.label: dataclasses.asdict(spec) for spec in specs}), end="")
     except FusemtError as err:
-        print(f"fusemt: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        fail(err)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,9 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from decoding.base import decoder_class
-from decoding.errors import FusemtError
+from decoding.base import current_options
+from decoding.errors import FusemtError, fail
+from decoding.methods import decoder_class
 from decoding.model import load_model
 from decoding.prefix import PromptCache
 from decoding.prompt import prompt_text
@@ -30,7 +31,7 @@ from eval.comet_score import comet_scores
 from eval.metrics import corpus_scores, script_shares
 from eval.trace import render_html
 from eval.wandb_logger import RunLogger
-from runners.cli import fail, run_cli
+from runners.cli import run_cli
 from runners.config import CONF_DIR, RunConfig, build_run_config
 from runners.data import Segment, load_segments
 from runners.provenance import provenance
@@ -40,23 +41,10 @@ from runners.sweep import job_context, record_failure
 log = logging.getLogger("fusemt")
 
 
-def summarize_stats(rows: list[dict]) -> dict:
-    """Per-segment method stats over the run: numbers averaged, per-model counts summed."""
-    means: dict[str, list[float]] = {}
-    sums: dict[str, dict[str, float]] = {}
-    for row in rows:
-        for key, value in (row.get("stats") or {}).items():
-            if isinstance(value, bool) or value is None:
-                continue
-            if isinstance(value, (int, float)):
-                means.setdefault(key, []).append(float(value))
-            elif isinstance(value, dict):
-                bucket = sums.setdefault(key, {})
-                for sub, v in value.items():
-                    bucket[sub] = bucket.get(sub, 0) + v
-    out: dict = {k: round(sum(v) / len(v), 4) for k, v in means.items()}
-    out.update(sums)
-    return out
+def summarize_stats(method: str, rows: list[dict]) -> dict:
+    """The method's per-segment stats over the run, each field combined as its record declares
+    (``decoding/stats.py``: mean, sum, constant, per-model sum)."""
+    return decoder_class(method).Stats.summarize([row["stats"] for row in rows if row.get("stats")])
 
 
 def run_metrics(run: RunConfig, rows: list[dict], selected_ids: list[str]) -> tuple[dict, dict[str, float] | None]:
@@ -87,7 +75,7 @@ def run_metrics(run: RunConfig, rows: list[dict], selected_ids: list[str]) -> tu
     total_time = sum(r["time_s"] for r in rows)
     metrics["n_new_tokens"] = sum(r["n_new_tokens"] for r in rows)
     metrics["tokens_per_s"] = round(metrics["n_new_tokens"] / total_time, 3) if total_time > 0 else None
-    metrics.update(summarize_stats(rows))
+    metrics.update(summarize_stats(run.decoding_name, rows))
     return metrics, comet_segments
 
 
@@ -208,7 +196,7 @@ def _decode_all(run: RunConfig, decoder, todo: list[Segment], results: ResultsFi
 
 def _config_of(run: RunConfig) -> dict:
     """The run's resolved config, JSON-safe: what the report and W&B compare runs by."""
-    return json.loads(json.dumps({"method": run.decoding_name, "decoding": run.decoding.__dict__,
+    return json.loads(json.dumps({"method": run.decoding_name, "decoding": current_options(run.decoding),
                                   "models": [m.__dict__ for m in run.models], "dataset": run.dataset.__dict__,
                                   "prompt": run.prompt.__dict__, "batch_size": run.batch_size, "seed": run.seed},
                                  default=lambda o: o.__dict__ if hasattr(o, "__dict__") else str(o)))

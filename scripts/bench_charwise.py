@@ -24,7 +24,7 @@ import statistics
 import torch
 from bench_common import compose, interleaved
 
-from decoding.base import decoder_class
+from decoding.methods import decoder_class
 from decoding.model import load_model
 from runners.data import DatasetConfig, load_segments
 

@@ -36,7 +36,7 @@ import statistics
 import torch
 from bench_common import compose, interleaved
 
-from decoding.base import decoder_class
+from decoding.methods import decoder_class
 from decoding.model import load_model
 from decoding.speculate import DRAFT_SCHEDULES
 from runners.data import DatasetConfig, load_segments
@@ -112,7 +112,7 @@ def main() -> None:
                   f"{show(times[f'{method}@{long}'])}/token at {long}, growth={t_long / t_short:.3f}")
         summary.append(f"growth_{long}_vs_{short}={growth:.3f}")
     if "se" in args.parts:
-        spec = [f"decoding.speculate={args.speculate}"] + (["decoding.alternate=true"] if args.alternate else []) \
+        spec = [f"decoding.num_draft_tokens={args.speculate}"] + (["decoding.alternate=true"] if args.alternate else []) \
             + ([f"decoding.drafter={args.drafter}"] if args.drafter is not None else []) \
             + [f"decoding.draft_schedule={args.draft_schedule}", f"decoding.draft_confidence={args.draft_confidence}"]
         identical = True

@@ -21,7 +21,7 @@ import time
 import torch
 from bench_common import compose
 
-from decoding.base import decoder_class
+from decoding.methods import decoder_class
 from decoding.model import load_model
 from decoding.prompt import render_prompt
 from runners.data import DatasetConfig, load_segments

@@ -27,7 +27,7 @@ def compose_run(*overrides: str):
 
 def build_decoder(method: str, models, prompt=None, **options):
     """Method ``method``'s decoder over loaded models, its typed Config built from ``options``."""
-    from decoding.base import decoder_class
+    from decoding.methods import decoder_class
     from decoding.prompt import PromptConfig
 
     cls = decoder_class(method)

@@ -12,7 +12,7 @@ import torch
 from conftest import compose_run
 from toy_lm import (TOY_CHARS, TOY_PROMPT, brute_char_greedy, brute_end_prob, brute_prefix_prob, script, toy_model)
 
-from decoding.base import decoder_class
+from decoding.methods import decoder_class
 from decoding.charprob import CharModel, CoverConfig, split_anchor
 from decoding.methods.charwise import CharwiseDecoder
 from decoding.prompt import render_prompt

@@ -6,7 +6,7 @@ from conftest import build_decoder, compose_run
 from stream_checks import decode_checking_streams, longest_run
 from tiny_models import tiny_gemma3, tiny_llama
 
-from decoding.base import decoder_class
+from decoding.methods import decoder_class
 from decoding.model import load_model
 from decoding.vocab import complete_utf8_prefix
 

@@ -4,7 +4,7 @@ installed (CI): they are 1.6 GB and optional; the chunk mechanics are tested in 
 import pytest
 from conftest import compose_run
 
-from decoding.base import decoder_class
+from decoding.methods import decoder_class
 from decoding.model import load_model
 from decoding.packaged import missing_parts
 from decoding.prompt import prompt_text

@@ -7,7 +7,7 @@ import json
 import pytest
 from conftest import build_decoder, compose_run, trace_pieces
 
-from decoding.base import decoder_class
+from decoding.methods import decoder_class
 from decoding.errors import FusemtError
 from decoding.model import load_model
 from decoding.search import BeamSearch

@@ -7,7 +7,7 @@ import pytest
 from conftest import build_decoder, compose_run, trace_pieces
 from toy_lm import TOY_PROMPT, toy_model
 
-from decoding.base import decoder_class
+from decoding.methods import decoder_class
 from decoding.errors import FusemtError
 from decoding.model import load_model
 from decoding.speculate import cheapest_member
@@ -62,7 +62,7 @@ def test_a_draft_the_ensemble_follows_saves_passes(tiny_pair):
     assert trace_pieces(spec) == trace_pieces(plain)
     for p, s in zip(plain, spec):
         info = s.stats["speculation"]
-        assert info["draft_acceptance"] > 0.7
+        assert info["acceptance_rate"] > 0.7
         assert s.stats["forward_passes"][model.name] <= info["rounds"] < p.stats["forward_passes"][model.name]
 
 

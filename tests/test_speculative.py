@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import compose_run
 
-from decoding.base import decoder_class
+from decoding.methods import decoder_class
 from decoding.methods.speculative import SpeculativeDecoder, warp
 from decoding.model import load_model
 from decoding.prompt import render_prompt

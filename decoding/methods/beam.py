@@ -2,14 +2,16 @@
 
 from dataclasses import dataclass
 
-from decoding.base import Decoder, register
+from decoding.base import Decoder
 from decoding.errors import FusemtError
 from decoding.generate import GenerateDecoder
+from decoding.methods import register
 
 
 @register
 class BeamDecoder(GenerateDecoder):
     name = "beam"
+    search = "beam search"
 
     @dataclass
     class Config(Decoder.Config):

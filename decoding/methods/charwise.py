@@ -48,13 +48,16 @@ from typing import Optional
 
 import torch
 
-from decoding.base import TRUNCATED, DecodeOutput, Decoder, find_stop, register, trace_step, traced_output
+from decoding.base import TRUNCATED, DecodeOutput, Decoder, trace_step, traced_output
 from decoding.charprob import CharMasses, CharModel, CoverBeam, CoverConfig, Node
 from decoding.errors import FusemtError
 from decoding.fusion import FusionDecoder, check_fusion_options, normalized_weights, unique_names
-from decoding.prompt import render_prompt, stop_strings, uses_chat_template
+from decoding.methods import register
+from decoding.prompt import ensemble_stop_strings, find_stop, prompt_rows, render_prompt, uses_chat_template
 from decoding.repetition import RepetitionGuard
 from decoding.speculate import Speculation, start_speculation
+from decoding.stats import SegmentStats, SpeculationStats, mean, part, per_model
+from decoding.stream import common_prefix_len
 from decoding.vocab import complete_utf8_prefix
 
 END = None  # the end candidate
@@ -139,10 +142,23 @@ class Bounds:
         return best
 
 
+@dataclass
+class CharwiseStats(SegmentStats):
+    steps: int = mean()  # characters
+    agreement_rate: float = mean()  # steps where every member's most likely character was the same
+    fastpath_share: float = mean()  # steps the fast path decided
+    resolved_share: float = mean()  # steps that scored every candidate exactly
+    forward_passes: dict[str, int] = per_model()
+    cache_crops: dict[str, int] = per_model()
+    restarts: dict[str, int] = per_model()  # cover beams rebuilt from the text
+    speculation: SpeculationStats | None = part(SpeculationStats)
+
+
 @register
 class CharwiseDecoder(Decoder):
     name = "charwise"
     min_models, max_models = 1, None
+    Stats = CharwiseStats
 
     @dataclass
     class Config(FusionDecoder.Config):
@@ -172,6 +188,14 @@ class CharwiseDecoder(Decoder):
             raise FusemtError("decoding.beam_size and decoding.prune_threshold must be >= 0")
         RepetitionGuard.from_config(cfg)  # refuses bad limits at start-up
 
+    @classmethod
+    def origin_meaning(cls, origin: str, models: list[str]) -> str:
+        if origin in ("both", "all"):
+            return "every member's most likely next character (the members agree)"
+        if origin == "fused":
+            return "no member's most likely character: the fused score chose it"
+        return f"the most likely next character of {' and '.join(origin.split('+'))} only; the fused score chose it"
+
     def __init__(self, cfg, models, prompt):
         super().__init__(cfg, models, prompt)
         self.weights = normalized_weights(cfg.weights, len(models))
@@ -185,7 +209,7 @@ class CharwiseDecoder(Decoder):
         members, truncated = [], [False] * len(sources)
         for model in self.models:
             batch = render_prompt(model, sources, self.prompt)
-            rows = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+            rows = prompt_rows(batch)
             # A chat template's generation prompt ("<|im_start|>assistant\n") ends where its training
             # text always had a token boundary: re-covering its newline lets tokens such as "\n\n"
             # span it, which the model never saw there (Qwen then gave a first "\n" ~0.9).
@@ -193,7 +217,7 @@ class CharwiseDecoder(Decoder):
             members.append(CharModel(model, rows, self.covers, backoff, recompute=not self.cfg.use_cache,
                                      canonical=self.cfg.covers == "canonical"))
             truncated = [a or b for a, b in zip(truncated, batch["truncated"])]
-        stops = list(dict.fromkeys(s for m in self.models for s in stop_strings(m.tokenizer, self.prompt, m.spec.stop_strings)))
+        stops = ensemble_stop_strings(self.models, self.prompt)
         n = len(sources)
         return CharwiseState(sources=sources, members=members, stops=stops, active=list(range(n)),
                              text=[bytearray() for _ in range(n)], steps=[[] for _ in range(n)], agree=[0] * n,
@@ -271,14 +295,14 @@ class CharwiseDecoder(Decoder):
         outputs = []
         for seq in range(len(state.sources)):
             n_steps = len(state.steps[seq])
-            stats = {"steps": n_steps, "agreement_rate": round(state.agree[seq] / max(n_steps, 1), 4),
-                     "fastpath_share": round(state.fast[seq] / max(n_steps, 1), 4),
-                     "resolved_share": round(state.resolved[seq] / max(n_steps, 1), 4),
-                     "forward_passes": {n: m.book.calls[seq] for n, m in zip(self.names, state.members)},
-                     "cache_crops": {n: m.book.crops[seq] for n, m in zip(self.names, state.members)},
-                     "restarts": {n: m.beams[seq].restarts for n, m in zip(self.names, state.members)}}
+            stats = CharwiseStats(steps=n_steps, agreement_rate=round(state.agree[seq] / max(n_steps, 1), 4),
+                                  fastpath_share=round(state.fast[seq] / max(n_steps, 1), 4),
+                                  resolved_share=round(state.resolved[seq] / max(n_steps, 1), 4),
+                                  forward_passes={n: m.book.calls[seq] for n, m in zip(self.names, state.members)},
+                                  cache_crops={n: m.book.crops[seq] for n, m in zip(self.names, state.members)},
+                                  restarts={n: m.beams[seq].restarts for n, m in zip(self.names, state.members)})
             if state.speculation:
-                stats["speculation"] = state.speculation.stats(seq, stats["forward_passes"])
+                stats.speculation = state.speculation.stats(seq, stats.forward_passes)
             outputs.append(traced_output(state.steps[seq], state.stops, stats, [TRUNCATED] if state.truncated[seq] else []))
         return outputs
 
@@ -402,9 +426,7 @@ class CharwiseDecoder(Decoder):
             before = beam.best_path()
             beam.advance(choice.char)
             after = beam.best_path()
-            common = 0
-            while common < min(len(before), len(after)) and before[common] == after[common]:
-                common += 1
+            common = common_prefix_len(before, after)
             ids[self.names[m]] = list(after[common:])
             if common < len(before):
                 retokenized[self.names[m]] = len(before) - common

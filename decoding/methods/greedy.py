@@ -2,13 +2,15 @@
 
 from dataclasses import dataclass
 
-from decoding.base import Decoder, register
+from decoding.base import Decoder
 from decoding.generate import GenerateDecoder
+from decoding.methods import register
 
 
 @register
 class GreedyDecoder(GenerateDecoder):
     name = "greedy"
+    search = "greedy"
 
     @dataclass
     class Config(Decoder.Config):

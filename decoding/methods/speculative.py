@@ -20,15 +20,19 @@ distribution equal to the target's p as well.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
-from decoding.base import TRUNCATED, DecodeOutput, Decoder, find_stop, register, trace_step, traced_output
+from decoding.base import TRUNCATED, DecodeOutput, Decoder, option_alias, renamed_option, trace_step, traced_output
 from decoding.errors import FusemtError
 from decoding.fusion import unique_names
-from decoding.stream import ModelStream, open_streams
+from decoding.methods import register
+from decoding.stream import ModelStream, common_prefix_len, open_streams
 from decoding.vocab import complete_utf8_prefix, utf8_pending
-from decoding.prompt import stop_strings
+from decoding.prompt import find_stop, stop_strings
+from decoding.speculate import check_draft_options
+from decoding.stats import SegmentStats, mean, per_model
 
 
 def warp(logprobs: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
@@ -60,23 +64,35 @@ class SpecState:
     k: int = 0
 
 
+@dataclass
+class SpeculativeStats(SegmentStats):
+    rounds: int = mean()
+    acceptance_rate: float = mean()  # drafted tokens the target accepted / drafted tokens proposed
+    mean_accepted_length: float = mean()  # accepted drafted tokens per round
+    forward_passes: dict[str, int] = per_model()  # the target's verification passes, the draft's drafting passes
+
+
 @register
 class SpeculativeDecoder(Decoder):
     name = "speculative"
     min_models = max_models = 2
+    Stats = SpeculativeStats
 
     @dataclass
     class Config(Decoder.Config):
         num_draft_tokens: int = 5
-        adaptive: bool = False  # +2 after a round that accepted every proposal, -1 otherwise (as HF's heuristic)
+        # heuristic: +2 after a round that accepted every proposal, -1 otherwise (HF's heuristic); was adaptive=true
+        draft_schedule: str = renamed_option("constant", was="adaptive", was_values={"constant": False, "heuristic": True})
         max_draft_tokens: int = 16
         # Stop drafting a sequence after a token the draft gives less than this probability (as HF's
         # assistant_confidence_threshold): unlikely proposals cost draft passes and are rarely accepted.
-        confidence_threshold: float = 0.4
+        draft_confidence: float = renamed_option(0.4, was="confidence_threshold")
         temperature: float = 0.0  # 0: greedy (output = target greedy)
         top_p: float = 1.0
         use_cache: bool = True
         seed: int = 0
+        adaptive: Optional[bool] = option_alias("draft_schedule")
+        confidence_threshold: Optional[float] = option_alias("draft_confidence")
 
     @classmethod
     def check_config(cls, cfg, n_models: int) -> None:
@@ -84,9 +100,17 @@ class SpeculativeDecoder(Decoder):
         if not 1 <= cfg.num_draft_tokens <= cfg.max_draft_tokens:
             raise FusemtError(f"decoding.num_draft_tokens={cfg.num_draft_tokens}: must be between 1 and "
                               f"decoding.max_draft_tokens ({cfg.max_draft_tokens})")
+        check_draft_options(cfg)
         if cfg.temperature < 0 or not 0 < cfg.top_p <= 1:
             raise FusemtError(f"decoding.temperature={cfg.temperature}, top_p={cfg.top_p}: need temperature >= 0 "
                               "and 0 < top_p <= 1")
+
+    ORIGINS = {"draft": "proposed by the draft model, accepted by the target",
+               "target": "the target's own token: its correction of a rejected draft token, or the bonus token"}
+
+    @classmethod
+    def origin_meaning(cls, origin: str, models: list[str]) -> str:
+        return cls.ORIGINS.get(origin, origin)
 
     def __init__(self, cfg, models, prompt):
         super().__init__(cfg, models, prompt)
@@ -130,7 +154,7 @@ class SpeculativeDecoder(Decoder):
             done = self._commit(state, row, seq, props, n_acc, next_id, scores, draft_ids[row])
             if done:
                 finished.append(row)
-        if self.cfg.adaptive:
+        if self.cfg.draft_schedule == "heuristic":
             grow = full_rounds == len(state.active)
             state.k = min(self.cfg.max_draft_tokens, state.k + 2) if grow else max(1, state.k - 1)
         if finished:
@@ -144,10 +168,11 @@ class SpeculativeDecoder(Decoder):
         outputs = []
         for seq in range(len(state.sources)):
             rounds = max(state.rounds[seq], 1)
-            stats = {"rounds": state.rounds[seq],
-                     "acceptance_rate": round(state.accepted[seq] / max(state.proposed[seq], 1), 4),
-                     "mean_accepted_length": round(state.accepted[seq] / rounds, 4),
-                     "forward_passes": {self.names[0]: state.rounds[seq], self.names[1]: state.draft_passes[seq]}}
+            stats = SpeculativeStats(rounds=state.rounds[seq],
+                                     acceptance_rate=round(state.accepted[seq] / max(state.proposed[seq], 1), 4),
+                                     mean_accepted_length=round(state.accepted[seq] / rounds, 4),
+                                     forward_passes={self.names[0]: state.rounds[seq],
+                                                     self.names[1]: state.draft_passes[seq]})
             outputs.append(traced_output(state.steps[seq], state.stops, stats, [TRUNCATED] if state.truncated[seq] else []))
         return outputs
 
@@ -178,7 +203,7 @@ class SpeculativeDecoder(Decoder):
                     ids[row].append(tid)
                     if q is not None:
                         dists[row].append(q[row])
-                    open_rows[row] = tid not in end_ids and confidence[row] >= self.cfg.confidence_threshold
+                    open_rows[row] = tid not in end_ids and confidence[row] >= self.cfg.draft_confidence
             if not any(open_rows):
                 break
         return ids, ([torch.stack(d) for d in dists] if self.cfg.temperature > 0 else None)
@@ -207,10 +232,8 @@ class SpeculativeDecoder(Decoder):
     def _verify(self, props: list[int], scores: torch.Tensor, q: torch.Tensor | None) -> tuple[int, int]:
         """(accepted count, the target's own next token) for one row."""
         if self.cfg.temperature <= 0:
-            choice = scores.argmax(-1).tolist()
-            n = 0
-            while n < len(props) and props[n] == choice[n]:
-                n += 1
+            choice = scores.argmax(-1).tolist()  # len(props) + 1: the next token after all of them too
+            n = common_prefix_len(props, choice)
             return n, choice[n]
         p = warp(scores, self.cfg.temperature, self.cfg.top_p)
         for n, x in enumerate(props):
