@@ -14,7 +14,7 @@ at that step is below the dtype's noise, ``TIE``, and is counted):
   batch_vs_single         unite on Gemma + SmolLM2: a batch of 8 = 8 single-row decodes (4 with --small)
   prompt_cache            Gemma greedy with the shared prompt prefix's KV cache reused = without it
   speculative             speculative (target Gemma, draft SmolLM2) = Gemma greedy
-  speculative_ensemble    unite speculate=4 = unite (Gemma + Qwen-shaped)
+  speculative_ensemble    unite num_draft_tokens=4 = unite (Gemma + Qwen-shaped)
 Figures (batch 8, forced lengths): ms per token of unite and of each member's HF greedy, their ratio,
 and host ms per step (wall time minus time inside the models' forward calls, synchronised).
 The last line is one summary: ``gpu_check: pass=N/M ... key=value ...``.
@@ -260,7 +260,7 @@ def run_checks(m: dict, prompt, small: bool, tie: float) -> dict[str, tuple[bool
     results["speculative"] = compare(greedy, decode("speculative", [gemma, smol], prompt, sources, n),
                                      lambda i, ref, k: greedy_margin(gemma, prompt_ids[i], ref, k), tie)
     plain = decode("unite", [gemma, qwen], prompt, sources, n)
-    results["speculative_ensemble"] = compare(plain, decode("unite", [gemma, qwen], prompt, sources, n, speculate=4),
+    results["speculative_ensemble"] = compare(plain, decode("unite", [gemma, qwen], prompt, sources, n, num_draft_tokens=4),
                                               lambda i, ref, k: fused_margin(ref.trace[k]), tie)
     return results
 

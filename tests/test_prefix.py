@@ -54,7 +54,7 @@ def test_generate_equal_with_prompt_cache(make, method, options):
 
 
 @pytest.mark.parametrize("method,options", [("unite", {}), ("unite", {"num_beams": 2}),
-                                            ("unite", {"speculate": 3}), ("speculative", {}), ("charwise", {})])
+                                            ("unite", {"num_draft_tokens": 3}), ("speculative", {}), ("charwise", {})])
 def test_streams_equal_with_prompt_cache(method, options):
     models = [tiny_gemma3(), tiny_llama()]
     plain, cached, caches = decode_both(method, models, FEWSHOT, **options)
