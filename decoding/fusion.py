@@ -191,7 +191,7 @@ class FusionDecoder(Decoder):
         logprobs, top = [], []
         for m, stream in enumerate(state.streams):
             lp = self._logprobs(state, m, rows)
-            masked = lp.masked_fill(~stream.model.vocab.allowed_after(texts, may_end), -math.inf)
+            masked = lp.masked_fill(stream.model.vocab.forbidden_after(texts, may_end), -math.inf)
             values, ids = masked.topk(min(top_k, masked.shape[1]), dim=-1)
             logprobs.append(lp)
             top.append((values.tolist(), ids.tolist()))

@@ -91,6 +91,7 @@ class GenerateDecoder(Decoder):
             out.sequences, out.scores, getattr(out, "beam_indices", None), normalize_logits=True
         )
         vocab = model.vocab
+        per_source = new.shape[0] // input_ids.shape[0]  # num_return_sequences: each source's sequences are adjacent
         for row in range(new.shape[0]):
             steps = []
             for tid, lp in zip(new[row].tolist(), logprobs[row].tolist()):
@@ -101,7 +102,7 @@ class GenerateDecoder(Decoder):
                                         logprob={model.name: lp}, origin=model.name, end=is_end))
                 if is_end:
                     break
-            warnings = [f"prompt truncated to {model.spec.max_input_tokens} tokens"] if state.batch["truncated"][row] else []
+            warnings = [f"prompt truncated to {model.spec.max_input_tokens} tokens"] if state.batch["truncated"][row // per_source] else []
             state.outputs.append(traced_output(steps, stops, SingleModelStats(forward_passes={model.name: len(out.scores)}),
                                                warnings))
         return False

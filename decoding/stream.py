@@ -29,6 +29,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import get_layer_types_and_kwargs
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
+from decoding.canonical import Cut, TailRule
 from decoding.prompt import prompt_rows, render_prompt
 from decoding.vocab import complete_utf8_prefix, utf8_pending
 
@@ -37,10 +38,19 @@ RETOKENIZE_WINDOW = 4  # own tokens re-tokenised together with newly appended by
 
 def common_prefix_len(a: Sequence, b: Sequence) -> int:
     """How many leading items ``a`` and ``b`` share (token ids, cover paths): the one helper for it."""
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
+    if type(a) is not type(b):  # slices of a tuple and a list never compare equal
+        a, b = list(a), list(b)
+    # bisection over slice comparisons (C loops): a few Python steps however long the sequences are
+    lo, hi = 0, min(len(a), len(b))
+    if a[:hi] == b[:hi]:
+        return hi
+    while hi - lo > 1:  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def sliding_window(config) -> int | None:
@@ -74,6 +84,9 @@ class ModelStream:
         # from len(tokens[r]); appending the same ids again re-validates them instead of recomputing
         # (a speculative round rolls drafted text back, then accepts it piece by piece)
         self.shadow: list[list[tuple[int, int]]] = [[] for _ in prompt_ids]
+        # per row: generated ids that stay canonical whatever text follows (decoding/canonical.py)
+        self.cut: list[Cut | None] = [None] * len(prompt_ids)
+        self.tail_rule = tail_rule(model)
         prompt_cache = getattr(model, "prompt_cache", None)
         if prompt_cache is not None and not recompute:
             self._start_from_prefix(prompt_cache)
@@ -125,6 +138,9 @@ class ModelStream:
             positions[dropped] = -1
             self.cached[row] = keep
             self.rollbacks[row] += 1
+        cut = self.cut[row]
+        if cut is not None and cut.ids > len(self.tokens[row]) - self.prompt_len[row]:
+            self.cut[row] = None
 
     def append_bytes(self, row: int, data: bytes) -> tuple[list[int], int]:
         """Append text given as bytes in this model's own tokenisation: (ids appended, tokens rolled back).
@@ -192,7 +208,8 @@ class ModelStream:
         """
         vocab, generated = self.model.vocab, self.generated(row)
         complete = len(complete_utf8_prefix(text))
-        keep, spelled = self._spelling_prefix(row, text)
+        cut = self.cut[row] if self.cut[row] is not None and text.startswith(self.cut[row].text) else None
+        keep, spelled = self._spelling_prefix(row, text, cut)
         first, start = keep, spelled  # generated[first:keep] is kept, text[:start] encoded
         if spelled > complete:  # own tokens reach into the unfinished character: keep them
             while start > complete or (start < len(text) and text[start] & 0xC0 == 0x80):
@@ -200,19 +217,28 @@ class ModelStream:
                 start -= len(vocab.token_bytes[generated[first]])
         else:
             start = spelled = complete
-        head = self.encode(text[:start])
+        cut = cut if cut is not None and start >= len(cut.text) else None
+        rule, token_bytes = self.tail_rule, vocab.token_bytes
+        head = self.encode(text[:start]) if rule is None else rule.encode_from(text[:start], cut, generated, token_bytes)
         if head is None:
             before = list(generated)
             self.sync_to_bytes(row, text)
             after = self.generated(row)
             common = common_prefix_len(before, after)
             return after[common:], len(before) - common
-        return self.sync_to_ids(row, head + generated[first:keep] + vocab.segment(text[spelled:]))
+        synced = self.sync_to_ids(row, head + generated[first:keep] + vocab.segment(text[spelled:]))
+        if rule is not None:
+            self.cut[row] = rule.advance(text[:start], cut, head, token_bytes)
+        return synced
 
-    def _spelling_prefix(self, row: int, text: bytes) -> tuple[int, int]:
-        """(tokens, bytes): the longest prefix of this row's generated tokens that spells a prefix of ``text``."""
+    def _spelling_prefix(self, row: int, text: bytes, cut: Cut | None = None) -> tuple[int, int]:
+        """(tokens, bytes): the longest prefix of this row's generated tokens that spells a prefix of
+        ``text`` (from ``cut`` on when given: its tokens spell the start of ``text``)."""
         vocab, spelled, keep = self.model.vocab, 0, 0
-        for tid in self.generated(row):
+        generated = self.generated(row)
+        if cut is not None:
+            spelled, keep = cut.offset, cut.ids
+        for tid in generated[keep:]:
             piece = vocab.token_bytes[tid] or b""
             if not piece or not text.startswith(piece, spelled):
                 break
@@ -227,6 +253,7 @@ class ModelStream:
         self.cached = [self.cached[i] for i in keep]
         self.rollbacks = [self.rollbacks[i] for i in keep]
         self.shadow = [list(self.shadow[i]) for i in keep]
+        self.cut = [self.cut[i] for i in keep]
         index = torch.tensor(keep, dtype=torch.long)
         self.column_pos = self.column_pos[index]
         if self.cache is not None and self.cache.get_seq_length() > 0:
@@ -375,6 +402,13 @@ class ModelStream:
             self.cached[r] = len(row)
         device = self.model.device
         return self._pad_keep(self.model.forward(ids.to(device), mask.to(device), positions.to(device), None, keep), keep)
+
+
+def tail_rule(model) -> TailRule | None:
+    """The model's rule for re-encoding only the tail of the text (None: encode it whole); one per model."""
+    if not hasattr(model, "_tail_rule"):
+        model._tail_rule = TailRule.of(model.tokenizer)
+    return model._tail_rule
 
 
 def open_streams(models, sources: list[str], prompt, recompute: bool):

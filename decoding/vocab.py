@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import torch
 
@@ -218,10 +218,30 @@ class ByteVocab:
     def allowed_after(self, texts: list[bytes], may_end: torch.Tensor) -> torch.Tensor:
         """[B, V] mask of the tokens that may follow each text: text tokens that keep it a valid UTF-8
         prefix (``admissible``), and the end tokens where ``may_end`` ([B] bool)."""
-        pending = torch.tensor([utf8_pending(text) for text in texts])
-        allowed = self.admissible(pending, [text[len(complete_utf8_prefix(text)):] for text in texts])
+        pending = [utf8_pending(text) for text in texts]
+        if any(pending):
+            allowed = self.admissible(torch.tensor(pending), [text[len(complete_utf8_prefix(text)):] for text in texts])
+        else:  # the common case, every text on a character boundary: one mask for all rows
+            allowed = self.after_complete_text.expand(len(texts), -1).clone()
         allowed[:, self.end_id_tensor] = may_end[:, None]
         return allowed
+
+    def forbidden_after(self, texts: list[bytes], may_end: torch.Tensor) -> torch.Tensor:
+        """``~allowed_after(texts, may_end)``, broadcastable to [B, V]: when every text ends on a complete
+        character and every row may end (or none may), one [1, V] mask shared by all rows."""
+        if texts and not any(utf8_pending(text) for text in texts) and bool(may_end.all() or not may_end.any()):
+            return self.forbidden_after_complete_text[int(may_end[0])]
+        return ~self.allowed_after(texts, may_end)
+
+    @cached_property
+    def forbidden_after_complete_text(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """[1, V] forbidden masks after a text ending on a complete character: (may not end, may end)."""
+        return tuple(~self.allowed_after([b""], torch.tensor([end])) for end in (False, True))
+
+    @cached_property
+    def after_complete_text(self) -> torch.Tensor:
+        """[1, V] ``admissible`` mask after a text that ends on a complete character."""
+        return self.admissible(torch.zeros(1, dtype=torch.int16), [b""])
 
     def longest_prefix_token(self, data: bytes) -> int | None:
         """The id of the longest vocabulary token that is a prefix of ``data``."""

@@ -16,13 +16,14 @@ import argparse
 import difflib
 import html
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from decoding.errors import FusemtError, fail
 from eval.metrics import corpus_scores
-from eval.report import Run, distinguishing_options, find_runs, pick_run, run_labels
+from eval.report import (BOOTSTRAP_MIN_SEGMENTS, SIGNIFICANCE, Bootstrap, Run, distinguishing_options, find_runs, holm,
+                         paired_bootstrap, pick_run, run_labels)
 from eval.trace import PAGE_STYLE, SORT_SCRIPT, SegmentReview, flag_badges, review_segments, step_limit
 
 SCORES = (("chrf", "chrF", 1), ("bleu", "BLEU", 1), ("comet", "COMET", 3))
@@ -66,6 +67,7 @@ class Comparison:
     ids: list[str]  # every segment id, in the order the runs first have them
     reviews: list[dict[str, SegmentReview]]  # per run: segment id -> scores and flags
     common: list[str]  # the ids every run has with a reference
+    bootstraps: dict[int, Bootstrap] = field(default_factory=dict)  # run index -> paired bootstrap vs the baseline
 
     @classmethod
     def build(cls, runs: list[Run], baseline: Optional[str] = None) -> "Comparison":
@@ -78,7 +80,12 @@ class Comparison:
             reviews.append({str(r["id"]): review for r, review in zip(run.rows, scored)})
         scored_ids = [run.scored() for run in runs]
         common = [i for i in ids if all(i in scored for scored in scored_ids)]
-        return cls(runs, run_labels(runs, keys), keys, base, ids, reviews, common)
+        # Corpus-level significance against the baseline, Holm-corrected over the page's tests (BLEU, chrF per run).
+        bootstraps = {n: boot for n, run in enumerate(runs) if n != base and (boot := paired_bootstrap(runs[base], run))}
+        tests = [(boot, metric) for boot in bootstraps.values() for metric in ("bleu", "chrf")]
+        for (boot, metric), adjusted in zip(tests, holm([getattr(b, f"{m}_p") for b, m in tests])):
+            boot.adjusted[metric] = round(adjusted, 4)
+        return cls(runs, run_labels(runs, keys), keys, base, ids, reviews, common, bootstraps)
 
     def __post_init__(self):
         # per run: segment id -> results row
@@ -95,8 +102,16 @@ class Comparison:
                          **{key: run.options.cell(key) for key in self.option_keys},
                          "segments": len(run.rows), "common_segments": len(self.common), "bleu": corpus.get("bleu"),
                          "chrf": corpus.get("chrf"), "comet": run.metrics.get("comet"),
-                         "tokens_per_s": run.metrics.get("tokens_per_s"), "complete": run.metrics.get("complete")})
+                         "tokens_per_s": run.metrics.get("tokens_per_s"), "complete": run.metrics.get("complete"),
+                         **self._significance(n - 1)})
         return rows
+
+    def _significance(self, n: int) -> dict:
+        """Run minus baseline in BLEU and chrF with the Holm-adjusted p of the paired bootstrap."""
+        boot = self.bootstraps.get(n)
+        return {"bleu_delta": boot and boot.bleu_delta, "bleu_p_adj": boot and boot.p("bleu"),
+                "chrf_delta": boot and boot.chrf_delta, "chrf_p_adj": boot and boot.p("chrf"),
+                "bootstrap_segments": boot and boot.segments}
 
     def segment_rows(self) -> tuple[list[str], list[list]]:
         """One row per segment: text, and per run its hypothesis and sentence scores (the W&B table)."""
@@ -120,17 +135,41 @@ class Comparison:
                 "complete"]  # the label names the models where they differ
         names = {"bleu": f"BLEU ({len(self.common)} common)", "chrf": f"chrF ({len(self.common)} common)",
                  "tokens_per_s": "tokens/s"}
+        base = self.baseline + 1
         head = "".join(f"<th>{html.escape(names.get(k, k))}</th>" for k in keys)
+        head += f"<th>ΔBLEU vs run {base} (p)</th><th>ΔchrF vs run {base} (p)</th>"
 
         def cell(key, value):
             if isinstance(value, float):
                 return f'<td class="num">{value:.{4 if key == "comet" else 2}f}</td>'
             return f"<td>{'—' if value is None else html.escape(str(value))}</td>"
 
-        body = "".join("<tr>" + "".join(cell(k, row[k]) for k in keys) + "</tr>" for row in rows)
-        return f'<table class="runs"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+        def significance(row, metric):
+            boot = self.bootstraps.get(row["run"] - 1)
+            if boot is None:
+                return '<td class="num">—</td>'
+            marker = boot.marker(metric)
+            text = f'{row[f"{metric}_delta"]:+.2f} (p={row[f"{metric}_p_adj"]:.3f}){" " + marker if marker else ""}'
+            return f'<td class="num{" sig" if marker else ""}">{html.escape(text)}</td>'
 
-    def _run_cell(self, n: int, segment: str, best_chrf: Optional[float]) -> str:
+        body = "".join("<tr>" + "".join(cell(k, row[k]) for k in keys) + significance(row, "bleu")
+                       + significance(row, "chrf") + "</tr>" for row in rows)
+        tests = 2 * len(self.bootstraps)
+        note = (f'<p class="meta">Δ: run minus run {base} on the segments both have; p: sacrebleu paired bootstrap '
+                f"(1000 resamples), Holm–Bonferroni-adjusted over the {tests} tests of this table; ▲/▼ where "
+                f"p &lt; {SIGNIFICANCE} on at least {BOOTSTRAP_MIN_SEGMENTS} segments.</p>") if tests else ""
+        return f'<table class="runs"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{note}'
+
+    def trace_link(self, n: int, segment: str, page_dir: Optional[Path]) -> Optional[str]:
+        """The address of run ``n``'s trace page at ``segment`` (its section ``#seg<row>``), relative to
+        the compare page's folder; None when the run has no trace page."""
+        trace = self.runs[n].results.with_suffix(".trace.html")
+        if page_dir is None or not trace.exists():
+            return None
+        position = next(i for i, r in enumerate(self.runs[n].rows) if str(r["id"]) == segment)
+        return f"{Path(os.path.relpath(trace.resolve(), page_dir.resolve())).as_posix()}#seg{position}"
+
+    def _run_cell(self, n: int, segment: str, best_chrf: Optional[float], page_dir: Optional[Path] = None) -> str:
         row, review = self._by_id[n].get(segment), self.reviews[n].get(segment)
         if row is None:
             return '<td class="hyp missing">— not in this run</td>'
@@ -147,10 +186,12 @@ class Comparison:
             if value is not None:
                 shown = f"{name} {value:.{digits}f}"
                 scores.append(f"<b>{shown}</b>" if key == "chrf" and value == best_chrf and len(self.runs) > 1 else shown)
+        if link := self.trace_link(n, segment, page_dir):
+            scores.append(f'<a class="trace" href="{html.escape(link)}">trace</a>')
         return (f'<td class="hyp"><div>{text or "<i>empty</i>"}</div><div class="scores">{" · ".join(scores)}</div>'
                 f"{flag_badges(review.flags)}</td>")
 
-    def _segment_row(self, order: int, segment: str) -> str:
+    def _segment_row(self, order: int, segment: str, page_dir: Optional[Path] = None) -> str:
         rows = [self._by_id[n].get(segment) for n in range(len(self.runs))]
         reviews = [self.reviews[n].get(segment) for n in range(len(self.runs))]
         first = next(r for r in rows if r is not None)
@@ -162,19 +203,20 @@ class Comparison:
         data.append(f'data-differ="{int(len(hypotheses) > 1)}"')
         data.append(f'data-flagged="{int(any(r is not None and r.flags for r in reviews))}"')
         chrfs = [r.chrf for r in reviews if r is not None and r.chrf is not None]
-        cells = "".join(self._run_cell(n, segment, max(chrfs) if chrfs else None) for n in range(len(self.runs)))
+        cells = "".join(self._run_cell(n, segment, max(chrfs) if chrfs else None, page_dir) for n in range(len(self.runs)))
         reference = first.get("reference")
         return (f'<tr {" ".join(data)}><td class="num">{order}</td><td class="text"><div class="sid">'
                 f'{html.escape(segment)}</div><div>{html.escape(first["source"])}</div>'
                 f'<div class="ref">{html.escape(reference) if reference is not None else "<i>no reference</i>"}</div></td>'
                 f'{cells}<td class="num delta"></td></tr>')
 
-    def render(self, title: str) -> str:
+    def render(self, title: str, page_dir: Optional[Path] = None) -> str:
+        """The page; with ``page_dir`` (where it is written) each hypothesis links to its run's trace page."""
         options = "".join(f'<option value="{n}">{n}: {html.escape(label)}</option>'
                           for n, label in enumerate(self.labels, 1))
         other = next((n for n in range(len(self.runs)) if n != self.baseline), self.baseline)
         run_heads = "".join(f"<th>{n}: {html.escape(label)}</th>" for n, label in enumerate(self.labels, 1))
-        body = "".join(self._segment_row(order, segment) for order, segment in enumerate(self.ids))
+        body = "".join(self._segment_row(order, segment, page_dir) for order, segment in enumerate(self.ids))
         dataset = next((run.dataset for run in self.runs if run.dataset), "")
         return f"""<!DOCTYPE html>
 <html lang="ja"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
@@ -202,6 +244,8 @@ Per segment: sentence chrF and BLEU (sacrebleu, ja-mecab, effective order), COME
 COMPARE_STYLE = """
 body { max-width: none; }
 table.runs { width: 100%; } table.runs td:nth-child(3) { word-break: break-all; font-size: 0.9em; }
+table.runs td:nth-child(2), table.compare th { overflow-wrap: anywhere; white-space: normal; }
+td.sig { font-weight: bold; } a.trace { font-size: 0.85em; }
 table.compare { width: 100%; table-layout: fixed; } table.compare td { vertical-align: top; }
 table.compare th:first-child { width: 2.5em; } table.compare th:last-child { width: 4em; }
 .hyp div:first-child { font-size: 1.05em; } .ref { color: #555; margin-top: 0.3em; } .sid { color: #888; font-size: 0.8em; }
@@ -273,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
         page = args.output or default_output(args.results)
         dataset = next((run.dataset for run in comparison.runs if run.dataset), None)
         title = f"compare: {len(comparison.runs)} runs" + (f" on {dataset}" if dataset else "")
-        page.write_text(comparison.render(title), encoding="utf-8")
+        page.write_text(comparison.render(title, page.parent), encoding="utf-8")
     except FusemtError as err:
         fail(err)
     if args.wandb:

@@ -9,6 +9,10 @@ Tokenizer?", Rust et al. 2021) on the English sources and the Japanese reference
 often the two models' most likely next character agrees on reference prefixes (teacher-forced,
 from charwise's character probabilities). The verdict follows rules (1) and (2); fertility and agreement are
 reported as context.
+
+A verdict needs enough segments: on a handful, a score gap is mostly noise (on 2 segments the
+check once said "ensemble" for a pair it rejects on 25). Below ``min_segments`` (default 20, the
+same floor as the report's paired bootstrap) the check reports the profiles and gives no verdict.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ class CompatRules:
     max_score_gap: float = 0.10  # relative to the better model's score (UniTE: 10%)
     max_length_ratio: float = 1.3  # the two models' output-length ratios may differ by at most this factor
     metric: str = "chrf"  # chrf | bleu: the score the gap is measured on
+    min_segments: int = 20  # fewer scored segments: no verdict (the gap would be noise)
 
 
 @dataclass
@@ -39,7 +44,7 @@ class ModelProfile:
 @dataclass
 class PairVerdict:
     models: tuple[str, str]
-    compatible: bool
+    compatible: Optional[bool]  # None: too few segments for a verdict
     reasons: list[str]
     score_gap: float  # relative to the better score
     length_ratio: float  # the larger output-length ratio over the smaller
@@ -68,8 +73,14 @@ def agreement_rate(tops_a: list[list], tops_b: list[list]) -> float:
     return round(sum(a == b for a, b in pairs) / len(pairs), 4) if pairs else 0.0
 
 
-def judge(a: ModelProfile, b: ModelProfile, agreement: Optional[float], rules: CompatRules) -> PairVerdict:
-    """UniTE's rules: close scores and a similar response style."""
+def verdict_text(verdict: "PairVerdict") -> str:
+    return {True: "ensemble", False: "do not ensemble", None: "no verdict"}[verdict.compatible]
+
+
+def judge(a: ModelProfile, b: ModelProfile, agreement: Optional[float], rules: CompatRules,
+          segments: int) -> PairVerdict:
+    """UniTE's rules: close scores and a similar response style, on ``segments`` scored segments
+    (below ``rules.min_segments``: no verdict)."""
     score_a, score_b = a.scores[rules.metric], b.scores[rules.metric]
     best, worst = max(score_a, score_b), min(score_a, score_b)
     gap = (best - worst) / best if best > 0 else 0.0
@@ -88,14 +99,19 @@ def judge(a: ModelProfile, b: ModelProfile, agreement: Optional[float], rules: C
             reasons.append(f"{profile.name} leaves {profile.latin_share:.0%} of its outputs mostly in Latin script (copies)")
     if agreement is not None:
         reasons.append(f"next-character argmax agreement on reference prefixes {agreement:.0%}")
-    return PairVerdict(models=(a.name, b.name), compatible=gap_ok and style_ok, reasons=reasons,
+    compatible: Optional[bool] = gap_ok and style_ok
+    if segments < rules.min_segments:
+        compatible = None
+        reasons.insert(0, f"only {segments} segments: a verdict needs at least {rules.min_segments} "
+                          "(compat.rules.min_segments); use a larger slice")
+    return PairVerdict(models=(a.name, b.name), compatible=compatible, reasons=reasons,
                        score_gap=round(gap, 4), length_ratio=round(ratio, 4), next_char_agreement=agreement)
 
 
 def to_markdown(profiles: list[ModelProfile], verdicts: list[PairVerdict], rules: CompatRules, about: str) -> str:
     lines = [f"# Compatibility check (determine-then-ensemble)\n\n{about}\n",
              f"Rules: {rules.metric} gap <= {rules.max_score_gap:.0%} of the better model; output-length ratios "
-             f"within a factor {rules.max_length_ratio:g}.\n",
+             f"within a factor {rules.max_length_ratio:g}; a verdict needs at least {rules.min_segments} segments.\n",
              "| model | BLEU | chrF | length ratio | Latin | non-Japanese | en chars/tok | en words/tok | ja chars/tok | ja words/tok |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for p in profiles:
@@ -105,7 +121,7 @@ def to_markdown(profiles: list[ModelProfile], verdicts: list[PairVerdict], rules
                      f"{f['en_words_per_token']:.2f} | {f['ja_chars_per_token']:.2f} | {f['ja_words_per_token']:.2f} |")
     lines += ["", "| pair | verdict | reasons |", "|---|---|---|"]
     for v in verdicts:
-        lines.append(f"| {' + '.join(v.models)} | {'ensemble' if v.compatible else 'do not ensemble'} | "
+        lines.append(f"| {' + '.join(v.models)} | {verdict_text(v)} | "
                      f"{'; '.join(v.reasons)} |")
     return "\n".join(lines) + "\n"
 

@@ -79,3 +79,46 @@ def script_shares(hypotheses: list[str]) -> dict:
     n = max(len(hypotheses), 1)
     return {"latin_share": round(sum(map(is_mostly_latin, hypotheses)) / n, 4),
             "non_japanese_share": round(sum(any(map(_outside_japanese, h)) for h in hypotheses) / n, 4)}
+
+
+class RunningScores:
+    """Corpus BLEU (``ja-mecab``) and chrF of a growing set of segments, for live progress: each
+    segment's sacrebleu sufficient statistics are extracted once and summed, so a score after every
+    batch costs the new segments, not the whole run again. Equal to ``corpus_scores`` on the same pairs."""
+
+    def __init__(self):
+        self._metrics = {"bleu": BLEU(tokenize="ja-mecab"), "chrf": CHRF()}
+        self._stats: dict[str, list] = {name: [] for name in self._metrics}
+
+    def add(self, hypotheses: list[str], references: list[str]) -> None:
+        if hypotheses:
+            for name, metric in self._metrics.items():
+                self._stats[name] += metric._extract_corpus_statistics(hypotheses, [references])
+
+    def scores(self) -> dict[str, float]:
+        if not self._stats["bleu"]:
+            return {}
+        return {name: round(metric._aggregate_and_compute(self._stats[name]).score, 4)
+                for name, metric in self._metrics.items()}
+
+
+def pool_metrics(rows: list[dict]) -> dict:
+    """For runs that chose among candidate pools (``decoding=pool``): candidates per segment, the share
+    of choices each origin produced (a candidate several origins produced counts for each), and the
+    pool's oracle (each segment's candidate with the best sentence chrF against the reference: an
+    upper bound, scored by corpus BLEU and chrF)."""
+    pooled = [r for r in rows if r.get("pool")]
+    if not pooled:
+        return {}
+    origins: dict[str, int] = {}
+    for row in pooled:
+        for origin in next(c for c in row["pool"] if c["chosen"])["origins"]:
+            origins[origin] = origins.get(origin, 0) + 1
+    out: dict = {"pool_candidates_per_segment": round(sum(len(r["pool"]) for r in pooled) / len(pooled), 3),
+                 "pool_choice_share": {o: round(n / len(pooled), 4) for o, n in sorted(origins.items(), key=lambda x: -x[1])}}
+    judged = [r for r in pooled if r.get("reference") is not None and all(c.get("ref_chrf") is not None for c in r["pool"])]
+    if judged:
+        best = [max(r["pool"], key=lambda c: c["ref_chrf"])["text"] for r in judged]  # max keeps the first of ties
+        oracle = corpus_scores(best, [r["reference"] for r in judged])
+        out["pool_oracle_bleu"], out["pool_oracle_chrf"] = oracle["bleu"], oracle["chrf"]
+    return out

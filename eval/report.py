@@ -1,7 +1,8 @@
 """Collect every run under a folder into one comparison: a table with the options that tell the runs
 apart, per-domain scores, paired-bootstrap markers against a baseline, and a quality-vs-speed plot.
 
-    python -m eval.report results/ [--baseline unite__gemma3_270m+smollm2_135m] [--wandb]
+    python -m eval.report results/ [--baseline unite__gemma3_270m+smollm2_135m] [--correction holm|none] [--wandb]
+    python -m eval.report runs/ --member-baselines --member-ranking dev/compat.json
 
 writes ``report.md``, ``report.csv``, ``report_domains.csv`` (when the results rows carry a
 ``domain``) and ``report.png`` into that folder; ``--wandb`` also logs the tables (W&B Tables) and
@@ -13,6 +14,8 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import sys
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -29,6 +32,8 @@ BASE_COLUMNS = ["run_name", "method", "models"]
 SCORE_COLUMNS = ["dataset", "segments", "bleu", "chrf", "comet", "tokens_per_s", "forward_passes", "acceptance_rate",
                  "agreement_rate", "latin_share", "non_japanese_share"]
 BOOTSTRAP_COLUMNS = ["baseline", "bleu_delta", "bleu_p", "chrf_delta", "chrf_p", "bootstrap_segments"]
+ADJUSTED_COLUMNS = ["bleu_p_adj", "chrf_p_adj"]  # with a multiple-comparison correction
+CORRECTIONS = ("holm", "none")
 # Options shown whenever a run has them; any other option is shown when its values differ between runs.
 KEY_OPTIONS = ("weights", "top_k", "num_beams")
 # Overrides outside these change nothing the runs are compared on (selection, batching, logging).
@@ -37,6 +42,8 @@ SIGNIFICANCE = 0.05
 BOOTSTRAP_SAMPLES = 1000
 # Resampling a handful of segments has only a handful of distinct outcomes: no marker below this many.
 BOOTSTRAP_MIN_SEGMENTS = 20
+KEY_WIDTH = 48  # characters per line of a run's label in the plot's key
+PLOT_DPI = 110
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -172,6 +179,22 @@ class Run:
         return {str(r["id"]): r for r in self.rows or [] if r.get("reference") is not None}
 
 
+def mix_warnings(runs: list[Run]) -> list[str]:
+    """What makes a table of these runs misleading: runs of different datasets, or of one dataset
+    with different segment counts (their scores are over different segments)."""
+    warnings = []
+    datasets = sorted({run.dataset or "?" for run in runs})
+    if len(datasets) > 1:
+        warnings.append(f"the runs are of {len(datasets)} datasets ({', '.join(datasets)}): compare scores only "
+                        "within one dataset")
+    for dataset in datasets:
+        counts = sorted({run.metrics.get("segments") for run in runs if (run.dataset or "?") == dataset} - {None})
+        if len(counts) > 1:
+            warnings.append(f"the runs of {dataset} scored different numbers of segments ({', '.join(map(str, counts))}): "
+                            "their scores are over different segments; finish the runs or report one selection")
+    return warnings
+
+
 def find_runs(folder: Path) -> list[Run]:
     """Every run under ``folder`` that has a metrics file."""
     if not folder.is_dir():
@@ -229,10 +252,16 @@ class Bootstrap:
     bleu_p: float
     chrf_delta: float
     chrf_p: float
+    adjusted: dict[str, float] = field(default_factory=dict)  # metric -> p after the table's correction
+
+    def p(self, metric: str) -> float:
+        """The p-value the marker uses: corrected when the report applied a correction, else raw."""
+        return self.adjusted.get(metric, getattr(self, f"{metric}_p"))
 
     def marker(self, metric: str) -> str:
-        """▲ / ▼: significantly better / worse than the baseline (p < 0.05, on enough segments); nothing otherwise."""
-        delta, p = getattr(self, f"{metric}_delta"), getattr(self, f"{metric}_p")
+        """▲ / ▼: significantly better / worse than the baseline (p < 0.05 after the report's correction,
+        on enough segments); nothing otherwise."""
+        delta, p = getattr(self, f"{metric}_delta"), self.p(metric)
         if self.segments < BOOTSTRAP_MIN_SEGMENTS or p >= SIGNIFICANCE or delta == 0:
             return ""
         return "▲" if delta > 0 else "▼"
@@ -261,10 +290,38 @@ def paired_bootstrap(baseline: Run, run: Run, n_samples: int = BOOTSTRAP_SAMPLES
                      chrf_p=round(chrf_run.p_value, 4))
 
 
-def best_member_run(runs: list[Run], run: Run) -> Optional[Run]:
-    """For an ensemble: the best (BLEU, then chrF) single-model run of one of its members on the same
-    dataset that searched as it did: greedy, or for an ensemble beam search (``num_beams`` > 1)
-    beam search with as many beams; None for a single-model run or when no member ran alone so."""
+def holm(p_values: list[float]) -> list[float]:
+    """Holm–Bonferroni adjusted p-values, in the given order: the i-th smallest of m is multiplied by
+    m - i + 1, made monotone (never below the one before it) and capped at 1. Rejecting where the
+    adjusted p < alpha controls the family-wise error rate at alpha over all m tests."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    adjusted, running = [0.0] * len(p_values), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def read_member_ranking(path: Path) -> list[str]:
+    """Member names best first from a ``fusemt-compat`` result (compat.json, e.g. on a dev slice):
+    by the score its rules compare (``rules.metric``), then the other score."""
+    data = read_json_object(path, "pass the compat.json that fusemt-compat wrote")
+    models = data.get("models")
+    metric = (data.get("rules") or {}).get("metric", "chrf")
+    if not isinstance(models, list) or not all(isinstance(m, dict) and isinstance(m.get("scores"), dict)
+                                               and "name" in m for m in models):
+        raise FusemtError(f"{path} has no models with scores: pass the compat.json that fusemt-compat wrote")
+    other = "bleu" if metric == "chrf" else "chrf"
+    ranked = sorted(models, key=lambda m: (-(m["scores"].get(metric) or 0), -(m["scores"].get(other) or 0)))
+    return [str(m["name"]) for m in ranked]
+
+
+def best_member_run(runs: list[Run], run: Run, ranking: Optional[list[str]] = None) -> Optional[Run]:
+    """For an ensemble: the single-model run of its best member on the same dataset that searched as it
+    did: greedy, or for an ensemble beam search (``num_beams`` > 1) beam search with as many beams.
+    The best member is the first of ``ranking`` (chosen elsewhere, e.g. on a dev slice) that ran so,
+    else the run with the best BLEU, then chrF, on this dataset; None for a single-model run or when
+    no member ran alone so."""
     members = run.members
     if len(members) < 2:
         return None
@@ -272,6 +329,9 @@ def best_member_run(runs: list[Run], run: Run) -> Optional[Run]:
     singles = [r for r in runs if r.dataset == run.dataset and len(r.members) == 1 and r.members[0] in members
                and (r.method == "greedy" if beams == "1" else
                     r.method == "beam" and r.options.values.get("num_beams", "4") == beams)]
+    if ranking is not None:
+        ranked = [r for name in ranking for r in singles if r.members[0] == name]
+        return ranked[0] if ranked else None
     return max(singles, key=lambda r: (r.metrics.get("bleu") or 0, r.metrics.get("chrf") or 0), default=None)
 
 
@@ -291,7 +351,7 @@ def _format(column: str, value) -> str:
         return "—"
     if isinstance(value, bool) or not isinstance(value, float):
         return str(value)
-    digits = 4 if column in ("comet", "bleu_p", "chrf_p") else 3 if column.endswith("_rate") else 2
+    digits = 4 if column in ("comet", "bleu_p", "chrf_p", "bleu_p_adj", "chrf_p_adj") else 3 if column.endswith("_rate") else 2
     return f"{value:.{digits}f}"
 
 
@@ -303,30 +363,50 @@ class Report:
     bootstraps: dict[str, Bootstrap] = field(default_factory=dict)  # by run name
     baseline_rule: str = ""  # how the baselines were chosen, for the legend
     domains: dict[str, dict[str, dict]] = field(default_factory=dict)  # run name -> domain -> scores
+    correction: str = "holm"  # multiple-comparison correction over the table's tests: holm | none
+    tests: int = 0  # how many tests the correction covers
+    warnings: list[str] = field(default_factory=list)  # what the reader must know about the mix of runs
 
     @classmethod
-    def build(cls, runs: list[Run], baseline: Optional[str] = None, member_baselines: bool = False) -> "Report":
+    def build(cls, runs: list[Run], baseline: Optional[str] = None, member_baselines: bool = False,
+              correction: str = "holm", member_ranking: Optional[list[str]] = None,
+              ranking_source: str = "") -> "Report":
         """``baseline``: every run is tested against that run; ``member_baselines``: each ensemble
-        against the best single-model run of its members that searched alike (``best_member_run``)."""
+        against the single-model run of its best member that searched alike (``best_member_run``,
+        by ``member_ranking`` when given). ``correction="holm"`` adjusts the p-values of all the
+        table's tests (BLEU and chrF of every tested run) with Holm–Bonferroni."""
         runs = sorted(runs, key=lambda r: (r.dataset or "", -(r.metrics.get("bleu") or 0), r.name))
-        report = cls(runs, distinguishing_options(runs))
+        report = cls(runs, distinguishing_options(runs), correction=correction, warnings=mix_warnings(runs))
         if baseline is not None:
             chosen = pick_run(runs, baseline)
             report.baselines = {run.name: chosen for run in runs if run.dataset == chosen.dataset}
             report.baseline_rule = f"the baseline {chosen.name}"
         elif member_baselines:
-            report.baselines = {run.name: base for run in runs if (base := best_member_run(runs, run))}
-            report.baseline_rule = ("the best single member of the run's ensemble, searching as the ensemble did "
-                                    "(greedy, or beam search with as many beams; column baseline)")
+            report.baselines = {run.name: base for run in runs if (base := best_member_run(runs, run, member_ranking))}
+            chosen_by = (f"the member ranked best in {ranking_source}" if member_ranking is not None
+                         else "the member with the best BLEU (then chrF) in this table")
+            report.baseline_rule = (f"the single-model run of the ensemble's best member ({chosen_by}), searching as "
+                                    "the ensemble did (greedy, or beam search with as many beams; column baseline)")
         for run in runs:
             if run.name in report.baselines and (result := paired_bootstrap(report.baselines[run.name], run)):
                 report.bootstraps[run.name] = result
+        report._correct()
         report.domains = {run.name: scores for run in runs if (scores := per_domain(run))}
         return report
 
+    def _correct(self) -> None:
+        """Adjust every test's p-value over the family of the table's tests (BLEU and chrF per run)."""
+        tests = [(boot, metric) for boot in self.bootstraps.values() for metric in ("bleu", "chrf")]
+        self.tests = len(tests)
+        if self.correction == "none" or not tests:
+            return
+        for (boot, metric), adjusted in zip(tests, holm([getattr(b, f"{m}_p") for b, m in tests])):
+            boot.adjusted[metric] = round(adjusted, 4)
+
     @property
     def columns(self) -> list[str]:
-        return BASE_COLUMNS + self.option_keys + SCORE_COLUMNS + (BOOTSTRAP_COLUMNS if self.baselines else [])
+        tested = BOOTSTRAP_COLUMNS + (ADJUSTED_COLUMNS if self.correction != "none" else []) if self.baselines else []
+        return BASE_COLUMNS + self.option_keys + SCORE_COLUMNS + tested
 
     def rows(self) -> list[dict]:
         """One row per run: identity, distinguishing options, scores (numbers), bootstrap p-values."""
@@ -344,12 +424,24 @@ class Report:
                            bleu_delta=boot and boot.bleu_delta, bleu_p=boot and boot.bleu_p,
                            chrf_delta=boot and boot.chrf_delta, chrf_p=boot and boot.chrf_p,
                            bootstrap_segments=boot and boot.segments)
+                if self.correction != "none":
+                    row.update(bleu_p_adj=boot and boot.adjusted.get("bleu"), chrf_p_adj=boot and boot.adjusted.get("chrf"))
             table.append(row)
         return table
 
+    def significance_note(self) -> str:
+        """Which p-values the markers use: the correction and its family, or none."""
+        if self.correction == "none":
+            return "raw p-values, no multiple-comparison correction (--correction none)"
+        return (f"p-values Holm–Bonferroni-adjusted over the {self.tests} tests of this table (BLEU and chrF of each "
+                "tested run; columns *_p_adj, raw p in *_p)")
+
     def to_markdown(self) -> str:
-        shown = [c for c in self.columns if c not in BOOTSTRAP_COLUMNS or c in ("bleu_delta", "chrf_delta", "chrf_p")]
-        lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+        p_shown = ("bleu_p_adj", "chrf_p_adj") if self.correction != "none" else ("bleu_p", "chrf_p")
+        shown = [c for c in self.columns if c not in BOOTSTRAP_COLUMNS + ADJUSTED_COLUMNS
+                 or c in ("bleu_delta", "chrf_delta", *p_shown)]
+        lines = [f"> warning: {w}" for w in self.warnings] + ([""] if self.warnings else [])
+        lines += ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
         for run, row in zip(self.runs, self.rows()):
             cells = []
             for column in shown:
@@ -363,8 +455,8 @@ class Report:
         if self.baselines:
             lines.append(f"\n▲ / ▼: BLEU or chrF significantly better / worse than {self.baseline_rule} "
                          f"(sacrebleu paired bootstrap, {BOOTSTRAP_SAMPLES} resamples, p < {SIGNIFICANCE}, on the "
-                         f"segments both runs have, when there are at least {BOOTSTRAP_MIN_SEGMENTS}); deltas are "
-                         "run minus baseline; baselines and BLEU p-values in report.csv.")
+                         f"segments both runs have, when there are at least {BOOTSTRAP_MIN_SEGMENTS}); "
+                         f"{self.significance_note()}; deltas are run minus baseline; baselines in report.csv.")
         if self.domains:
             lines += ["", "## Per domain (BLEU / chrF, segments)", ""]
             names = sorted({d for scores in self.domains.values() for d in scores})
@@ -391,66 +483,106 @@ class Report:
         return paths
 
     def figure(self):
-        """Quality (COMET when every run has it, else BLEU) against tokens/s; each point's label sits in
-        the right margin at its own height, spread apart so that no two labels overlap."""
+        """BLEU and chrF (and COMET when every run has it) against tokens/s, one panel each. Points are
+        coloured by method (legend) and numbered; the key beside the panels gives each number's short
+        label (method, models where they differ, the options that tell runs of that method apart).
+        Runs at the same point share one number label. The figure grows until every text fits."""
         from eval.plots import label_text, use_cjk_font
 
         use_cjk_font()
         import matplotlib.pyplot as plt
+        from matplotlib.lines import Line2D
 
-        quality = "comet" if all(run.metrics.get("comet") is not None for run in self.runs) else "bleu"
-        labels = run_labels(self.runs, self.option_keys)
-        points = [(run.metrics["tokens_per_s"], run.metrics[quality], label, run.method)
-                  for run, label in zip(self.runs, labels)
-                  if run.metrics.get("tokens_per_s") is not None and run.metrics.get(quality) is not None]
-        fig, ax = plt.subplots(figsize=(10, max(4.5, 0.22 * len(points) + 1.5)))
-        fig.subplots_adjust(left=0.08, right=0.58, top=0.92, bottom=0.12)
-        methods = list(dict.fromkeys(p[3] for p in points))
+        metrics = ["bleu", "chrf"] + (["comet"] if all(run.metrics.get("comet") is not None for run in self.runs) else [])
+        plotted = [(n, run, label) for n, (run, label) in enumerate(zip(self.runs, short_labels(self.runs)), 1)
+                   if run.metrics.get("tokens_per_s") is not None]
+        methods = list(dict.fromkeys(run.method for _, run, _ in plotted))
         colours = plt.get_cmap("tab10")
-        for x, y, _, method in points:
-            ax.scatter(x, y, s=40, color=colours(methods.index(method) % 10), zorder=3)
-        ax.set_xlabel("tokens / s")
-        ax.set_ylabel("BLEU" if quality == "bleu" else "COMET")
-        ax.set_title("quality vs speed")
-        ax.grid(alpha=0.3)
-        if points:
-            ax.margins(0.15)
-            fig.canvas.draw()  # fixes the limits the data -> axes-fraction transform below uses
-            to_axes = ax.transData + ax.transAxes.inverted()
-            heights = [to_axes.transform((x, y))[1] for x, y, _, _ in points]
-            line_height = 7 * 1.5 / (ax.get_window_extent().height * 72 / fig.dpi)  # 7-pt text, in axes fraction
-            for (x, y, label, method), height in zip(points, spread(heights, line_height)):
-                ax.annotate(label_text(label), (x, y), xytext=(1.04, height), textcoords="axes fraction", fontsize=7,
-                            va="center", annotation_clip=False, color=colours(methods.index(method) % 10),
-                            arrowprops={"arrowstyle": "-", "color": "#999", "lw": 0.6, "shrinkA": 0, "shrinkB": 3})
+
+        def colour(method: str):
+            return colours(methods.index(method) % 10)
+
+        key = [(f"{n:>2}  " + textwrap.fill(label_text(label), KEY_WIDTH, subsequent_indent="    "), colour(run.method))
+               for n, run, label in plotted]
+        key_lines = sum(text.count("\n") + 1 for text, _ in key)
+        width, height = 4.2 * len(metrics) + 4.2, max(4.5, 0.17 * key_lines + 2.2)
+        fig = plt.figure(figsize=(width, height), dpi=PLOT_DPI)  # measured at the resolution it is saved at
+        panels = fig.subplots(1, len(metrics), squeeze=False)[0]
+        for ax, metric in zip(panels, metrics):
+            positions: dict[tuple, list[int]] = {}
+            for n, run, _ in plotted:
+                if (y := run.metrics.get(metric)) is None:
+                    continue
+                x = run.metrics["tokens_per_s"]
+                ax.scatter(x, y, s=36, color=colour(run.method), zorder=3)
+                positions.setdefault((round(x, 6), round(y, 6)), []).append(n)
+            for (x, y), numbers in positions.items():
+                ax.annotate(",".join(map(str, numbers)), (x, y), xytext=(4, 3), textcoords="offset points", fontsize=7)
+            ax.set_xlabel("tokens / s")
+            ax.set_title({"bleu": "BLEU", "chrf": "chrF", "comet": "COMET"}[metric])
+            ax.grid(alpha=0.3)
+            ax.margins(0.12)
+        fig.suptitle("quality vs speed", fontsize=11)
+        handles = [Line2D([], [], marker="o", linestyle="", color=colour(m), label=m) for m in methods]
+        legend = fig.legend(handles=handles, title="method", loc="upper left", fontsize=8, title_fontsize=8, frameon=False)
+        texts = [fig.text(0, 0, text, fontsize=7, color=c, va="top", family="monospace") for text, c in key]
+        fit_key_beside(fig, panels, legend, texts)
         return fig
 
     def plot(self, path: Path) -> Path:
         import matplotlib.pyplot as plt
 
         fig = self.figure()
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=PLOT_DPI)
         plt.close(fig)
         return path
 
 
-def spread(heights: list[float], gap: float, low: float = 0.0, high: float = 1.0) -> list[float]:
-    """Label heights as close to ``heights`` as keeps every two at least ``gap`` apart, in the same
-    order, inside [low, high] where the labels fit there."""
-    order = sorted(range(len(heights)), key=lambda i: heights[i])
-    placed: list[float] = []
-    for i in order:
-        placed.append(max(heights[i], placed[-1] + gap) if placed else heights[i])
-    if not placed:
-        return []
-    # centre the column on the points it labels (pushing up alone drifts it upwards), then keep it inside
-    shift = (sum(heights) - sum(placed)) / len(placed)
-    shift -= max(placed[-1] + shift - high, 0.0)
-    shift += max(low - (placed[0] + shift), 0.0)
-    result = [0.0] * len(heights)
-    for i, height in zip(order, placed):
-        result[i] = height + shift
-    return result
+def fit_key_beside(fig, panels, legend, texts, pad_in: float = 0.15) -> None:
+    """Place the legend and the key texts in a column right of the panels, and widen / heighten the
+    figure until the column, the panels' tick labels and titles all lie inside it."""
+    for _ in range(4):
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        dpi = fig.dpi
+        legend_box = legend.get_window_extent(renderer)
+        column = max([legend_box.width] + [t.get_window_extent(renderer).width for t in texts]) / dpi + 2 * pad_in
+        column_height = (legend_box.height + sum(t.get_window_extent(renderer).height for t in texts)) / dpi + 1.0
+        width, height = fig.get_size_inches()
+        width, height = max(width, 3.2 * len(panels) + column), max(height, column_height)
+        fig.set_size_inches(width, height)
+        right = 1 - column / width
+        fig.subplots_adjust(left=0.6 / width, right=right - 0.3 / width, bottom=0.7 / height, top=1 - 0.7 / height,
+                            wspace=0.28)
+        legend.set_bbox_to_anchor((right, 1 - 0.4 / height), transform=fig.transFigure)
+        fig.canvas.draw()
+        y = legend.get_window_extent(fig.canvas.get_renderer()).y0 / (height * dpi) - 0.1 / height
+        for text in texts:
+            text.set_position((right + pad_in / width, y))
+            y -= text.get_window_extent(fig.canvas.get_renderer()).height / (height * dpi) + 0.03 / height
+        if all(inside(fig, artist) for artist in [legend, *texts, *fig.texts]):
+            return
+
+
+def inside(fig, artist) -> bool:
+    """Whether the artist's rendered extent lies within the figure's canvas."""
+    box, canvas = artist.get_window_extent(fig.canvas.get_renderer()), fig.bbox
+    return box.x0 >= canvas.x0 - 0.5 and box.y0 >= canvas.y0 - 0.5 and box.x1 <= canvas.x1 + 0.5 and box.y1 <= canvas.y1 + 0.5
+
+
+def short_labels(runs: list[Run]) -> list[str]:
+    """Short names for figures: the method, the models when the runs' models differ, and the options
+    whose values differ between the runs of that method (``unite top_k=5``); an option the run lacks is
+    left out."""
+    show_models = len({run.models for run in runs}) > 1
+    labels = []
+    for run in runs:
+        same_method = [r for r in runs if r.method == run.method]
+        keys = [key for key in distinguishing_options(same_method) if len({r.options.values.get(key) for r in same_method}) > 1]
+        parts = [run.method] + ([run.models] if show_models else [])
+        parts += [f"{key}={run.options.values[key]}" for key in keys if key in run.options.values]
+        labels.append(" ".join(parts))
+    return labels
 
 
 def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> Path:
@@ -478,24 +610,51 @@ def log_report(report: Report, folder: Path, project: str) -> None:
     logger.finish()
 
 
+def select_runs(paths: list[Path], output: Optional[Path]) -> tuple[list[Run], Path]:
+    """The runs to report and the folder to write into: one folder's runs, or exactly the given results files."""
+    if len(paths) == 1 and (paths[0].is_dir() or paths[0].suffix != ".jsonl"):
+        return find_runs(paths[0]), output or paths[0]  # a folder (one that is not says so)
+    if folders := [p for p in paths if p.is_dir()]:
+        raise FusemtError(f"{folders[0]} is a folder: pass one folder, or results JSONL files")
+    if output is None:
+        raise FusemtError("results files given: say where the report goes with -o <folder>")
+    return [Run.from_results(path) for path in dict.fromkeys(p.resolve() for p in paths)], output
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="One comparison table (markdown + CSV), per-domain scores, paired "
                                                  "bootstrap against a baseline, and a quality-vs-speed plot.")
-    parser.add_argument("folder", type=Path, nargs="?", default=Path("results"))
+    parser.add_argument("paths", type=Path, nargs="*", default=[Path("results")], metavar="FOLDER_OR_RESULTS",
+                        help="a folder (every run under it with a metrics file), or results JSONL files (exactly "
+                             "these runs, e.g. the ones a sweep's summary lists)")
+    parser.add_argument("-o", "--output", type=Path, help="folder for report.md/.csv/.png (default: the folder given)")
     baseline = parser.add_mutually_exclusive_group()
     baseline.add_argument("--baseline", help="run name (or a part of exactly one) to mark significant differences against")
     baseline.add_argument("--member-baselines", action="store_true",
                           help="test each ensemble against the best greedy single-model run of its members")
+    parser.add_argument("--member-ranking", type=Path, metavar="COMPAT_JSON",
+                        help="with --member-baselines: rank the members by this fusemt-compat result (e.g. on a dev "
+                             "slice) instead of by their scores in this table")
+    parser.add_argument("--correction", choices=CORRECTIONS, default="holm",
+                        help="multiple-comparison correction over the table's tests (default: holm = Holm–Bonferroni)")
     parser.add_argument("--wandb", action="store_true", help="also log the tables and the plot to W&B")
     parser.add_argument("--wandb-project", default="fusemt")
     args = parser.parse_args(argv)
+    if args.member_ranking and not args.member_baselines:
+        parser.error("--member-ranking goes with --member-baselines")
     try:
-        report = Report.build(find_runs(args.folder), args.baseline, args.member_baselines)
-        paths = report.write(args.folder)
+        runs, folder = select_runs(args.paths, args.output)
+        ranking = read_member_ranking(args.member_ranking) if args.member_ranking else None
+        report = Report.build(runs, args.baseline, args.member_baselines, args.correction,
+                              ranking, ranking_source=str(args.member_ranking))
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = report.write(folder)
     except FusemtError as err:
         fail(err)
+    for warning in report.warnings:
+        print(f"fusemt: warning: {warning}", file=sys.stderr)
     if args.wandb:
-        log_report(report, args.folder, args.wandb_project)
+        log_report(report, folder, args.wandb_project)
     print(report.to_markdown(), end="")
     print("\n".join(f"wrote {p}" for p in paths))
 

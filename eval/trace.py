@@ -35,6 +35,17 @@ from eval.report import METRICS_FIX, RunOptions, read_rows, read_segment_comet
 SHARED_COLOURS = {"both": "#b7e4c7", "all": "#b7e4c7", "lookup": "#d0bfff", "draft": "#b7e4c7", "target": "#ffc9c9",
                   "fused": "#dee2e6"}
 MODEL_COLOURS = ["#a5d8ff", "#ffd8a8", "#fcc2d7", "#c3fae8", "#ffec99", "#e9fac8"]
+# The green origins: every member proposed the choice (the speculative target accepted the draft's). The page's
+# "agreed" share of a segment counts exactly these steps, so the figure and the green chips say the same thing.
+AGREED_ORIGINS = ("both", "all", "draft")
+# Options that do nothing at another option's value (the page hides them): (option, inert value, options it makes inert).
+INERT_OPTIONS = (("num_draft_tokens", "0", ("drafter", "alternate", "draft_schedule", "draft_confidence")),
+                 ("speculate", "0", ("drafter", "alternate", "draft_schedule", "draft_confidence")),  # its old name
+                 ("num_beams", "1", ("length_penalty", "early_stopping")),
+                 ("temperature", "0.0", ("seed", "top_p")))
+# Stat names the page spells out; other stats show under their own name.
+STAT_NAMES = {"agreement_rate": "top-1 agreement (every member's most likely piece the same)",
+              "forward_passes": "forward passes", "cache_crops": "cache crops", "steps": "steps"}
 # A unit of 1-4 characters repeated 8+ times in a row: the loops fusion falls into (メメメ…, ルカルカ…).
 REPETITION = re.compile(r"(.{1,4}?)\1{7,}", re.DOTALL)
 SHOWN_CONTROL = {" ": "␣", "\n": "↵", "\t": "⇥"}
@@ -175,7 +186,7 @@ class SegmentReview:
     chrf: Optional[float] = None
     comet: Optional[float] = None
     length_ratio: Optional[float] = None  # hypothesis characters / reference characters
-    agreement: Optional[float] = None
+    agreement: Optional[float] = None  # share of steps with a green (agreed) origin, for ensembles
     flags: list[str] = field(default_factory=list)
 
     def data_attributes(self) -> str:
@@ -190,7 +201,7 @@ class SegmentReview:
         if self.length_ratio is not None:
             parts.append(f"length {self.length_ratio:.2f}× reference")
         if self.agreement is not None:
-            parts.append(f"agreement {self.agreement:.2f}")
+            parts.append(f"agreed {self.agreement:.2f} of steps (green)")
         return " · ".join(parts)
 
 
@@ -230,9 +241,74 @@ def review_segments(rows: list[dict], segment_comet: Optional[Mapping[str, float
         reviews[i].length_ratio = round(len(rows[i]["hypothesis"]) / len(reference), 3) if reference else None
     for row, review in zip(rows, reviews):
         review.comet = (segment_comet or {}).get(str(row["id"]))
-        agreement = (row.get("stats") or {}).get("agreement_rate")
-        review.agreement = agreement if isinstance(agreement, (int, float)) else None
+        review.agreement = agreed_share(row)
     return reviews
+
+
+def agreed_share(row: dict) -> Optional[float]:
+    """Share of an ensemble's steps whose origin is an agreed one (the green chips); None for one model."""
+    trace = row.get("trace") or []
+    if len(row.get("models") or []) < 2 or not trace:
+        return None
+    return round(sum(step["origin"] in AGREED_ORIGINS for step in trace) / len(trace), 3)
+
+
+def stat_text(value) -> str:
+    """A stat as a reader wants it: numbers rounded, per-model counts as "model n", lists compact."""
+    if isinstance(value, bool) or value is None:
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {stat_text(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return "[" + " ".join(stat_text(v) for v in value) + "]"
+    return str(value)
+
+
+def stats_html(stats: Mapping) -> str:
+    return " · ".join(f"{html.escape(STAT_NAMES.get(k, k.replace('_', ' ')))}: {html.escape(stat_text(v))}"
+                      for k, v in stats.items())
+
+
+def speculative_rounds(trace: list[dict]) -> list[dict]:
+    """The rounds of a speculative segment: what the draft proposed, how much the target accepted, and
+    the target's own token (its correction or bonus), as text (bytes joined before decoding)."""
+    rounds, current = [], []
+    for step in trace:
+        current.append(step)
+        if "proposed" in step:
+            accepted = step["accepted"]
+            proposed = b"".join(_escaped_bytes(p) for p in step["proposed"])
+            accepted_bytes = b"".join(_step_bytes(s) for s in current[:accepted])
+            rejected = proposed[len(accepted_bytes):] if proposed.startswith(accepted_bytes) else proposed
+            own = b"".join(_step_bytes(s) for s in current[accepted:])
+            rounds.append({"round": step["round"], "proposed": len(step["proposed"]), "accepted": accepted,
+                           "accepted_text": accepted_bytes.decode("utf-8", "replace"),
+                           "rejected_text": rejected.decode("utf-8", "replace"),
+                           "target_text": "<end>" if any(s.get("end") for s in current[accepted:])
+                           else own.decode("utf-8", "replace")})
+            current = []
+    return rounds
+
+
+def _escaped_bytes(text: str) -> bytes:
+    """Bytes of a piece written with ``backslashreplace`` (``\\xe3`` for a byte of a partial character)."""
+    parts = re.split(r"\\x([0-9a-f]{2})", text)
+    return b"".join(bytes([int(part, 16)]) if i % 2 else part.encode("utf-8") for i, part in enumerate(parts))
+
+
+def rounds_html(trace: list[dict]) -> str:
+    rounds = speculative_rounds(trace)
+    if not rounds:
+        return ""
+    body = "".join(
+        f'<tr><td class="num">{r["round"]}</td><td><span class="acc">{html.escape(r["accepted_text"])}</span>'
+        f'<del>{html.escape(r["rejected_text"])}</del> <span class="own">{html.escape(r["target_text"])}</span></td>'
+        f'<td class="num">{r["accepted"]}/{r["proposed"]}</td></tr>' for r in rounds)
+    return (f'<details class="rounds"><summary>{len(rounds)} speculative rounds</summary><table><thead><tr><th>round'
+            '</th><th><span class="acc">accepted draft</span> <del>rejected draft</del> <span class="own">target\'s own '
+            f'token</span></th><th>accepted</th></tr></thead><tbody>{body}</tbody></table></details>')
 
 
 def diff_html(hypothesis: str, other: str) -> str:
@@ -345,6 +421,7 @@ del { background: #ffe3e3; color: #a00; } ins { background: #d3f9d8; color: #064
 section { border-top: 1px solid #ddd; padding: 0.4em 0; }
 table { border-collapse: collapse; font-size: 0.85em; } td, th { border: 1px solid #ddd; padding: 0.15em 0.4em; }
 th { background: #f1f3f5; } .num { text-align: right; font-variant-numeric: tabular-nums; }
+.acc { background: #b7e4c7; } .own { background: #ffc9c9; } details.rounds table { font-size: 0.9em; }
 .legend td { vertical-align: top; } .controls { margin: 0.6em 0; padding: 0.3em; background: #f8f9fa; }
 .meta { color: #444; font-size: 0.9em; }
 """
@@ -354,6 +431,18 @@ def _metric_line(metrics: dict) -> str:
     keys = ["segments", "bleu", "chrf", "comet", "tokens_per_s", "agreement_rate", "acceptance_rate", "mean_accepted_length",
             "fastpath_share"]
     return " · ".join(f"{k}: {html.escape(str(metrics[k]))}" for k in keys if metrics.get(k) is not None)
+
+
+def _pool_line(metrics: dict) -> str:
+    """A pool run's origin shares and oracle; the oracle rule itself is marked as an upper bound."""
+    if "pool_choice_share" not in metrics:
+        return ""
+    shares = ", ".join(f"{html.escape(o)} {v:.0%}" for o, v in metrics["pool_choice_share"].items())
+    oracle = (f' · pool oracle (upper bound): BLEU {metrics["pool_oracle_bleu"]}, chrF {metrics["pool_oracle_chrf"]}'
+              if "pool_oracle_chrf" in metrics else "")
+    bound = ('<div class="warn">select=oracle: chosen with the reference: an UPPER BOUND, not a translation method</div>'
+             if (metrics.get("config") or {}).get("decoding", {}).get("select") == "oracle" else "")
+    return f'{bound}<div class="meta">choices by origin: {shares}{oracle}</div>'
 
 
 def _legend(rows: list[dict], method: str, colours: dict[str, str], colour_class: dict[str, str]) -> str:
@@ -393,12 +482,12 @@ def _index(rows: list[dict], reviews: list[SegmentReview]) -> str:
         f'<td>{flag_badges(rev.flags)}</td></tr>' for i, (row, rev) in enumerate(zip(rows, reviews)))
     return (f'<details {"open" if len(rows) <= 40 else ""}><summary>segments ({len(rows)})</summary>'
             '<table><thead><tr><th>#</th><th>id</th><th>chrF</th><th>BLEU</th><th>COMET</th><th>length ratio</th>'
-            f'<th>agreement</th><th>flags</th></tr></thead><tbody data-segments>{body}</tbody></table></details>')
+            f'<th>agreed</th><th>flags</th></tr></thead><tbody data-segments>{body}</tbody></table></details>')
 
 
 CONTROLS = """<div class="controls">sort by <select id="sort"><option value="order">file order</option>
 <option value="chrf">sentence chrF</option><option value="bleu">sentence BLEU</option><option value="comet">COMET</option>
-<option value="ratio">length ratio</option><option value="agreement">agreement</option></select>
+<option value="ratio">length ratio</option><option value="agreement">agreed share</option></select>
 <select id="direction"><option value="asc">lowest first</option><option value="desc">highest first</option></select>
 · <label><input type="checkbox" id="flagged"> flagged only</label>
 · <label>chrF below <input type="number" id="below" min="0" max="100" step="5" style="width: 4em"></label></div>"""
@@ -411,12 +500,36 @@ def _options_line(metrics: dict) -> str:
         return ""
     source = "options" if options.complete else "overrides (other options at their defaults)"
     method = {k: v for k, v in options.values.items() if not k.startswith("prompt.")}
+    inert = list(dict.fromkeys(k for key, value, keys in INERT_OPTIONS if method.get(key, value) == value
+                               for k in keys if k in method))
+    method = {k: v for k, v in method.items() if k not in inert}
     prompt = {k: v for k, v in options.values.items() if k.startswith("prompt.")}
     line = " · ".join(f"{html.escape(k)}={html.escape(v)}" for k, v in method.items())
     folded = ("<details><summary>prompt</summary><table>" + "".join(
         f"<tr><td>{html.escape(k)}</td><td><pre>{html.escape(v)}</pre></td></tr>" for k, v in prompt.items())
         + "</table></details>") if prompt else ""
-    return f'<div class="meta">{source}: {line}</div>{folded}'
+    hidden = f" (not shown, no effect at these settings: {html.escape(', '.join(inert))})" if inert else ""
+    return f'<div class="meta">{source}: {line}{hidden}</div>{folded}'
+
+
+def pool_html(pool: Optional[list[dict]]) -> str:
+    """A pool's candidates ranked by the score the rule chose by (▶ the chosen one); ties keep pool order."""
+    if not pool:
+        return ""
+    ranked = sorted(pool, key=lambda c: -c["score"])
+    members = list(dict.fromkeys(m for c in pool for m in c.get("logprob") or {}))
+    head = "".join(f"<th>log p {html.escape(m)}</th>" for m in members)
+    body = "".join(
+        f'<tr><td>{"▶" if c["chosen"] else ""}</td><td class="num">{c["score"]:.3f}</td><td>{html.escape(c["text"])}</td>'
+        f'<td>{html.escape(", ".join(f"{o}×{n}" for o, n in c["origins"].items()))}</td><td class="num">{c["count"]}</td>'
+        f'<td class="num">{_cell(c.get("utility"), 2)}</td>'
+        + "".join(f'<td class="num">{_cell((c.get("logprob") or {}).get(m), 2)}</td>' for m in members)
+        + f'<td class="num">{_cell(c.get("joint"), 4)}</td><td class="num">{_cell(c.get("ref_chrf"), 1)}</td></tr>'
+        for c in ranked)
+    return (f'<details><summary>pool: {len(pool)} candidates, ranked by the rule\'s score (▶ chosen)</summary><table>'
+            f'<tr><th></th><th>score</th><th>candidate</th><th>origins</th><th>count</th><th>expected utility</th>{head}'
+            '<th>joint (per char)</th><th>chrF vs reference (oracle only)</th></tr>'
+            f'{body}</table></details>')
 
 
 def step_limit(options: RunOptions) -> Optional[int]:
@@ -440,7 +553,7 @@ def render_html(rows: list[dict], metrics: dict | None, title: str,
     for i, (row, review) in enumerate(zip(rows, reviews)):
         trace = row.get("trace") or []
         stats = row.get("stats") or {}
-        stat_line = " · ".join(f"{k}: {html.escape(json.dumps(v, ensure_ascii=False))}" for k, v in stats.items())
+        stat_line = stats_html(stats)
         other_warnings = "".join(f'<div class="warn">{html.escape(w)}</div>'
                                  for w in row.get("warnings") or [] if w not in review.flags)
         reference = row.get("reference")
@@ -453,7 +566,7 @@ def render_html(rows: list[dict], metrics: dict | None, title: str,
 <div class="field"><b>reference</b> {html.escape(str(reference or ''))}</div>
 <div class="field"><b>hypothesis</b> {html.escape(row['hypothesis'])}</div>{diff}
 <div class="chips">{chips_html(trace, colour_class, colours) if trace else "<i>no trace</i>"}</div>
-<div class="stats">{stat_line}</div>{other_warnings}
+{rounds_html(trace)}<div class="stats">{stat_line}</div>{other_warnings}{pool_html(row.get("pool"))}
 </section>""")
     return f"""<!DOCTYPE html>
 <html lang="ja"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
@@ -461,11 +574,12 @@ def render_html(rows: list[dict], metrics: dict | None, title: str,
 <h1>{html.escape(title)}</h1>
 <div class="meta">{html.escape(method)} · {html.escape(" + ".join(metrics.get("models") or models))}</div>
 <div class="meta">{_metric_line(metrics)}</div>
-{_options_line(metrics)}
+{_pool_line(metrics)}{_options_line(metrics)}
 <h2>Legend</h2>
 {_legend(rows, method, colours, colour_class)}
 <p class="meta">Scores per segment: sentence chrF and BLEU (sacrebleu, ja-mecab, effective order), COMET where scored,
-length in characters against the reference, the share of steps where the members agreed. diff: <del>only in the
+length in characters against the reference, for ensembles the share of steps whose choice every member
+proposed (the green chips). diff: <del>only in the
 hypothesis</del> <ins>only in the reference</ins>.</p>
 {CONTROLS}
 {_index(rows, reviews)}

@@ -7,6 +7,8 @@ import json
 import logging
 import os
 import re
+import socket
+from urllib.parse import urlsplit
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional
@@ -14,6 +16,12 @@ from typing import Mapping, Optional
 from eval.metrics import segment_scores
 
 log = logging.getLogger(__name__)
+
+# How long the W&B server may take to accept a TCP connection before the run logs offline instead:
+# wandb.init itself waits 90 s (Settings.init_timeout) and retries before giving up.
+REACHABLE_TIMEOUT_S = 3.0
+# Summary keys that the run's W&B config already holds.
+NOT_IN_SUMMARY = ("config", "provenance")
 
 # wandb 0.31 (wandb/sdk/artifacts/artifact.py, _validators.py): an artifact name matches
 # ^[a-zA-Z0-9_\-.]+$ and has at most 128 characters; anything else raises in Artifact().
@@ -31,10 +39,50 @@ class LoggerConfig:
     tags: list[str] = field(default_factory=list)
 
 
-def _has_credentials() -> bool:
-    return bool(os.environ.get("WANDB_API_KEY")) or (Path.home() / ".netrc").exists() and "api.wandb.ai" in (
-        Path.home() / ".netrc"
-    ).read_text(errors="ignore")
+def _server_url() -> str:
+    """The W&B server wandb.init would talk to (WANDB_BASE_URL, wandb's settings files, its default)."""
+    import wandb
+
+    settings = wandb.Settings()
+    settings.update_from_system_settings()
+    settings.update_from_env_vars(dict(os.environ))
+    return settings.base_url
+
+
+def _has_credentials(host: str) -> bool:
+    netrc = Path.home() / ".netrc"
+    return bool(os.environ.get("WANDB_API_KEY")) or netrc.exists() and host in netrc.read_text(errors="ignore")
+
+
+def unreachable(url: str, timeout: float = REACHABLE_TIMEOUT_S) -> Optional[str]:
+    """Why a TCP connection to ``url``'s host fails within ``timeout`` seconds (None: it connects)."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname or "", port), timeout=timeout).close()
+    except OSError as err:
+        return f"{parts.hostname}:{port} {'did not answer' if isinstance(err, TimeoutError) else 'unreachable'} ({err})"
+    return None
+
+
+def choose_mode(cfg: "LoggerConfig") -> str:
+    """``logger.mode``, else WANDB_MODE, else online with credentials and offline without; an online
+    run whose server does not answer within a few seconds logs offline (``wandb sync`` uploads it later)."""
+    mode = cfg.mode or os.environ.get("WANDB_MODE")
+    url = None
+    if mode is None:
+        url = _server_url()
+        mode = "online" if _has_credentials(urlsplit(url).hostname or "") else "offline"
+    if mode == "online" and (problem := unreachable(url or _server_url())):
+        log.warning("W&B server %s: logging offline; upload later with `wandb sync <dir>/wandb/offline-run-*`", problem)
+        return "offline"
+    return mode
+
+
+def run_id(run_name: str, fingerprint: str) -> str:
+    """The W&B run id of a fusemt run: its config hash and a hash of its name, so every invocation of
+    one run (a resume, a shard, a rerun with a larger dataset.limit) continues the same W&B run."""
+    return f"{fingerprint}-{hashlib.sha256(run_name.encode('utf-8')).hexdigest()[:8]}"
 
 
 def artifact_name(run_name: str) -> str:
@@ -94,19 +142,25 @@ class SegmentTable:
 
 
 class RunLogger:
-    """Logs config, metrics, a table of segments and the results files as an artifact."""
+    """Logs config, live progress, metrics, a table of segments and the results files as an artifact.
 
-    def __init__(self, cfg: LoggerConfig, run_name: str, config: dict, out_dir: Path):
+    With ``run_id`` the W&B run is resumed when it exists (``resume="allow"``): a fusemt run that is
+    interrupted and resumed, or decoded in shards, is one W&B run. ``job_type`` and ``tags`` are
+    what W&B groups and filters runs by (the method, the models)."""
+
+    def __init__(self, cfg: LoggerConfig, run_name: str, config: dict, out_dir: Path, run_id: Optional[str] = None,
+                 job_type: Optional[str] = None, tags: tuple[str, ...] = ()):
         self.run = None
         self.run_name = run_name
         if cfg.name == "none":
             return
-        mode = cfg.mode or ("online" if _has_credentials() else "offline")
         try:
             import wandb
 
-            self.run = wandb.init(project=cfg.project, entity=cfg.entity, mode=mode, group=cfg.group, tags=cfg.tags,
-                                  name=run_name, config=config, dir=str(out_dir), reinit="finish_previous")
+            self.run = wandb.init(project=cfg.project, entity=cfg.entity, mode=choose_mode(cfg), group=cfg.group,
+                                  tags=list(dict.fromkeys([*cfg.tags, *tags])), job_type=job_type, name=run_name,
+                                  config=config, dir=str(out_dir), id=run_id, resume="allow" if run_id else None,
+                                  reinit="finish_previous")
         except Exception as err:  # noqa: BLE001 - W&B trouble must never stop a translation run
             log.warning("W&B disabled for this run: %s", str(err).splitlines()[0] if str(err) else type(err).__name__)
 
@@ -118,24 +172,30 @@ class RunLogger:
         except Exception as err:  # noqa: BLE001
             log.warning("W&B %s failed: %s", what, str(err).splitlines()[0] if str(err) else type(err).__name__)
 
+    def log_progress(self, step: int, values: Mapping[str, float]) -> None:
+        """One point of live history at ``step`` (segments finished in the results file)."""
+        self._guard("progress", lambda: self.run.log(dict(values), step=step))
+
     def log_results(self, metrics: dict, rows: list[dict], files: list[Path],
                     segment_comet: Optional[Mapping[str, float]] = None) -> None:
-        """``metrics`` goes to the run summary whole (signatures, ``comet`` null with ``comet_skipped``
-        included), its numbers also to the history; ``segment_comet`` maps segment id to COMET score.
+        """``metrics`` goes to the run summary (signatures, ``comet`` null with ``comet_skipped``
+        included; not its config and provenance, which the run's config holds), its numbers also to
+        the history at the step of its last segment; ``segment_comet`` maps segment id to COMET score.
         Each part is guarded on its own, so one W&B failure loses only that part."""
 
         def _metrics_and_table():
             import wandb
 
             table = SegmentTable.build(rows, segment_comet)
-            self.run.summary.update({**metrics, **table.signatures})
+            summary = {k: v for k, v in metrics.items() if k not in NOT_IN_SUMMARY}
+            self.run.summary.update({**summary, **table.signatures})
             numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
             logged = {**numeric, "segments": wandb.Table(columns=table.columns, data=table.data,
                                                          allow_mixed_types=True)}
             html_files = [p for p in files if p.suffix == ".html" and p.exists()]
             if html_files:
                 logged["trace"] = wandb.Html(html_files[0].read_text(encoding="utf-8"))
-            self.run.log(logged)
+            self.run.log(logged, step=max(len(rows), self.run.step))
 
         def _artifact():
             import wandb
@@ -174,5 +234,5 @@ class RunLogger:
         if pages or images:
             self._guard("pages", _media)
 
-    def finish(self) -> None:
-        self._guard("finish", lambda: self.run.finish())
+    def finish(self, exit_code: Optional[int] = None) -> None:
+        self._guard("finish", lambda: self.run.finish(exit_code=exit_code))

@@ -88,6 +88,20 @@ def _node_keys(cfg: DictConfig, dotted: str) -> tuple[str, list[str]]:
     return where, sorted(str(k) for k in node.keys())
 
 
+def _methods_with(key: str) -> str:
+    """For an unknown ``decoding.<option>``: which methods have that option (empty when none does)."""
+    from dataclasses import fields
+
+    from decoding.methods import DECODERS, decoder_class
+
+    option = key.lstrip("+~").removeprefix("decoding.")
+    if not key.lstrip("+~").startswith("decoding.") or "." in option:
+        return ""
+    decoder_class("greedy")  # imports the built-in methods
+    having = sorted(name for name, cls in DECODERS.items() if option in {f.name for f in fields(cls.Config)})
+    return f"; {option} is an option of decoding={','.join(having)}" if having else ""
+
+
 def explain(err: Exception, cfg_for_keys) -> str:
     """One line for a Hydra composition error."""
     from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
@@ -107,7 +121,7 @@ def explain(err: Exception, cfg_for_keys) -> str:
         first = str(cause).splitlines()[0]
         if "not in struct" in first or ("not in '" in first and first.startswith("Key")):
             where, keys = _node_keys(cfg_for_keys(), key)
-            return f"unknown key '{key}': {where} has {', '.join(keys)}"
+            return f"unknown key '{key}': {where} has {', '.join(keys)}{_methods_with(key)}"
         return f"bad value for '{key}': {first}"
     return str(err).strip().splitlines()[0]
 

@@ -26,7 +26,8 @@ from decoding.errors import FusemtError, fail
 from decoding.methods import decoder_class
 from decoding.model import load_model
 from decoding.prompt import PromptConfig
-from eval.compat import CompatRules, ModelProfile, agreement_rate, fertility, judge, length_ratio, verdict_table, write_report
+from eval.compat import (CompatRules, ModelProfile, agreement_rate, fertility, judge, length_ratio, verdict_table,
+                         verdict_text, write_report)
 from eval.jsonio import read_jsonl_objects
 from eval.metrics import corpus_scores, script_shares
 from eval.wandb_logger import LoggerConfig, RunLogger
@@ -129,8 +130,8 @@ def _main(cfg: DictConfig) -> None:
             profiles.append(_profile(model, segments, hyps))
             log.info("%s: %s", model.name, profiles[-1].scores)
         tops = _next_char_tops(models, segments, prompt, compat) if compat.agreement_segments else None
-        verdicts = [judge(profiles[i], profiles[j], agreement_rate(tops[i], tops[j]) if tops else None, compat.rules)
-                    for i, j in itertools.combinations(range(len(models)), 2)]
+        verdicts = [judge(profiles[i], profiles[j], agreement_rate(tops[i], tops[j]) if tops else None, compat.rules,
+                          len(segments)) for i, j in itertools.combinations(range(len(models)), 2)]
     except FusemtError as err:
         fail(err)
     selection = Path(dataset.ids_file).name if dataset.ids_file else (dataset.path or dataset.hub_id or "bundled")
@@ -139,7 +140,7 @@ def _main(cfg: DictConfig) -> None:
              f"on the references of the first {min(compat.agreement_segments, len(segments))} segments.")
     json_path, md_path = write_report(out_dir, profiles, verdicts, compat.rules, about)
     for v in verdicts:
-        print(f"{' + '.join(v.models)}: {'ensemble' if v.compatible else 'do not ensemble'} — {'; '.join(v.reasons)}")
+        print(f"{' + '.join(v.models)}: {verdict_text(v)} (on {len(segments)} segments) — {'; '.join(v.reasons)}")
     print(f"written: {md_path}, {json_path}")
     run_logger = RunLogger(logger_cfg, f"compat__{'+'.join(p.name for p in profiles)}__{dataset.name}",
                            {"models": [p.name for p in profiles], "rules": compat.rules.__dict__, "dataset": dataset.name},

@@ -134,7 +134,13 @@ def build_run_config(cfg: DictConfig) -> RunConfig:
         log.warning("decoding=%s uses %d model(s): running it on %s", method, method_cls.max_models,
                     ", ".join(m.label for m in models[: method_cls.max_models]))
         models = models[: method_cls.max_models]
+    if not method_cls.uses_models(decoding):  # e.g. a combination of finished runs: no model is loaded
+        models = []
     method_cls.check_config(decoding, len(models))
+    if len(models) == 1 and method_cls.max_models != 1 and not getattr(decoding, "runs", None):  # runs: other systems
+        # Allowed on purpose (a sweep's single-model baseline through the same engine), but never silent.
+        log.warning("decoding=%s with one model: no ensemble, it decodes %s alone; give two or more models "
+                    "(e.g. models=gemma3_smollm2) to ensemble", method, models[0].label)
     dataset = typed_config(DatasetConfig, OmegaConf.to_container(cfg.dataset, resolve=True), "dataset")
     prompt = typed_config(PromptConfig, OmegaConf.to_container(cfg.prompt, resolve=True), "prompt")
     logger = typed_config(LoggerConfig, OmegaConf.to_container(cfg.logger, resolve=True), "logger")
@@ -151,7 +157,7 @@ def build_run_config(cfg: DictConfig) -> RunConfig:
                                   "dataset": {k: getattr(dataset, k) for k in DATASET_IDENTITY}},
                                  sort_keys=True, default=str)
     fingerprint = hashlib.sha256(fingerprint_src.encode()).hexdigest()[:12]
-    model_part = "+".join(m.label for m in models)
+    model_part = "+".join(m.label for m in models) or "runs"
     run_name = cfg.run_name or f"{method}__{model_part}__{dataset.name}__{fingerprint[:8]}"
     return RunConfig(
         models=models, decoding_name=method, decoding=decoding, dataset=dataset, prompt=prompt, logger=logger,

@@ -28,15 +28,16 @@ from decoding.model import load_model
 from decoding.prefix import PromptCache
 from decoding.prompt import prompt_text
 from eval.comet_score import comet_scores
-from eval.metrics import corpus_scores, script_shares
+from eval.metrics import RunningScores, corpus_scores, pool_metrics, script_shares
 from eval.trace import render_html
-from eval.wandb_logger import RunLogger
+from eval.wandb_logger import RunLogger, run_id
 from runners.cli import run_cli
+from runners.candidates import load_run_candidates
 from runners.config import CONF_DIR, RunConfig, build_run_config
 from runners.data import Segment, load_segments
 from runners.provenance import provenance
 from runners.results import ResultsFile
-from runners.sweep import job_context, record_failure
+from runners.sweep import job_context, record_failure, record_job
 
 log = logging.getLogger("fusemt")
 
@@ -76,14 +77,18 @@ def run_metrics(run: RunConfig, rows: list[dict], selected_ids: list[str]) -> tu
     metrics["n_new_tokens"] = sum(r["n_new_tokens"] for r in rows)
     metrics["tokens_per_s"] = round(metrics["n_new_tokens"] / total_time, 3) if total_time > 0 else None
     metrics.update(summarize_stats(run.decoding_name, rows))
+    metrics.update(pool_metrics(rows))
     return metrics, comet_segments
 
 
 def segment_row(run: RunConfig, seg: Segment, hypothesis: str, n_new_tokens: int, time_s: float, trace: list,
-                stats: dict, warnings: list[str]) -> dict:
-    return {"id": seg.id, "source": seg.source, "reference": seg.reference, "domain": seg.domain, "hypothesis": hypothesis,
-            "method": run.decoding_name, "models": [m.label for m in run.models], "n_new_tokens": n_new_tokens,
-            "time_s": round(time_s, 4), "warnings": warnings, "stats": stats, "trace": trace}
+                stats: dict, warnings: list[str], pool: list[dict] | None = None) -> dict:
+    row = {"id": seg.id, "source": seg.source, "reference": seg.reference, "domain": seg.domain, "hypothesis": hypothesis,
+           "method": run.decoding_name, "models": [m.label for m in run.models], "n_new_tokens": n_new_tokens,
+           "time_s": round(time_s, 4), "warnings": warnings, "stats": stats, "trace": trace}
+    if pool is not None:
+        row["pool"] = pool
+    return row
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -103,6 +108,11 @@ def translate(run: RunConfig, sweep_group: str | None = None) -> dict:
     todo = [s for s in segments if s.id not in results.done_ids]
     log.info("%s: %d segments, %d already done, writing %s", run.run_name, len(segments), len(segments) - len(todo),
              run.results_path)
+    runs = getattr(run.decoding, "runs", None)  # finished outputs a method chooses among: checked before models load
+    method_inputs = {"external": load_run_candidates(runs, run.dataset, todo, run.results_dir)} if runs and todo else {}
+    sweep = run.logger.group or sweep_group  # the W&B group: one per multirun sweep unless logger.group is set
+    # An invocation that decodes nothing new (a finished run rerun) adds nothing to its W&B run.
+    logger = open_run_logger(run, sweep) if todo and run.logger.name != "none" else None
     try:
         if todo or run.render_input_text:
             models = [load_model(spec) for spec in run.models]
@@ -111,18 +121,34 @@ def translate(run: RunConfig, sweep_group: str | None = None) -> dict:
         if run.render_input_text:
             _print_prompts(models, segments, run)
         if todo:
-            decoder = decoder_class(run.decoding_name)(run.decoding, models, run.prompt)
-            _decode_all(run, decoder, todo, results)
+            decoder = decoder_class(run.decoding_name)(run.decoding, models, run.prompt, **method_inputs)
+            _decode_all(run, decoder, todo, results, logger)
     except KeyboardInterrupt:
         results.close()
+        if logger:
+            logger.finish(exit_code=130)
         print(f"fusemt: interrupted: {len(results.done_ids)} finished segments are kept in {run.results_path}; "
               "rerun the same command to resume", file=sys.stderr)
         raise SystemExit(130) from None
+    except BaseException:
+        if logger:
+            logger.finish(exit_code=1)
+        raise
     results.close()
-    return write_run_files(run, results, [s.id for s in selected], sweep_group)
+    return write_run_files(run, results, [s.id for s in selected], sweep, logger)
 
 
-def write_run_files(run: RunConfig, results: ResultsFile, selected_ids: list[str], sweep_group: str | None) -> dict:
+def open_run_logger(run: RunConfig, sweep: str | None) -> RunLogger:
+    """The run's W&B run, started before the models load: its id comes from the run's identity, so
+    a resumed or sharded run continues it; method and models are its job type and tags."""
+    return RunLogger(replace(run.logger, group=sweep), run.run_name,
+                     config={**_config_of(run), "provenance": provenance(run)}, out_dir=run.results_path.parent,
+                     run_id=run_id(run.run_name, run.fingerprint), job_type=run.decoding_name,
+                     tags=(run.decoding_name, *(m.label for m in run.models)))
+
+
+def write_run_files(run: RunConfig, results: ResultsFile, selected_ids: list[str], sweep: str | None,
+                    logger: RunLogger | None = None) -> dict:
     """Metrics, segment COMET and trace page over every finished segment of the results file.
 
     Shards and concurrent runs share the file: each computes from a snapshot and writes only if
@@ -130,7 +156,7 @@ def write_run_files(run: RunConfig, results: ResultsFile, selected_ids: list[str
     """
     rows = results.snapshot()
     metrics, comet_segments = run_metrics(run, rows, selected_ids)
-    metrics["sweep"] = run.logger.group or sweep_group  # the W&B group: one per multirun sweep unless logger.group is set
+    metrics["sweep"] = sweep
     metrics["config"] = _config_of(run)
     metrics["provenance"] = provenance(run)
     metrics_path = run.results_path.with_suffix(".metrics.json")
@@ -153,11 +179,10 @@ def write_run_files(run: RunConfig, results: ResultsFile, selected_ids: list[str
     if metrics.get("comet_skipped") and run.metrics.get("comet"):
         log.warning("COMET skipped: %s", metrics["comet_skipped"])
     log.info("traces: %s", trace_path)
-    logger = RunLogger(replace(run.logger, group=metrics["sweep"]), run.run_name,
-                       config={**metrics["config"], "provenance": metrics["provenance"]}, out_dir=run.results_path.parent)
-    logger.log_results(metrics, rows, [run.results_path, metrics_path, trace_path, comet_path],
-                       segment_comet=comet_segments)
-    logger.finish()
+    if logger:
+        logger.log_results(metrics, rows, [run.results_path, metrics_path, trace_path, comet_path],
+                           segment_comet=comet_segments)
+        logger.finish()
     return metrics
 
 
@@ -168,12 +193,20 @@ def _print_prompts(models, segments: list[Segment], run: RunConfig) -> None:
                   f"{prompt_text(model.tokenizer, seg.source, run.prompt)}\n-----", flush=True)
 
 
-def _decode_all(run: RunConfig, decoder, todo: list[Segment], results: ResultsFile) -> None:
-    """Decode batch by batch; each batch is claimed first, so concurrent runs never decode a segment twice."""
+def _decode_all(run: RunConfig, decoder, todo: list[Segment], results: ResultsFile, logger: RunLogger | None) -> None:
+    """Decode batch by batch; each batch is claimed first, so concurrent runs never decode a segment twice.
+    After each batch, W&B history gets segments done, tokens/s and the running corpus BLEU/chrF."""
     by_id = {s.id: s for s in todo}
     n_tokens, elapsed = 0, 0.0
+    running = RunningScores()
+    if logger:
+        scored = [r for r in results.rows if r.get("reference") is not None]
+        running.add([r["hypothesis"] for r in scored], [r["reference"] for r in scored])
+    # The first batch is one segment: the bar's first rate and ETA come after one segment, not a whole batch.
+    batch_size = 1
     with tqdm(total=len(todo), desc=run.decoding_name, unit="seg", dynamic_ncols=True) as bar:  # closed on Ctrl-C too
-        while batch_ids := results.claim(list(by_id), run.batch_size):
+        while batch_ids := results.claim(list(by_id), batch_size):
+            batch_size = run.batch_size
             batch = [by_id.pop(i) for i in batch_ids]
             # An empty source has nothing to translate: record it with a warning instead of decoding.
             for seg in (s for s in batch if not s.source.strip()):
@@ -181,15 +214,22 @@ def _decode_all(run: RunConfig, decoder, todo: list[Segment], results: ResultsFi
             live = [s for s in batch if s.source.strip()]
             if live:
                 t0 = time.perf_counter()
-                outputs = decoder.decode([s.source for s in live])
+                outputs = decoder.decode([s.source for s in live], segments=live)
                 dt = time.perf_counter() - t0
                 for seg, out in zip(live, outputs):
                     results.append(segment_row(run, seg, out.text, out.n_new_tokens, dt / len(live), out.trace,
-                                               out.stats, out.warnings))
+                                               out.stats, out.warnings, out.pool))
                     n_tokens += out.n_new_tokens
                 elapsed += dt
                 bar.set_postfix(tok_s=f"{n_tokens / elapsed:.1f}")
+                if logger:
+                    scored = [(out.text, seg.reference) for seg, out in zip(live, outputs) if seg.reference is not None]
+                    running.add([h for h, _ in scored], [r for _, r in scored])
             bar.update(len(batch))
+            if logger:
+                logger.log_progress(len(results.done_ids), {"segments_done": len(results.done_ids),
+                                                            "tokens_per_s": n_tokens / elapsed if elapsed else 0.0,
+                                                            **running.scores()})
     if by_id:
         log.info("%d segments are being decoded by another process: it will write them", len(by_id))
 
@@ -207,7 +247,9 @@ def _main(cfg: DictConfig) -> None:
     with job_context() as job:
         try:
             run = build_run_config(cfg)
-            translate(job.place_on_devices(run), sweep_group=job.sweep_group)
+            metrics = translate(job.place_on_devices(run), sweep_group=job.sweep_group)
+            if job.multirun:
+                record_job(job, run.results_path, metrics)
         except FusemtError as err:
             if not job.multirun:
                 fail(err)

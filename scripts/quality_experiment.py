@@ -10,8 +10,9 @@ chosen on the dev slice (``prompt=wmt_en_ja``). A job that already finished is n
 (fusemt resumes). Then it exports each run's hypotheses and metrics as small text files into
 experiments/wmt24pp_en_ja/runs/<dataset>/ — what the report is computed from, and what anyone
 can re-score with ``fusemt-score ... hyp_file=<run>.jsonl`` without decoding — and writes the report
-(report.md, report.csv, report_domains.csv, report.png) there with ``eval.report --member-baselines``:
-each ensemble against the best single member of its pair by sacrebleu's paired bootstrap.
+(report.md, report.csv, report_domains.csv, report.png) there with ``eval.report --member-baselines
+--member-ranking``: each ensemble against its member ranked best on the dev slice by sacrebleu's paired
+bootstrap, p-values Holm-adjusted over the table.
 
 First, ``fusemt-compat`` runs UniTE's determine-then-ensemble check over the three members on the
 dev slice (experiments/wmt24pp_en_ja/compat/). Nothing is tuned on the reported slice: prompts were
@@ -36,6 +37,7 @@ RESULTS = ROOT / "results" / "quality"
 FUSEMT = Path(sys.executable).parent / "fusemt"
 COMPAT = Path(sys.executable).parent / "fusemt-compat"
 COMPAT_DIR = ROOT / "experiments" / "wmt24pp_en_ja" / "compat"
+COMPAT_RESULT = COMPAT_DIR / "wmt24pp_en_ja_dev" / "compat.json"  # the dev slice's check: pairs and member ranking
 
 MEMBERS = ["gemma3_270m", "qwen25_coder_05b", "qwen25_coder_15b"]
 PAIRS = ["gemma3_qwen05", "gemma3_qwen15", "qwen15_qwen05"]  # the cheapest pair first
@@ -53,7 +55,7 @@ PAIR_OF_MEMBERS = {frozenset(("gemma3_270m", "qwen25_coder_05b")): "gemma3_qwen0
 
 def run_compat() -> str:
     """UniTE's check over the members on the dev slice; returns the pair the weights are swept on."""
-    target = COMPAT_DIR / "wmt24pp_en_ja_dev" / "compat.json"
+    target = COMPAT_RESULT
     if not target.exists():
         subprocess.run([str(COMPAT), "models=pair", f"models.members=[{','.join(MEMBERS)}]", "prompt=wmt_en_ja",
                         f"compat.out_dir={COMPAT_DIR}", "logger.group=quality-compat"], cwd=ROOT, check=True)
@@ -133,7 +135,9 @@ def main() -> None:
                 failed.append(label)
     target = OUT / args.dataset
     print(f"exported {export(results_dir, target)} runs to {target}")
-    report = subprocess.run([sys.executable, "-m", "eval.report", str(target), "--member-baselines"], cwd=ROOT)
+    # The baseline member of each ensemble is the one the compatibility check ranks best on the dev slice.
+    report = subprocess.run([sys.executable, "-m", "eval.report", str(target), "--member-baselines",
+                             "--member-ranking", str(COMPAT_RESULT)], cwd=ROOT)
     if failed or report.returncode:
         sys.exit(f"failed: {', '.join(failed) or 'the report'}")
 

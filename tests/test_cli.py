@@ -63,6 +63,9 @@ def test_multirun_greedy_and_beam(tmp_path):
     assert proc.returncode == 0
     names = sorted(p.name.split("__")[0] for p in (tmp_path / "results" / "sample" / "ensemble").glob("*.metrics.json"))
     assert names == ["beam", "greedy"]
+    # the sweep ends with its jobs' table and the report command for exactly its two runs
+    assert "fusemt: sweep summary" in proc.stdout and "| job | run_name | decoding | segments |" in proc.stdout
+    assert proc.stdout.count("complete |") == 2 and "python -m eval.report " in proc.stdout
 
 
 @pytest.mark.slow
@@ -108,3 +111,41 @@ def test_empty_and_too_long_sources_are_recorded_with_warnings(tmp_path):
     rows = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert rows["a"]["hypothesis"] == "" and rows["a"]["warnings"] == ["empty source: nothing to translate"]
     assert rows["b"]["warnings"] == ["prompt truncated to 30 tokens"] and rows["b"]["n_new_tokens"] > 0
+
+
+def test_an_option_of_other_methods_names_the_methods_that_have_it(tmp_path):
+    proc = fusemt(tmp_path, "logger=none", "decoding.top_k=5", check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert "unknown key 'decoding.top_k': decoding has max_new_tokens" in proc.stderr
+    assert "top_k is an option of decoding=charwise,tokenwise,unite" in proc.stderr
+
+
+@pytest.mark.parametrize("module, ignored", [("runners.score", "decoding: beam"), ("runners.compat", "metrics: default")])
+def test_help_of_score_and_compat_lists_only_what_they_read(module, ignored):
+    proc = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert proc.returncode == 0 and "powered by Hydra" not in proc.stdout and ignored not in proc.stdout
+    assert proc.stdout.startswith(f"fusemt-{module.split('.')[1]}: ") and "== Config ==" in proc.stdout
+
+
+def test_fusemt_help_suggests_only_make_targets_that_exist():
+    import re
+
+    proc = subprocess.run([sys.executable, "-m", "runners.translate", "--help"], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    targets = set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), re.M))
+    suggested = set(re.findall(r"make ([\w-]+)", proc.stdout))
+    assert proc.returncode == 0 and suggested and suggested <= targets
+
+
+def test_an_ensemble_method_with_one_model_says_it_decodes_that_model_alone(caplog):
+    from conftest import compose_run
+
+    with caplog.at_level("WARNING", logger="fusemt"):
+        run = compose_run("decoding=unite")
+    assert len(run.models) == 1
+    assert "decoding=unite with one model: no ensemble, it decodes gemma3_270m alone" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fusemt"):
+        compose_run("decoding=unite", "models=gemma3_smollm2")
+    assert "no ensemble" not in caplog.text

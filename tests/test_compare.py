@@ -174,3 +174,43 @@ def test_compare_page_sorts_by_score_difference_in_headless_chromium(sweep, tmp_
     assert [float(delta) for _, delta in rows] == [round(deltas[i], 2) for i in expected]
     shot = screenshot(page, tmp_path / "compare.png", 1400, 1000)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20000
+
+
+def test_cells_link_to_the_trace_page_at_that_segment(tmp_path):
+    from eval.trace import render_html
+
+    paths = [write_run(tmp_path, "greedy"), write_run(tmp_path, "beam", segments=list(reversed(SEGMENTS)),
+                                                       hypotheses=list(reversed(HYPOTHESES["beam"])))]
+    beam_rows = [json.loads(line) for line in paths[1].read_text(encoding="utf-8").splitlines()]
+    paths[1].with_suffix(".trace.html").write_text(render_html(beam_rows, {}, "beam"), encoding="utf-8")
+    comparison = Comparison.build(load_runs(paths))
+    out = tmp_path / "pages"
+    out.mkdir()
+    page = comparison.render("compare", out)
+    links = re.findall(r'<a class="trace" href="([^"]+)">', page)
+    # only the run with a trace page links; sample-000 is that run's last row, its section seg3
+    assert len(links) == 4 and links[0] == f"../{paths[1].stem}.trace.html#seg3"
+    trace_page = paths[1].with_suffix(".trace.html").read_text(encoding="utf-8")
+    section = re.search(r'<section id="seg3".*?</section>', trace_page, re.S).group(0)
+    assert "sample-000" in section
+    assert comparison.render("compare").count('class="trace"') == 0  # no page folder: no links
+
+
+def test_header_has_corpus_significance_against_the_baseline_holm_corrected(tmp_path):
+    from eval.report import holm
+
+    segments = [(f"s{i}", f"source {i}", f"今日は天気がいいので、{i}番目の駅まで歩いて行きます。") for i in range(30)]
+    refs = [ref for _, _, ref in segments]
+    paths = [write_run(tmp_path, "greedy", [r[:6] + "電車" for r in refs], segments=segments),
+             write_run(tmp_path, "beam", refs, segments=segments),
+             write_run(tmp_path, "charwise", [r[:6] + "電車" for r in refs], segments=segments)]
+    comparison = Comparison.build(load_runs(paths))
+    rows = comparison.header_rows()
+    assert rows[0]["bleu_delta"] is None  # the baseline itself
+    boot = comparison.bootstraps[1]
+    raw = [boot.bleu_p, boot.chrf_p, comparison.bootstraps[2].bleu_p, comparison.bootstraps[2].chrf_p]
+    assert rows[1]["chrf_p_adj"] == round(holm(raw)[1], 4) and rows[1]["chrf_delta"] > 0
+    page = comparison.render("compare")
+    assert "ΔchrF vs run 1 (p)" in page and "Holm–Bonferroni-adjusted over the 4 tests" in page
+    assert re.search(r'<td class="num sig">\+[\d.]+ \(p=0\.\d+\) ▲</td>', page)
+    assert "table.runs td:nth-child(2), table.compare th { overflow-wrap: anywhere; white-space: normal; }" in page

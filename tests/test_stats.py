@@ -19,7 +19,7 @@ TINY_TWO = ["The weather is nice today.", "Good morning."]
 # (method, options): every method, and the optional parts of the records (speculation, beam search).
 RUNS = [("greedy", {}), ("beam", {"num_beams": 3}), ("tokenwise", {}), ("unite", {}), ("charwise", {}),
         ("speculative", {"num_draft_tokens": 3}), ("unite", {"speculate": 3}), ("charwise", {"speculate": 2}),
-        ("tokenwise", {"num_beams": 3}), ("unite", {"num_beams": 2})]
+        ("tokenwise", {"num_beams": 3}), ("unite", {"num_beams": 2}), ("pool", {"generate": ["greedy", "beam:2"]})]
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +30,8 @@ def toy_pair():
 def two_segment_stats(method, options, toy_pair, tiny_pair) -> list[dict]:
     if method in ("greedy", "beam"):  # Hugging Face generate: a tiny transformer, not the scripted LM
         outs = build_decoder(method, tiny_pair[:1], max_new_tokens=8, **options).decode(TINY_TWO)
+    elif method == "pool":  # the members generate with Hugging Face generate and score every candidate
+        outs = build_decoder(method, tiny_pair, max_new_tokens=8, **options).decode(TINY_TWO)
     else:
         outs = build_decoder(method, toy_pair, TOY_PROMPT, max_new_tokens=8, **options).decode(TWO_SOURCES)
     return [out.stats for out in outs]

@@ -14,7 +14,9 @@ import pytest
 
 from eval.metrics import corpus_scores, segment_scores
 from eval.plots import chromium, screenshot
-from eval.report import Report, RunOptions, distinguishing_options, find_runs, spread
+from decoding.errors import FusemtError
+from eval.report import (Report, RunOptions, distinguishing_options, find_runs, holm, read_member_ranking,
+                         short_labels)
 from eval.trace import (character_chips, chip_tooltip, diff_html, render_html, repetition, segment_flags,
                         step_tooltip, write_trace_report)
 
@@ -128,8 +130,10 @@ def test_all_model_text_is_escaped():
 
 
 def test_segment_line_has_sentence_scores_comet_length_ratio_and_agreement(tmp_path):
+    agreed = [step("今日は".encode(), "both"), step("天気".encode(), "gemma3_270m"), step("が良いです。".encode(), "lookup"),
+              step("".encode(), "both", end=True)]
     rows = [{"id": "a", "source": "x", "reference": "今日は天気がいいです。", "hypothesis": "今日は天気が良いです。",
-             "stats": {"agreement_rate": 0.25}, "trace": []},
+             "models": ["gemma3_270m", "smollm2_135m"], "stats": {"agreement_rate": 0.0}, "trace": agreed},
             {"id": "b", "source": "y", "reference": "駅はどこですか", "hypothesis": "駅", "trace": []},
             {"id": "c", "source": "z", "reference": None, "hypothesis": "参照なし", "trace": []}]
     jsonl = tmp_path / "run.jsonl"
@@ -138,12 +142,50 @@ def test_segment_line_has_sentence_scores_comet_length_ratio_and_agreement(tmp_p
     page, _ = write_trace_report(jsonl, segment=None)
     text = page.read_text(encoding="utf-8")
     scores = segment_scores([r["hypothesis"] for r in rows[:2]], [r["reference"] for r in rows[:2]])
-    assert f"chrF {scores.chrf[0]:.1f} · BLEU {scores.bleu[0]:.1f} · COMET 0.812 · length 1.00× reference · agreement 0.25" in text
+    # the agreed share counts the green (every member proposed it) steps: 2 of 4, whatever the top-1 stat says
+    assert (f"chrF {scores.chrf[0]:.1f} · BLEU {scores.bleu[0]:.1f} · COMET 0.812 · length 1.00× reference · "
+            "agreed 0.50 of steps (green)") in text
+    assert "top-1 agreement (every member&#x27;s most likely piece the same): 0" in text
     assert f"chrF {scores.chrf[1]:.1f} · BLEU {scores.bleu[1]:.1f} · COMET 0.310 · length 0.14× reference" in text
     # the sort data carries the same numbers
     sections = dict(re.findall(r'<section id="seg(\d)" data-order="\d" data-bleu="[^"]*" data-chrf="([^"]*)"', text))
     assert float(sections["0"]) == scores.chrf[0] and sections["2"] == ""
     assert 'id="sort"' in text and '<option value="comet">COMET</option>' in text
+
+
+def test_speculative_rounds_are_shown_as_text_on_the_page():
+    ru = "ルール".encode()
+    trace = [  # round 1: draft proposed ル + ー (ル as two byte pieces), target accepted 2 pieces then wrote its own ー
+        {**step(ru[:2], "draft"), "round": 1}, {**step(ru[2:3], "draft"), "round": 1},
+        {**step("ー".encode(), "target"), "round": 1, "proposed": ["\\xe3\\x83", "\\xab", "ル"], "accepted": 2},
+        # round 2: nothing accepted, the target ends
+        {**step(b"", "target", end=True), "round": 2, "proposed": ["ル"], "accepted": 0}]
+    from eval.trace import speculative_rounds
+
+    rounds = speculative_rounds(trace)
+    assert [(r["accepted_text"], r["rejected_text"], r["target_text"], r["accepted"], r["proposed"]) for r in rounds] == [
+        ("ル", "ル", "ー", 2, 3), ("", "ル", "<end>", 0, 1)]
+    page = render_html([{"id": "a", "source": "rule", "reference": "ルール", "hypothesis": "ルー", "trace": trace,
+                         "models": ["qwen15", "qwen05"], "stats": {"rounds": 2, "forward_passes": {"qwen15": 2, "qwen05": 4},
+                                                                   "acceptance_rate": 0.5}}],
+                       {"method": "speculative"}, "spec")
+    assert "2 speculative rounds" in page
+    assert '<span class="acc">ル</span><del>ル</del> <span class="own">ー</span></td><td class="num">2/3</td>' in page
+    assert "forward passes: qwen15 2, qwen05 4 · acceptance rate: 0.5" in page and "{&quot;" not in page
+
+
+def test_options_that_do_nothing_at_these_settings_are_not_shown():
+    config = {"config": {"decoding": {"name": "unite", "top_k": 10, "speculate": 0, "drafter": None, "alternate": False,
+                                      "draft_schedule": "constant", "draft_confidence": 0.0, "num_beams": 1,
+                                      "length_penalty": 1.0, "early_stopping": True, "temperature": 0.0, "seed": 0},
+                         "prompt": {}, "seed": 0}}
+    page = render_html(ROWS, config, "unite")
+    line = re.search(r'<div class="meta">options: (.*?)</div>', page).group(1)
+    assert line.startswith("top_k=10 · speculate=0 · num_beams=1 · temperature=0.0")
+    assert "drafter=" not in line and "length_penalty=" not in line and "seed=0 ·" not in line.split("(not shown")[0]
+    assert "no effect at these settings: drafter, alternate, draft_schedule, draft_confidence, length_penalty" in line
+    beams = {"config": {**config["config"], "decoding": {**config["config"]["decoding"], "num_beams": 4}}}
+    assert "length_penalty=1.0" in render_html(ROWS, beams, "unite")
 
 
 def test_diff_against_the_reference():
@@ -275,26 +317,55 @@ def test_per_domain_scores(tmp_path):
     assert "Per domain" not in Report.build(find_runs(tmp_path)).to_markdown()
 
 
-def test_spread_keeps_labels_apart_in_order():
-    heights = [0.5, 0.51, 0.49, 0.9, 0.95]
-    placed = spread(heights, 0.05)
-    ordered = sorted(range(5), key=lambda i: heights[i])
-    assert [placed[i] for i in ordered] == sorted(placed)  # same order as the points
-    assert all(b - a >= 0.05 - 1e-9 for a, b in zip(sorted(placed), sorted(placed)[1:]))
-    assert 0 <= min(placed) and max(placed) <= 1
+def _text_boxes(figure):
+    """Every text the rendered figure draws (titles, tick labels, annotations, legend, key), as extents."""
+    from matplotlib.text import Text
+
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    return [t.get_window_extent(renderer) for t in figure.findobj(Text) if t.get_visible() and t.get_text()]
 
 
-def test_plot_labels_do_not_overlap(tmp_path):
-    for i in range(8):  # eight runs at nearly the same point
+def test_plot_has_short_labels_a_method_legend_chrf_beside_bleu_and_nothing_cut(tmp_path):
+    long_prompt = {"system": "日本語に翻訳してください。" * 4}
+    for i in range(8):  # eight runs at nearly the same point, differing by one option
         _write_run(tmp_path, f"unite__m__d__{i}", "unite", 14.0 + i * 0.01, 4.0 + i * 0.01,
                    **_config({"name": "unite", "top_k": i + 1}))
+    _write_run(tmp_path, "tokenwise__a", "tokenwise", 9.0, 2.0, **_config({"name": "tokenwise", "single_weight": 0.3}))
+    _write_run(tmp_path, "tokenwise__b", "tokenwise", 9.5, 2.0, **_config({"name": "tokenwise", "single_weight": 0.7}))
+    _write_run(tmp_path, "greedy__long", "greedy", 5.0, 9.0,
+               config={"decoding": {"name": "greedy"}, "prompt": long_prompt, "seed": 0})
     report = Report.build(find_runs(tmp_path))
+    labels = dict(zip((r.name for r in report.runs), short_labels(report.runs)))
+    assert labels["unite__m__d__3"] == "unite top_k=4" and labels["tokenwise__a"] == "tokenwise single_weight=0.3"
+    assert labels["greedy__long"] == "greedy"  # nothing tells it apart from other greedy runs
     figure = report.figure()
-    renderer = figure.canvas.get_renderer()
-    boxes = [t.get_window_extent(renderer) for t in figure.axes[0].texts]
-    assert len(boxes) == 8 and all(t.get_text().startswith("unite top_k=") for t in figure.axes[0].texts)
-    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
-    assert max(b.x1 for b in boxes) <= figure.bbox.width  # inside the figure
+    assert [ax.get_title() for ax in figure.axes] == ["BLEU", "chrF"]
+    (legend,) = figure.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["unite", "tokenwise", "greedy"]
+    key = [t.get_text() for t in figure.texts if t.get_text()[:2].strip().isdigit()]
+    assert len(key) == 11 and any(line.endswith("unite top_k=8") for line in key)
+    boxes = _text_boxes(figure)
+    canvas = figure.bbox
+    assert all(canvas.x0 <= b.x0 and b.x1 <= canvas.x1 + 0.5 and canvas.y0 <= b.y0 and b.y1 <= canvas.y1 + 0.5
+               for b in boxes), "a text runs off the canvas"
+    key_boxes = [t.get_window_extent(figure.canvas.get_renderer()) for t in figure.texts if t.get_text() in key]
+    assert not any(a.overlaps(b) for i, a in enumerate(key_boxes) for b in key_boxes[i + 1:])
+    # the saved PNG has the figure's size: what was checked is what is written
+    png = report.plot(tmp_path / "report.png")
+    from PIL import Image
+
+    with Image.open(png) as image:
+        assert image.size == (round(canvas.width), round(canvas.height))
+
+
+def test_a_long_label_widens_the_figure_instead_of_running_off(tmp_path):
+    for i, value in enumerate(["x" * 90, "y" * 90]):
+        _write_run(tmp_path, f"greedy__{i}", "greedy", 5.0 + i, 9.0,
+                   config={"decoding": {"name": "greedy"}, "prompt": {"system": value + " " + value}, "seed": 0})
+    figure = Report.build(find_runs(tmp_path)).figure()
+    canvas = figure.bbox
+    assert all(b.x1 <= canvas.x1 + 0.5 and b.y0 >= canvas.y0 - 0.5 for b in _text_boxes(figure))
 
 
 def test_report_collects_every_run(tmp_path):
@@ -459,7 +530,70 @@ def test_member_baselines_test_each_ensemble_against_its_best_single_member(tmp_
     rows = {r["run_name"]: r for r in report.rows()}
     assert rows["unite__a+b"]["baseline"] == "greedy__b" and rows["unite__a+b"]["bleu_delta"] > 0
     assert rows["unite__a+b"]["forward_passes"] == 21.0 and rows["greedy__a"]["baseline"] is None  # 840 / 40 segments
-    assert "best single member" in report.to_markdown()
+    assert "ensemble's best member (the member with the best BLEU" in report.to_markdown()
+    # ranked elsewhere (a dev slice's compat.json): the first ranked member that ran alone is the baseline
+    ranked = Report.build(find_runs(tmp_path), member_baselines=True, member_ranking=["c", "a", "b"],
+                          ranking_source="dev/compat.json")
+    assert {name: base.name for name, base in ranked.baselines.items()} == {"unite__a+b": "greedy__a"}
+    assert "ranked best in dev/compat.json" in ranked.to_markdown()
+
+
+def test_member_ranking_comes_from_a_compat_result(tmp_path):
+    compat = tmp_path / "compat.json"
+    compat.write_text(json.dumps({"rules": {"metric": "chrf"}, "models": [
+        {"name": "a", "scores": {"bleu": 9.0, "chrf": 10.0}}, {"name": "b", "scores": {"bleu": 2.0, "chrf": 12.0}},
+        {"name": "c", "scores": {"bleu": 5.0, "chrf": 10.0}}]}))
+    assert read_member_ranking(compat) == ["b", "a", "c"]  # by chrF, the compat rule's metric, then BLEU
+    compat.write_text(json.dumps({"models": "x"}))
+    with pytest.raises(FusemtError, match="has no models with scores"):
+        read_member_ranking(compat)
+
+
+def test_holm_matches_the_step_down_definition():
+    # Holm (1979): sorted p (0.01, 0.02, 0.03, 0.04) times (4, 3, 2, 1) = 0.04, 0.06, 0.06 (monotone), 0.06
+    assert holm([0.03, 0.01, 0.04, 0.02]) == pytest.approx([0.06, 0.04, 0.06, 0.06])
+    assert holm([0.5, 0.9]) == [1.0, 1.0] and holm([]) == []
+    p = [0.006, 0.029, 0.001, 0.2, 0.04]
+    m = len(p)
+    for i, adjusted in enumerate(holm(p)):  # the definition: max over the smaller p's of (m - rank) p, capped at 1
+        ranks = sorted(range(m), key=lambda j: p[j])
+        assert adjusted == pytest.approx(max(min(1, (m - r) * p[ranks[r]]) for r in range(ranks.index(i) + 1)))
+
+
+def test_report_corrects_p_values_with_holm_and_says_so(tmp_path):
+    good = _bootstrap_rows(lambda refs: refs)
+    poor = _bootstrap_rows(lambda refs: [r[:6] + "電車" for r in refs])
+    close = _bootstrap_rows(lambda refs: [r if i % 8 else r[:6] + "電車" for i, r in enumerate(refs)])
+    _write_run(tmp_path, "greedy__poor", "greedy", 5.0, 8.0, rows=poor)
+    _write_run(tmp_path, "unite__good", "unite", 90.0, 4.0, rows=good)
+    _write_run(tmp_path, "unite__close", "unite", 20.0, 4.0, rows=close)
+    report = Report.build(find_runs(tmp_path), baseline="greedy__poor")
+    assert report.tests == 4
+    raw = [getattr(report.bootstraps[n], f"{m}_p") for n in ("unite__good", "unite__close") for m in ("bleu", "chrf")]
+    adjusted = [report.bootstraps[n].adjusted[m] for n in ("unite__good", "unite__close") for m in ("bleu", "chrf")]
+    assert adjusted == pytest.approx([round(a, 4) for a in holm(raw)])
+    rows = {r["run_name"]: r for r in report.rows()}
+    assert rows["unite__close"]["chrf_p_adj"] == report.bootstraps["unite__close"].adjusted["chrf"]
+    md = report.to_markdown()
+    assert "Holm–Bonferroni-adjusted over the 4 tests" in md and "chrf_p_adj" in md.splitlines()[0]
+    # a raw p under 0.05 that the correction lifts above it loses its marker
+    boot = report.bootstraps["unite__close"]
+    boot.chrf_p, boot.adjusted["chrf"] = 0.03, 0.09
+    assert boot.marker("chrf") == ""
+    plain = Report.build(find_runs(tmp_path), baseline="greedy__poor", correction="none")
+    assert "no multiple-comparison correction" in plain.to_markdown() and "chrf_p_adj" not in plain.columns
+
+
+def test_report_warns_when_it_mixes_datasets_or_segment_counts(tmp_path):
+    _write_run(tmp_path, "greedy__a", "greedy", 5.0, 8.0)
+    _write_run(tmp_path, "greedy__b", "greedy", 6.0, 8.0, rows=_bootstrap_rows(lambda refs: refs), segments=40)
+    report = Report.build(find_runs(tmp_path))
+    assert report.warnings == ["the runs of sample_en_ja scored different numbers of segments (2, 40): their scores "
+                               "are over different segments; finish the runs or report one selection"]
+    assert report.to_markdown().startswith("> warning: the runs of sample_en_ja")
+    _write_run(tmp_path, "greedy__b", "greedy", 6.0, 8.0, dataset="wmt24")
+    proc = _cli("eval.report", tmp_path, cwd=tmp_path)
+    assert proc.returncode == 0 and "fusemt: warning: the runs are of 2 datasets (sample_en_ja, wmt24)" in proc.stderr
 
 
 def test_an_ensemble_beam_search_is_tested_against_its_members_beam_search_with_as_many_beams(tmp_path):

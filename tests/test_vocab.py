@@ -62,3 +62,12 @@ def test_clip_trace_cuts_at_the_stop_string():
     kept, raw, stop = clip_trace(steps, ["\n"])
     assert stop == "\n" and raw.decode() == " 日本。"
     assert [s.piece for s in kept] == [" 日本", "。"] and kept[-1].extra["stop"] == "\n"
+
+
+def test_forbidden_after_is_the_inverse_of_allowed_after_broadcast_to_every_row():
+    vocab = ByteVocab.build([None, b"a", "メ".encode()[:1], "メ".encode()[1:], "メ".encode(), b"\x80"], frozenset({0}))
+    for texts in ([b"x", b"y"], [b"x", "メ".encode()[:2]], [b""]):
+        for may_end in ([True] * len(texts), [False] * len(texts), [True] + [False] * (len(texts) - 1)):
+            ends = torch.tensor(may_end)
+            forbidden = vocab.forbidden_after(texts, ends).expand(len(texts), -1)
+            assert torch.equal(forbidden, ~vocab.allowed_after(texts, ends))

@@ -130,3 +130,95 @@ def test_offline_run_of_a_two_model_config_logs_its_artifact(tmp_path):
     table = json.loads(table_file.read_text(encoding="utf-8"))
     assert {"bleu", "chrf", "n_new_tokens", "time_s", "warnings", "stats.agreement_rate"} <= set(table["columns"])
     assert len(table["data"]) == 3
+
+
+def _history(run_file) -> list[dict]:
+    return [{item.key or ".".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
+            for r in wandb_records(run_file) if r.WhichOneof("record_type") == "history"]
+
+
+def _run_record(run_file):
+    return next(r.run for r in wandb_records(run_file) if r.WhichOneof("record_type") == "run")
+
+
+def test_interrupted_and_resumed_run_is_one_wandb_run_with_history_from_both_parts(tmp_path, monkeypatch):
+    """A real offline W&B run through ``translate`` (tiny model): the run is started before decoding,
+    logs a history point per batch, is interrupted after its first two batches and resumed; both
+    invocations write the same run id, the second continuing the steps; a third invocation, which
+    decodes nothing new, starts no W&B run."""
+    from conftest import compose_run
+    from tiny_models import tiny_gemma3
+
+    import runners.translate as translate_module
+    from eval.wandb_logger import run_id
+
+    run = compose_run("dataset.limit=5", "batch_size=2", "decoding.max_new_tokens=3", "metrics.comet=false",
+                      "logger=wandb", f"paths.results_dir={tmp_path}")
+    monkeypatch.setattr(translate_module, "load_model", lambda spec: tiny_gemma3())
+    real_class, calls = translate_module.decoder_class, []
+
+    def interrupting_class(name):
+        class Interrupting(real_class(name)):
+            def decode(self, sources):
+                calls.append(len(sources))
+                if len(calls) == 3 and interrupt:
+                    raise KeyboardInterrupt
+                return super().decode(sources)
+        return Interrupting
+
+    monkeypatch.setattr(translate_module, "decoder_class", interrupting_class)
+    interrupt = True
+    with pytest.raises(SystemExit) as stopped:
+        translate_module.translate(run)
+    assert stopped.value.code == 130
+    interrupt = False
+    translate_module.translate(run)
+    # each invocation's first batch is one segment, then batch_size; the interrupted batch's segments again
+    assert calls == [1, 2, 2, 1, 1]
+    translate_module.translate(run)  # nothing new: no third W&B run
+
+    run_files = sorted(run.results_path.parent.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(run_files) == 2
+    records = [_run_record(f) for f in run_files]
+    assert {r.run_id for r in records} == {run_id(run.run_name, run.fingerprint)}
+    assert records[0].job_type == "greedy" and {"greedy", "gemma3_270m"} <= set(records[0].tags)
+    first, second = ([h for h in _history(f) if "segments_done" in h] for f in run_files)
+    assert [h["segments_done"] for h in first] == [1, 3]  # the interrupted part: two batches
+    assert [h["segments_done"] for h in second] == [4, 5] and [h["_step"] for h in second] == [4, 5]
+    assert all("tokens_per_s" in h and "bleu" in h and "chrf" in h for h in first + second)
+    summary = {}
+    for record in wandb_records(run_files[1]):
+        if record.WhichOneof("record_type") == "summary":
+            summary.update({u.key or ".".join(u.nested_key): json.loads(u.value_json) for u in record.summary.update})
+    assert summary["segments"] == 5 and "config" not in summary and "provenance" not in summary
+
+
+def test_unreachable_wandb_server_with_a_key_logs_offline_within_seconds(tmp_path, monkeypatch):
+    """An API key but no server: the run decides at once (not wandb's 90 s init timeout) and logs offline."""
+    import time
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.invalid")  # RFC 2606: never resolves
+    start = time.perf_counter()
+    logger = RunLogger(LoggerConfig(), ENSEMBLE_RUN, config={}, out_dir=tmp_path)
+    assert time.perf_counter() - start < 30
+    assert logger.run is not None and logger.run.settings.mode == "offline"
+    logger.finish()
+    assert list(tmp_path.glob("wandb/offline-run-*"))
+
+
+def test_shards_and_selections_of_one_run_share_its_wandb_id_other_configs_do_not():
+    from conftest import compose_run
+
+    from eval.wandb_logger import run_id
+
+    def identity(*overrides):
+        run = compose_run(*overrides)
+        return run_id(run.run_name, run.fingerprint)
+
+    base = identity()
+    assert identity("dataset.shard=0/2") == identity("dataset.shard=1/2") == identity("dataset.limit=3") == base
+    assert identity("batch_size=2") == base  # batching does not change what is decoded
+    assert identity("decoding=beam") != base and identity("run_name=mine") != base
+    assert re.fullmatch(r"[0-9a-f]{12}-[0-9a-f]{8}", base)  # W&B ids: no / \\ # ? % :

@@ -49,4 +49,4 @@ def decoder_class(name: str) -> type[Decoder]:
 
 
 # After register is defined: each module registers its method as it is imported.
-from decoding.methods import beam, charwise, greedy, speculative, tokenwise, unite  # noqa: E402,F401
+from decoding.methods import beam, charwise, greedy, pool, speculative, tokenwise, unite  # noqa: E402,F401

@@ -1,0 +1,216 @@
+"""Host cost of a fused step: the time a decoding step spends outside the members' forward calls.
+
+    python scripts/bench_overhead.py [--pair gemma3_smollm2] [--batch-sizes 1 8 32] [--steps 32]
+                                     [--rounds 3] [--methods unite tokenwise charwise] [--variants]
+                                     [--growth 512] [--quick]
+
+For each batch size it runs each member alone under Hugging Face ``generate`` greedy and each fused
+method over the pair, every run forced to exactly ``--steps`` new tokens (characters for
+``charwise``), in ``--rounds`` interleaved rounds after one warm-up round (A B C, A B C, ...: a slow
+spell of the machine hits all of them alike). For every run it measures
+
+    wall     the decoding time (``prepare`` excluded) per step
+    forward  the time inside the members' forward calls (hooks on each member's HF module) per step
+    host     wall - forward: what a GPU does not make faster
+    vocab    the part of host spent in vocabulary-sized tensor operations (any torch operation outside a
+             forward call with a tensor whose last dimension is at least the smallest member's
+             vocabulary: log-softmax, masks, top-k, lookups, copies; timed by a TorchFunctionMode)
+    py       host - vocab: Python and small-tensor work, the part a GPU cannot absorb
+
+and prints the medians over the rounds with their spread [min-max]. ``hf`` figures are the members'
+HF ``generate`` host times summed (as the fused step runs both members). ``--variants`` also times the
+speculative (``decoding.speculate=4``) and beam (``decoding.num_beams=4``) variants of unite and
+tokenwise at batch 8 (host per generated token). ``--growth N``: one run of each method at batch 1
+forced to N steps; host per step over its last 32 steps / over steps 17..48 (``host_growth_N_vs_32``).
+
+``--quick`` (a few minutes on 2 busy cores): 16 steps, 2 rounds, growth over 512 steps for unite only.
+On a CUDA device the hooks synchronise, so the split is exact there too.
+
+Last line: ``host_ms_bs8_unite= host_ms_bs8_tokenwise= host_ms_bs8_charwise= host_ms_bs32_unite= ...
+hf_host_ms_bs8= hf_host_ms_bs32= py_ms_bs8_<method>= py_ms_bs32_<method>= host_growth_512_vs_32=``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from bench_common import compose, interleaved
+from torch.overrides import TorchFunctionMode
+
+from decoding.base import decoder_class
+from decoding.model import load_model
+from runners.data import DatasetConfig, load_segments
+
+METHODS = ("unite", "tokenwise", "charwise")
+
+
+class Meter(TorchFunctionMode):
+    """Seconds inside the members' forward calls and in vocabulary-sized tensor operations outside them."""
+
+    def __init__(self, models, min_vocab: int):
+        super().__init__()
+        self.min_vocab = min_vocab
+        self.forward_s = self.vocab_s = 0.0
+        self.depth, self.started = 0, 0.0
+        self.cuda = any(m.device.type == "cuda" for m in models)
+        for m in models:
+            m.model.register_forward_pre_hook(self._enter)
+            m.model.register_forward_hook(self._leave)
+
+    def _sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def _enter(self, *_) -> None:
+        if self.depth == 0:
+            self._sync()
+            self.started = time.perf_counter()
+        self.depth += 1
+
+    def _leave(self, *_) -> None:
+        self.depth -= 1
+        if self.depth == 0:
+            self._sync()
+            self.forward_s += time.perf_counter() - self.started
+
+    def _vocab_sized(self, value) -> bool:
+        if isinstance(value, torch.Tensor):
+            return value.dim() > 0 and value.shape[-1] >= self.min_vocab
+        if isinstance(value, (list, tuple)):
+            return any(self._vocab_sized(v) for v in value)
+        return False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.depth or not self._vocab_sized(args):
+            return func(*args, **kwargs)
+        self._sync()
+        t0 = time.perf_counter()
+        out = func(*args, **kwargs)
+        self._sync()
+        self.vocab_s += time.perf_counter() - t0
+        return out
+
+    def totals(self) -> tuple[float, float]:
+        return self.forward_s, self.vocab_s
+
+
+def measured_run(decoder, sources: list[str], meter: Meter, per_step: bool = False) -> dict:
+    """Decode ``sources`` step by step: wall, forward and vocab seconds in total (and per step)."""
+    state = decoder.prepare(sources)
+    steps, wall = [], 0.0
+    with meter:
+        going = True
+        while going:
+            f0, v0 = meter.totals()
+            t0 = time.perf_counter()
+            going = decoder.step(state)
+            elapsed = time.perf_counter() - t0
+            f1, v1 = meter.totals()
+            wall += elapsed
+            steps.append((elapsed, f1 - f0, v1 - v0))
+    outputs = decoder.finish(state)
+    n = max(o.n_new_tokens for o in outputs)  # the batch runs as many steps as its longest row
+    total = [sum(s[i] for s in steps) for i in range(3)]
+    run = {"steps": n, "wall": total[0] / n, "forward": total[1] / n, "vocab": total[2] / n}
+    run["host"] = run["wall"] - run["forward"]
+    run["py"] = run["host"] - run["vocab"]
+    if per_step:
+        run["per_step"] = [w - f for w, f, _ in steps]
+    return run
+
+
+def show(runs: list[dict], key: str) -> str:
+    values = [r[key] * 1e3 for r in runs]
+    return f"{statistics.median(values):.2f} [{min(values):.2f}-{max(values):.2f}]"
+
+
+def median_ms(runs: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in runs) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pair", default="gemma3_smollm2")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--variants", action="store_true", help="also the speculative and beam variants (batch 8)")
+    parser.add_argument("--growth", type=int, default=512, help="steps of the growth run (0: skip)")
+    parser.add_argument("--quick", action="store_true", help="16 steps, 2 rounds, growth for unite only")
+    args = parser.parse_args()
+    if args.quick:
+        args.steps, args.rounds = 16, 2
+    torch.manual_seed(0)
+    sources = [s.source for s in load_segments(DatasetConfig(limit=max(args.batch_sizes)))]
+    sources = (sources * max(args.batch_sizes))[: max(args.batch_sizes)]
+    cache = {}
+
+    def model(spec):
+        if spec.name not in cache:
+            cache[spec.name] = load_model(spec)
+        return cache[spec.name]
+
+    def decoder(method: str, steps: int, *extra: str):
+        run = compose(f"models={args.pair}", f"decoding={method}", f"decoding.max_new_tokens={steps}",
+                      f"decoding.min_new_tokens={steps}", *extra)
+        return decoder_class(run.decoding_name)(run.decoding, [model(s) for s in run.models], run.prompt)
+
+    members = [m.name for m in compose(f"models={args.pair}", "decoding=unite").models]
+    models = [model(s) for s in compose(f"models={args.pair}", "decoding=unite").models]
+    meter = Meter(models, min(m.vocab_size for m in models))
+    print(f"torch threads={torch.get_num_threads()} device={models[0].device} pair={args.pair} steps={args.steps} "
+          f"rounds={args.rounds} (ms per step: median [min-max] over rounds)")
+
+    summary: dict[str, float] = {}
+    for batch in args.batch_sizes:
+        rows = sources[:batch]
+        jobs = {name: decoder("greedy", args.steps, f"models.members=[{name}]") for name in members}
+        jobs.update({method: decoder(method, args.steps) for method in args.methods})
+        timed = interleaved({name: (lambda d=d: measured_run(d, rows, meter)) for name, d in jobs.items()}, args.rounds)
+        runs = {name: [r for _, r in results] for name, results in timed.items()}
+        for name in jobs:
+            r = runs[name]
+            print(f"bs={batch} {name:>10}: wall {show(r, 'wall')}  forward {show(r, 'forward')}  host {show(r, 'host')}"
+                  f"  vocab {show(r, 'vocab')}  py {show(r, 'py')}")
+        hf = sum(median_ms(runs[name], "host") for name in members)
+        print(f"bs={batch} hf host (members summed) {hf:.2f} ms/step")
+        if batch in (8, 32):
+            summary[f"hf_host_ms_bs{batch}"] = hf
+            for method in args.methods:
+                summary[f"host_ms_bs{batch}_{method}"] = median_ms(runs[method], "host")
+                summary[f"py_ms_bs{batch}_{method}"] = median_ms(runs[method], "py")
+    if args.variants:
+        rows = sources[:8]
+        jobs = {}
+        for method in ("unite", "tokenwise"):
+            jobs[method] = decoder(method, args.steps)
+            jobs[f"{method}+speculate4"] = decoder(method, args.steps, "decoding.speculate=4")
+            jobs[f"{method}+beam4"] = decoder(method, args.steps, "decoding.num_beams=4")
+        timed = interleaved({name: (lambda d=d: measured_run(d, rows, meter)) for name, d in jobs.items()}, args.rounds)
+        for name, results in timed.items():
+            r = [x for _, x in results]
+            print(f"bs=8 {name:>20}: per token: wall {show(r, 'wall')}  forward {show(r, 'forward')}  "
+                  f"host {show(r, 'host')}  vocab {show(r, 'vocab')}  py {show(r, 'py')}")
+    if args.growth:
+        growth = 0.0
+        for method in (["unite"] if args.quick else args.methods):
+            run = measured_run(decoder(method, args.growth), sources[:1], meter, per_step=True)
+            host = run["per_step"]
+            early, late = statistics.median(host[16:48]), statistics.median(host[-32:])
+            growth = max(growth, late / early)
+            print(f"bs=1 {method}: host {early * 1e3:.2f} ms/step at steps 17-48, {late * 1e3:.2f} at the last 32 "
+                  f"of {args.growth}: growth {late / early:.3f}")
+        summary[f"host_growth_{args.growth}_vs_32"] = growth
+    order = [f"host_ms_bs{b}_{m}" for b in (8, 32) for m in args.methods] + [f"hf_host_ms_bs{b}" for b in (8, 32)] \
+        + [f"py_ms_bs{b}_{m}" for b in (8, 32) for m in args.methods] + [f"host_growth_{args.growth}_vs_32"]
+    print(" ".join(f"{key}={summary[key]:.3f}" if "growth" in key else f"{key}={summary[key]:.2f}"
+                   for key in order if key in summary))
+
+
+if __name__ == "__main__":
+    main()
