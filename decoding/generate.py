@@ -9,6 +9,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from decoding.base import DecodeOutput, Decoder, own_choice_meaning, trace_step, traced_output
+from decoding.prefix import prefilled_cache
 from decoding.prompt import render_prompt, stop_strings
 from decoding.stats import SingleModelStats
 
@@ -69,6 +70,8 @@ class GenerateDecoder(Decoder):
         tok = model.tokenizer
         stops = stop_strings(tok, self.prompt, model.spec.stop_strings)
         input_ids = state.batch["input_ids"].to(model.device)
+        beams = self.generation_kwargs().get("num_beams", 1)
+        cache = prefilled_cache(model, state.batch, repeats=beams) if model.prompt_cache is not None else None
         out = model.model.generate(
             input_ids=input_ids,
             attention_mask=state.batch["attention_mask"].to(model.device),
@@ -78,6 +81,7 @@ class GenerateDecoder(Decoder):
             pad_token_id=tok.pad_token_id,
             stopping_criteria=StoppingCriteriaList([StopOnBytes(model.vocab, stops, input_ids.shape[1], self.cfg.min_new_tokens)]
                                                    if stops else []),
+            past_key_values=cache,
             return_dict_in_generate=True,
             output_scores=True,
             **self.generation_kwargs(),

@@ -215,6 +215,8 @@ class LoadedModel:
     spec: ModelSpec
     tokenizer: object
     model: object
+    # decoding.prefix.PromptCache: the shared prompt prefix's KV cache, reused by every row (None: off)
+    prompt_cache: Optional[object] = None
 
     def __post_init__(self):
         if self.spec.chat_template is not None:

@@ -109,6 +109,10 @@ def render_prompt(model, sources: list[str], prompt: PromptConfig):
     # Chat templates already contain BOS; plain prompts get the tokenizer's own special tokens.
     add_special = not uses_chat_template(tokenizer)
     ids = tokenizer(texts, add_special_tokens=add_special)["input_ids"]
+    if getattr(model, "prompt_cache", None) is not None:
+        from decoding.prefix import prompt_head  # (decoding.prefix builds on the streams, which import this module)
+
+        model.prompt_cache.set_head(prompt_head(tokenizer, prompt, add_special))
     budget = model.spec.max_input_tokens
     truncated = [len(row) > budget for row in ids]
     ids = [row[-budget:] for row in ids]

@@ -87,6 +87,21 @@ class ModelStream:
         # per row: generated ids that stay canonical whatever text follows (decoding/canonical.py)
         self.cut: list[Cut | None] = [None] * len(prompt_ids)
         self.tail_rule = tail_rule(model)
+        prompt_cache = getattr(model, "prompt_cache", None)
+        if prompt_cache is not None and not recompute:
+            self._start_from_prefix(prompt_cache)
+
+    def _start_from_prefix(self, prompt_cache) -> None:
+        """Rows that start with the model's shared prompt prefix (decoding.prefix) start from a copy of
+        its cache: its columns hold positions 0..n-1 of every row."""
+        n = prompt_cache.shared_len(self.tokens, reserve=1)  # the first pass needs a pending token per row
+        if n == 0:
+            return
+        for i, (keys, values) in enumerate(prompt_cache.layers(n)):
+            self.cache.update(keys.expand(self.rows, -1, -1, -1).contiguous(),
+                              values.expand(self.rows, -1, -1, -1).contiguous(), i)
+        self.column_pos = torch.arange(n).repeat(self.rows, 1)
+        self.cached = [n] * self.rows
 
     @property
     def rows(self) -> int:

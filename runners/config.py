@@ -146,6 +146,7 @@ class RunConfig:
     metrics: dict[str, Any]  # MetricsConfig's fields
     run_name: str
     batch_size: int
+    prompt_cache: bool  # reuse the shared prompt prefix's KV cache (decoding.prefix): same outputs, faster
     seed: int
     results_dir: Path
     render_input_text: bool
@@ -193,8 +194,10 @@ def build_run_config(cfg: DictConfig) -> RunConfig:
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise FusemtError(f"seed={seed}: must be a whole number")
     check_prompt(prompt)
+    if not isinstance(cfg.prompt_cache, bool):
+        raise FusemtError(f"prompt_cache={cfg.prompt_cache}: must be true or false")
     sampling = _one_seed(decoding, decoding_values, seed)
-    # What changes the outputs (not limit/shard/domains, batching, metrics or logging): it names the
+    # What changes the outputs (not limit/shard/domains, batching, prompt_cache, metrics or logging): it names the
     # default results file, so every swept hyperparameter gets its own file and a rerun of the same
     # config resumes; lines written under another fingerprint are refused.
     fingerprint_src = json.dumps({"models": [m.__dict__ for m in models], "method": method,
@@ -211,6 +214,7 @@ def build_run_config(cfg: DictConfig) -> RunConfig:
     return RunConfig(
         models=models, decoding_name=method, decoding=decoding, dataset=dataset, prompt=prompt, logger=logger,
         metrics=_values(cfg, "metrics"), run_name=run_name, batch_size=batch_size,
+        prompt_cache=cfg.prompt_cache,
         seed=seed, results_dir=Path(cfg.paths.results_dir).expanduser(),
         render_input_text=bool(cfg.debug.render_input_text),
         fingerprint=fingerprint,

@@ -24,6 +24,7 @@ from decoding.base import current_options
 from decoding.errors import FusemtError, fail, os_error
 from decoding.methods import decoder_class
 from decoding.model import load_model
+from decoding.prefix import PromptCache
 from decoding.prompt import prompt_text
 from eval.comet_score import comet_scores
 from eval.jsonio import write_atomically
@@ -112,6 +113,8 @@ def translate(run: RunConfig, sweep_group: str | None = None) -> dict:
     try:
         if todo or run.render_input_text:
             models = [load_model(spec) for spec in run.models]
+            for model in models:
+                model.prompt_cache = PromptCache(model) if run.prompt_cache else None
         if run.render_input_text:
             _print_prompts(models, segments, run)
         if todo:
