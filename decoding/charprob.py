@@ -54,8 +54,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from decoding.stream import ModelStream, common_prefix_len
 from decoding.errors import FusemtError
+from decoding.stream import ModelStream, common_prefix_len
 from decoding.vocab import ByteVocab, utf8_char_len
 
 
@@ -525,7 +525,8 @@ class RowBook:
         position earlier (both tokens are run in that row)."""
         requests = list(dict.fromkeys(requests))
         wanted = set(requests)
-        parents = {(seq, path[:-1]): (seq, path) for seq, path in requests if len(path) > 1 and (seq, path[:-1]) in wanted}
+        parents = {(seq, path[:-1]): (seq, path) for seq, path in requests
+                   if len(path) > 1 and (seq, path[:-1]) in wanted}
         own = [key for key in requests if key not in parents]
         self._place(own, keep, carries={path for seq, path in parents.values()})
         logprobs = self.stream.logprobs(keep=2 if parents else None)
@@ -691,7 +692,8 @@ def score_level(book: RowBook, requests: list[tuple[int, CoverBeam, tuple[int, .
     return True
 
 
-def exact_prefix_probs(stream, logprobs: torch.Tensor, queries: list[tuple[int, bytes]], cfg: CoverConfig) -> list[float]:
+def exact_prefix_probs(stream, logprobs: torch.Tensor, queries: list[tuple[int, bytes]],
+                       cfg: CoverConfig) -> list[float]:
     """P(the next bytes of row ``r`` start with ``data``) for each query (r, data): summed over the
     model's tokenizations of ``data`` from the row's context (``logprobs[r]``: its next-token
     log-probabilities). The extra forward passes use duplicates of the stream's rows, one call per
@@ -704,7 +706,8 @@ def exact_prefix_probs(stream, logprobs: torch.Tensor, queries: list[tuple[int, 
         beam.score((), logprobs[row])
         beam.advance(data)
         beams.append((row, beam))
-    while score_level(book, [(row, beam, node.path) for row, beam in beams for node in beam.frontier(next_char=False)], []):
+    while score_level(book, [(row, beam, node.path) for row, beam in beams
+                             for node in beam.frontier(next_char=False)], []):
         pass
     book.release()
     return [math.exp(beam.prefix_logprob()) for _, beam in beams]

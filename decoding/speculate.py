@@ -42,7 +42,6 @@ from decoding.stats import SpeculationStats
 from decoding.stream import ModelStream, open_streams
 from decoding.vocab import utf8_pending
 
-
 DRAFT_SCHEDULES = ("constant", "heuristic")
 
 
@@ -56,7 +55,8 @@ def check_draft_options(cfg) -> None:
 
 def check_speculation_options(cfg, n_models: int) -> None:
     if cfg.num_draft_tokens < 0:
-        raise FusemtError(f"decoding.num_draft_tokens={cfg.num_draft_tokens}: draft tokens per round must be >= 0 (0: off)")
+        raise FusemtError(f"decoding.num_draft_tokens={cfg.num_draft_tokens}: draft tokens per round must be >= 0 "
+                          "(0: off)")
     check_draft_options(cfg)
     if cfg.drafter is not None and not 0 <= cfg.drafter < n_models:
         raise FusemtError(f"decoding.drafter={cfg.drafter}: must index models.members (0..{n_models - 1})")
@@ -136,7 +136,8 @@ class Drafter:
                 drafting[row] = depth + 1 < lengths[row]
             if not any(drafting):
                 break
-        if self.shared:  # back to the text: the drafted tokens' KV waits in the shadow until the fused steps accept them
+        # back to the text: the drafted tokens' KV waits in the shadow until the fused steps accept them
+        if self.shared:
             for row, ids in enumerate(own):
                 stream.sync_to_ids(row, ids)
         return [bytes(d[len(text):]) for d, text in zip(drafts, texts)], passes

@@ -59,8 +59,8 @@ class SegmentStats:
             value = getattr(self, f.name)
             if value is None:
                 continue
-            out[f.name] = value.to_json() if isinstance(value, SegmentStats) else (dict(value) if isinstance(value, dict)
-                                                                                    else value)
+            out[f.name] = value.to_json() if isinstance(value, SegmentStats) else (
+                dict(value) if isinstance(value, dict) else value)
         return out
 
     @classmethod

@@ -41,13 +41,13 @@ from decoding.model import load_model
 from decoding.speculate import DRAFT_SCHEDULES
 from runners.data import DatasetConfig, load_segments
 
-
 PARTS = ("ratio", "growth", "se")
 
 
 def per_step(jobs: dict[str, tuple[object, list[str], int]], rounds: int) -> dict[str, list[float]]:
     """Seconds per step of each job (decoder, sources, steps) in every interleaved round."""
-    timed = interleaved({name: (lambda d=decoder, s=sources: d.decode(s)) for name, (decoder, sources, _) in jobs.items()},
+    timed = interleaved({name: (lambda d=decoder, s=sources: d.decode(s))
+                         for name, (decoder, sources, _) in jobs.items()},
                         rounds)
     return {name: [seconds / jobs[name][2] for seconds, _ in runs] for name, runs in timed.items()}
 
@@ -65,7 +65,8 @@ def main() -> None:
     parser.add_argument("--speculate", type=int, default=4, help="drafted tokens per round of the speculative ensemble")
     parser.add_argument("--se-batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--alternate", action="store_true", help="members take turns drafting")
-    parser.add_argument("--drafter", type=int, default=None, help="index of the drafting member (default: the cheapest)")
+    parser.add_argument("--drafter", type=int, default=None,
+                        help="index of the drafting member (default: the cheapest)")
     parser.add_argument("--draft-schedule", default="constant", choices=DRAFT_SCHEDULES,
                         help="heuristic: HF's adaptive draft length")
     parser.add_argument("--draft-confidence", type=float, default=0.0,
@@ -103,16 +104,19 @@ def main() -> None:
         summary += [f"ratio_bs{b}={r:.3f}" for b, r in ratios.items()]
     if "growth" in args.parts:
         growth = 0.0
-        jobs = {f"{method}@{steps}": (decoder(method, steps), sources[:1], steps) for method in methods for steps in (short, long)}
+        jobs = {f"{method}@{steps}": (decoder(method, steps), sources[:1], steps)
+                for method in methods for steps in (short, long)}
         times = per_step(jobs, args.rounds)
         for method in methods:
-            t_short, t_long = statistics.median(times[f"{method}@{short}"]), statistics.median(times[f"{method}@{long}"])
+            t_short, t_long = (statistics.median(times[f"{method}@{short}"]),
+                               statistics.median(times[f"{method}@{long}"]))
             growth = max(growth, t_long / t_short)
             print(f"bs=1 {method}: {show(times[f'{method}@{short}'])}/token at {short}, "
                   f"{show(times[f'{method}@{long}'])}/token at {long}, growth={t_long / t_short:.3f}")
         summary.append(f"growth_{long}_vs_{short}={growth:.3f}")
     if "se" in args.parts:
-        spec = [f"decoding.num_draft_tokens={args.speculate}"] + (["decoding.alternate=true"] if args.alternate else []) \
+        spec = [f"decoding.num_draft_tokens={args.speculate}"] \
+            + (["decoding.alternate=true"] if args.alternate else []) \
             + ([f"decoding.drafter={args.drafter}"] if args.drafter is not None else []) \
             + [f"decoding.draft_schedule={args.draft_schedule}", f"decoding.draft_confidence={args.draft_confidence}"]
         identical = True
@@ -130,8 +134,8 @@ def main() -> None:
                 identical = identical and same
                 steps = max(o.stats["steps"] for o in plain[0][1])  # the batch takes as many steps as its longest row
                 drafted = [o.stats["speculation"] for o in fast[0][1]]
-                acceptance = sum(d["drafted_steps"] for d in drafted) / max(sum(d["drafted_steps"] + d["corrected_steps"]
-                                                                                for d in drafted), 1)
+                acceptance = sum(d["drafted_steps"] for d in drafted) / max(
+                    sum(d["drafted_steps"] + d["corrected_steps"] for d in drafted), 1)
                 t_plain, t_fast = [t / steps for t, _ in plain], [t / steps for t, _ in fast]
                 speedups.append(statistics.median(t_plain) / statistics.median(t_fast))
                 print(f"bs={batch} {method}: plain {show(t_plain)}/step, speculative {show(t_fast)}/step "

@@ -51,7 +51,8 @@ def main() -> None:
     print(f"torch threads={torch.get_num_threads()} device={'cuda' if torch.cuda.is_available() else 'cpu'} "
           f"segments={len(sources)} max_new_tokens={args.max_new_tokens} k={args.num_draft_tokens}")
 
-    run = compose(f"models={args.pair}", "decoding=speculative", f"decoding.num_draft_tokens={args.num_draft_tokens}", *common)
+    run = compose(f"models={args.pair}", "decoding=speculative", f"decoding.num_draft_tokens={args.num_draft_tokens}",
+                  *common)
     target, draft = [load_model(spec) for spec in run.models]
     ours = decoder_class("speculative")(run.decoding, [target, draft], run.prompt)
 
@@ -64,8 +65,9 @@ def main() -> None:
                 target.model.generation_config.num_assistant_tokens = args.num_draft_tokens
                 target.model.generation_config.num_assistant_tokens_schedule = "constant"
             out = target.model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                        max_new_tokens=args.max_new_tokens, do_sample=False, eos_token_id=target.end_ids,
-                                        pad_token_id=target.tokenizer.pad_token_id, **kwargs)
+                                        max_new_tokens=args.max_new_tokens, do_sample=False,
+                                        eos_token_id=target.end_ids, pad_token_id=target.tokenizer.pad_token_id,
+                                        **kwargs)
             outs.append(out[0, batch["input_ids"].shape[1]:].tolist())
         return outs
 
@@ -83,13 +85,14 @@ def main() -> None:
           f"acceptance={acceptance:.3f} mean_accepted_length="
           f"{sum(o.stats['mean_accepted_length'] for o in outs) / len(outs):.2f}")
 
-    cross = compose(f"models={args.cross_pair}", "decoding=speculative", f"decoding.num_draft_tokens={args.num_draft_tokens}",
-                    *common)
+    cross = compose(f"models={args.cross_pair}", "decoding=speculative",
+                    f"decoding.num_draft_tokens={args.num_draft_tokens}", *common)
     cross_decoder = decoder_class("speculative")(cross.decoding, [load_model(s) for s in cross.models], cross.prompt)
     t_cross, cross_outs = best_of(args.repeats, fusemt(cross_decoder))
     cross_ids = [[s["ids"][target.name][0] for s in o.trace] for o in cross_outs]
     print(f"fusemt speculative, cross-tokenizer draft ({args.cross_pair}) {t_cross:7.2f} s   same tokens: "
-          f"{cross_ids == plain}  acceptance={sum(o.stats['acceptance_rate'] for o in cross_outs) / len(cross_outs):.3f}")
+          f"{cross_ids == plain}  "
+          f"acceptance={sum(o.stats['acceptance_rate'] for o in cross_outs) / len(cross_outs):.3f}")
     print(f"speedup_vs_target={t_target / t_ours:.3f} ratio_vs_hf={t_hf / t_ours:.3f} acceptance={acceptance:.3f}")
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 MAX_SOURCE_CHARS = 250
 SEED = 2024
 # Per domain: (dev, reported); the reported slice is sized so that the whole matrix of
-# scripts/quality_experiment.py runs in about two hours on two CPU cores. WMT24++ en-ja has 468 short social, 139 literary, 44 news and 11 speech sources.
+# scripts/quality_experiment.py runs in about two hours on two CPU cores. WMT24++ en-ja has 468 short social,
+# 139 literary, 44 news and 11 speech sources.
 QUOTAS = {"social": (8, 8), "literary": (8, 8), "news": (6, 5), "speech": (3, 3)}
 OUT = Path(__file__).resolve().parent.parent / "experiments" / "wmt24pp_en_ja"
 

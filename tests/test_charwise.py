@@ -10,10 +10,10 @@ import math
 import pytest
 import torch
 from conftest import compose_run
-from toy_lm import (TOY_CHARS, TOY_PROMPT, brute_char_greedy, brute_end_prob, brute_prefix_prob, script, toy_model)
+from toy_lm import TOY_CHARS, TOY_PROMPT, brute_char_greedy, brute_end_prob, brute_prefix_prob, script, toy_model
 
-from decoding.methods import decoder_class
 from decoding.charprob import CharModel, CoverConfig, split_anchor
+from decoding.methods import decoder_class
 from decoding.methods.charwise import CharwiseDecoder
 from decoding.prompt import render_prompt
 from decoding.stream import ModelStream
@@ -58,7 +58,8 @@ def test_masses_equal_brute_force_over_all_tokenizations(kind):
         scale = math.exp(beam.log_scale)
         assert close(math.exp(beam.prefix_logprob()), brute_prefix_prob(model, context, text))
         for c in ["a", "b", " ", "あ", "い", "x"]:
-            assert close(masses.mass(c.encode()) * scale, brute_prefix_prob(model, context, text + c.encode())), (text, c)
+            assert close(masses.mass(c.encode()) * scale,
+                         brute_prefix_prob(model, context, text + c.encode())), (text, c)
         assert close(masses.end * scale, brute_end_prob(model, context, text))
         if char:
             beam.advance(char)
@@ -211,7 +212,8 @@ def test_select_rows_with_repeated_rows_copies_rows_and_cache():
     stream.append(0, [5])
     out = stream.logprobs()
     for row, context in enumerate([(bos, 5), (bos, 3, 16), (bos, 3, 12, 13)]):
-        assert torch.equal(out[row], model.model(torch.tensor([context]), torch.ones(1, len(context)), None).logits[0, -1]
+        assert torch.equal(out[row],
+                           model.model(torch.tensor([context]), torch.ones(1, len(context)), None).logits[0, -1]
                            .log_softmax(-1))
     assert stream.tokens == [[bos, 5], [bos, 3, 16], [bos, 3, 12, 13]]
 
@@ -405,7 +407,8 @@ def test_unite_exact_lookup_scores_candidates_by_their_prefix_probability(monkey
 
     monkeypatch.setattr(unite, "CoverConfig", lambda: EXACT)
     sp, bpe = toy_model("sp", sharpness=2.0), toy_model("bpe", seed=2, sharpness=2.0)
-    decoder = unite.UniteDecoder(unite.UniteDecoder.Config(name="unite", top_k=3, lookup="exact"), [sp, bpe], TOY_PROMPT)
+    decoder = unite.UniteDecoder(unite.UniteDecoder.Config(name="unite", top_k=3, lookup="exact"), [sp, bpe],
+                                 TOY_PROMPT)
     seen, look_up = [], decoder._look_up
 
     def spy(candidates, logprobs, streams):
@@ -479,7 +482,8 @@ def test_reference_argmax_is_each_members_exact_next_character_along_the_referen
     character equals brute force over all its tokenizations."""
     members = [toy_model("sp", sharpness=3.0), toy_model("bpe", seed=3, sharpness=3.0)]
     sources, references = ["ab", "b"], ["aあい", "b a"]
-    decoder = CharwiseDecoder(CharwiseDecoder.Config(name="charwise", fast_path=False, beam_size=0, prune_threshold=0.0),
+    decoder = CharwiseDecoder(CharwiseDecoder.Config(name="charwise", fast_path=False, beam_size=0,
+                                                     prune_threshold=0.0),
                               members, TOY_PROMPT)
     tops = decoder.reference_argmax(sources, references)
     for seq, (source, reference) in enumerate(zip(sources, references)):

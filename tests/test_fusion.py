@@ -98,7 +98,8 @@ def tiny_decoder(method: str, **options):
 def test_tiny_pair_streams_stay_canonical_at_every_step(method):
     outs = decode_checking_streams(tiny_decoder(method, max_new_tokens=40), TINY_SOURCES)
     # random models choose pieces that end inside characters: the check saw unfinished characters
-    prefixes = [bytes.fromhex("".join(s["piece_bytes"] for s in out.trace[:n])) for out in outs for n in range(len(out.trace))]
+    prefixes = [bytes.fromhex("".join(s["piece_bytes"] for s in out.trace[:n]))
+                for out in outs for n in range(len(out.trace))]
     assert any(complete_utf8_prefix(text) != text for text in prefixes)
 
 
@@ -108,7 +109,8 @@ def test_tiny_pair_trace_ranks_candidates_by_the_decision_score(method):
         for step in out.trace:
             scores = [score for _, score in step["top"]]
             assert scores == sorted(scores, reverse=True)
-            chosen = "<end>" if step.get("end") else bytes.fromhex(step["piece_bytes"]).decode("utf-8", "backslashreplace")
+            chosen = ("<end>" if step.get("end")
+                      else bytes.fromhex(step["piece_bytes"]).decode("utf-8", "backslashreplace"))
             assert step["top"][0][0] == chosen
 
 
@@ -132,7 +134,8 @@ CANONICAL_SOURCES = ["Please restart your computer.", "You can download the app 
 def test_streams_stay_canonical_and_runs_come_from_a_member(method):
     run = compose_run("models=gemma3_smollm2", f"decoding={method}", "decoding.max_new_tokens=32")
     models = [load_model(spec) for spec in run.models]
-    outs = decode_checking_streams(decoder_class(run.decoding_name)(run.decoding, models, run.prompt), CANONICAL_SOURCES)
+    outs = decode_checking_streams(decoder_class(run.decoding_name)(run.decoding, models, run.prompt),
+                                   CANONICAL_SOURCES)
     for source, out in zip(CANONICAL_SOURCES, outs):
         char, n = longest_run(out.text)
         if n >= 8:  # allowed only when a member alone (greedy) produces that run

@@ -5,8 +5,8 @@ import sacrebleu
 
 from decoding.errors import FusemtError
 from eval.metrics import corpus_scores
-from runners.score import score_file
 from runners.data import DatasetConfig
+from runners.score import score_file
 
 HYPS = ["今日は天気がいいです。", "駅はどこにありますか？", "この本は面白い。"]
 REFS = ["今日は天気が良いです。", "駅はどこですか？", "この本はとても面白いです。"]
@@ -23,7 +23,8 @@ def test_corpus_scores_match_sacrebleu_called_directly():
 
 def _dataset(tmp_path):
     rows = [{"id": 0, "doc_id": "canary", "domain": "canary", "source": "CANARY", "reference": "CANARY"}]
-    rows += [{"id": i + 1, "doc_id": "d", "domain": "news", "source": f"s{i}", "reference": r} for i, r in enumerate(REFS)]
+    rows += [{"id": i + 1, "doc_id": "d", "domain": "news", "source": f"s{i}", "reference": r}
+             for i, r in enumerate(REFS)]
     path = tmp_path / "wmt.jsonl"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return DatasetConfig(name="wmt24_en_ja", path=str(path))
@@ -41,7 +42,8 @@ def test_score_file_reads_results_jsonl_by_id(tmp_path):
     hyp = tmp_path / "run.jsonl"
     hyp.write_text("".join(json.dumps({"id": str(i + 1), "hypothesis": h}, ensure_ascii=False) + "\n"
                            for i, h in enumerate(HYPS)))
-    assert score_file(_dataset(tmp_path), hyp)["chrf"] == pytest.approx(sacrebleu.corpus_chrf(HYPS, [REFS]).score, abs=1e-4)
+    assert score_file(_dataset(tmp_path), hyp)["chrf"] == pytest.approx(sacrebleu.corpus_chrf(HYPS, [REFS]).score,
+                                                                         abs=1e-4)
 
 
 def test_score_file_rejects_misaligned_files(tmp_path):

@@ -21,23 +21,25 @@ KNOWN = [
     (("decoding=speculative", "models=gemma3_smollm2"), "9603cf867214"),
     (("decoding=speculative", "models=gemma3_selfdraft", "decoding.num_draft_tokens=4", "decoding.adaptive=true"),
      "39fada99c6f0"),
-    (("decoding=speculative", "models=gemma3_smollm2", "decoding.confidence_threshold=0.2", "decoding.max_draft_tokens=8"),
-     "92fc50c79109"),
+    (("decoding=speculative", "models=gemma3_smollm2", "decoding.confidence_threshold=0.2",
+      "decoding.max_draft_tokens=8"), "92fc50c79109"),
     (("decoding=unite", "models=gemma3_smollm2"), "b7c48cae5aa3"),
     (("decoding=unite", "models=gemma3_smollm2", "decoding.speculate=4"), "43b60eadab75"),
     (("decoding=tokenwise", "models=gemma3_smollm2", "decoding.speculate=3", "decoding.draft_schedule=heuristic",
       "decoding.draft_confidence=0.1"), "b5248a432bc0"),
-    (("decoding=charwise", "models=gemma3_smollm2", "decoding.speculate=2", "decoding.drafter=1", "decoding.alternate=true"),
-     "e64246311a6f"),
+    (("decoding=charwise", "models=gemma3_smollm2", "decoding.speculate=2", "decoding.drafter=1",
+      "decoding.alternate=true"), "e64246311a6f"),
     (("decoding=unite", "models=gemma3_smollm2", "decoding.num_beams=3"), "c4b2b3f80480"),
 ]
 # The same runs spelled with the current names.
 RESPELLED = {
-    1: ("decoding=speculative", "models=gemma3_selfdraft", "decoding.num_draft_tokens=4", "decoding.draft_schedule=heuristic"),
-    2: ("decoding=speculative", "models=gemma3_smollm2", "decoding.draft_confidence=0.2", "decoding.max_draft_tokens=8"),
+    1: ("decoding=speculative", "models=gemma3_selfdraft", "decoding.num_draft_tokens=4",
+        "decoding.draft_schedule=heuristic"),
+    2: ("decoding=speculative", "models=gemma3_smollm2", "decoding.draft_confidence=0.2",
+        "decoding.max_draft_tokens=8"),
     4: ("decoding=unite", "models=gemma3_smollm2", "decoding.num_draft_tokens=4"),
-    5: ("decoding=tokenwise", "models=gemma3_smollm2", "decoding.num_draft_tokens=3", "decoding.draft_schedule=heuristic",
-        "decoding.draft_confidence=0.1"),
+    5: ("decoding=tokenwise", "models=gemma3_smollm2", "decoding.num_draft_tokens=3",
+        "decoding.draft_schedule=heuristic", "decoding.draft_confidence=0.1"),
     6: ("decoding=charwise", "models=gemma3_smollm2", "decoding.num_draft_tokens=2", "decoding.drafter=1",
         "decoding.alternate=true"),
 }
@@ -71,7 +73,8 @@ def test_the_committed_sample_runs_keep_their_names(monkeypatch):
 
 def test_old_names_are_aliases_in_the_typed_config():
     spec = decoder_class("speculative").Config(adaptive=True, confidence_threshold=0.1)
-    assert (spec.draft_schedule, spec.draft_confidence, spec.adaptive, spec.confidence_threshold) == ("heuristic", 0.1, None, None)
+    assert (spec.draft_schedule, spec.draft_confidence, spec.adaptive, spec.confidence_threshold) == (
+        "heuristic", 0.1, None, None)
     unite = decoder_class("unite").Config(speculate=3)
     assert unite.num_draft_tokens == 3 and unite.speculate is None
     assert "speculate" not in current_options(unite) and "adaptive" not in current_options(spec)

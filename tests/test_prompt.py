@@ -6,7 +6,8 @@ from decoding.prompt import prompt_text, render_prompt, stop_strings
 CHAT = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
         "{% if add_generation_prompt %}<assistant>{% endif %}")
 NO_SYSTEM = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
-             "{% endif %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+             "{% endif %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
+             "{% if add_generation_prompt %}<assistant>{% endif %}")
 
 
 def test_plain_template_is_few_shot_and_stops_at_newline(prompt_cfg):

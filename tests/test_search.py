@@ -7,8 +7,8 @@ import json
 import pytest
 from conftest import build_decoder, compose_run, trace_pieces
 
-from decoding.methods import decoder_class
 from decoding.errors import FusemtError
+from decoding.methods import decoder_class
 from decoding.model import load_model
 from decoding.search import BeamSearch
 
@@ -70,7 +70,8 @@ def test_one_member_beam_on_gemma_is_hugging_face_beam_search():
         run = compose_run("models=gemma3_smollm2", "models.members=[gemma3_270m]", f"decoding={method}",
                           "decoding.num_beams=4", "decoding.max_new_tokens=32", *extra)
         models = [load_model(spec) for spec in run.models]
-        outs[method] = [o.text for o in decoder_class(run.decoding_name)(run.decoding, models, run.prompt).decode(SOURCES)]
+        outs[method] = [o.text for o in
+                        decoder_class(run.decoding_name)(run.decoding, models, run.prompt).decode(SOURCES)]
     assert outs["tokenwise"] == outs["beam"]
 
 

@@ -44,7 +44,8 @@ def test_trace_chips_give_up_an_invalid_lead_byte_without_swallowing_the_next_ch
 
 def test_common_prefix_len():
     assert common_prefix_len([1, 2, 3], [1, 2, 4, 5]) == 2
-    assert common_prefix_len((1, 2), (1, 2, 3)) == 2 and common_prefix_len([], [1]) == 0 and common_prefix_len([7], [8]) == 0
+    assert (common_prefix_len((1, 2), (1, 2, 3)) == 2 and common_prefix_len([], [1]) == 0
+            and common_prefix_len([7], [8]) == 0)
 
 
 def test_fail_prints_one_line_and_exits_2():

@@ -7,8 +7,8 @@ import pytest
 from conftest import build_decoder, compose_run, trace_pieces
 from toy_lm import TOY_PROMPT, toy_model
 
-from decoding.methods import decoder_class
 from decoding.errors import FusemtError
+from decoding.methods import decoder_class
 from decoding.model import load_model
 from decoding.speculate import cheapest_member
 
@@ -112,7 +112,8 @@ def test_sampling_keeps_the_fused_distribution():
 
 
 def test_bad_speculation_options_are_user_errors(tiny_pair):
-    for options, needle in (({"speculate": -1}, "decoding.speculate=-1"), ({"speculate": 2, "drafter": 2}, "decoding.drafter=2"),
+    for options, needle in (({"speculate": -1}, "decoding.speculate=-1"),
+                            ({"speculate": 2, "drafter": 2}, "decoding.drafter=2"),
                             ({"speculate": 2, "draft_schedule": "fast"}, "decoding.draft_schedule=fast"),
                             ({"speculate": 2, "draft_confidence": 1.0}, "decoding.draft_confidence=1.0")):
         with pytest.raises(FusemtError, match=needle):

@@ -14,7 +14,8 @@ from decoding.stream import ModelStream, common_prefix_len, sliding_window
 GEMMA_TOLERANCE = 1e-3  # fp32 on CPU; the drift this guards against was up to 0.15
 
 
-def random_walk(model, seed: int, steps: int = 40, prompt_lens=(5, 2 * SLIDING_WINDOW + 3)) -> tuple[float, ModelStream]:
+def random_walk(model, seed: int, steps: int = 40,
+                prompt_lens=(5, 2 * SLIDING_WINDOW + 3)) -> tuple[float, ModelStream]:
     """Drive a cached and a recompute stream through the same random rollbacks and ragged appends
     (two rows). Returns the largest |difference| of their log-probabilities over the positions
     every row has just run (a row's earlier kept positions are padding), and the cached stream."""

@@ -15,13 +15,21 @@ from functools import lru_cache
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                          MistralForCausalLM, PreTrainedTokenizerFast)
+from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 from decoding.model import LoadedModel, ModelSpec
 
-CORPUS = ["今日は天気がいいです。", "コーヒーを一杯お願いします。", "メールを送ってください。", "The weather is nice today.",
-          "ルールを守る", "東京に新しいオフィス", "English: Japanese:", "Good morning."] * 3
+CORPUS = ["今日は天気がいいです。", "コーヒーを一杯お願いします。", "メールを送ってください。",
+          "The weather is nice today.", "ルールを守る", "東京に新しいオフィス", "English: Japanese:",
+          "Good morning."] * 3
 PAD, EOS = "<pad>", "<eos>"  # ids 0 and 1 in both tokenizers
 SLIDING_WINDOW = 8
 
@@ -47,7 +55,8 @@ def byte_fallback_tokenizer() -> PreTrainedTokenizerFast:
     for b in range(256):
         vocab.setdefault(f"<0x{b:02X}>", len(vocab))
     spec["decoder"] = {"type": "Sequence", "decoders": [
-        {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "}, {"type": "ByteFallback"}, {"type": "Fuse"}]}
+        {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "}, {"type": "ByteFallback"},
+        {"type": "Fuse"}]}
     return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), pad_token=PAD, eos_token=EOS)
 
 
@@ -80,4 +89,5 @@ def tiny_mistral(seed: int = 2) -> LoadedModel:
     torch.manual_seed(seed)
     config = MistralConfig(num_hidden_layers=2, sliding_window=SLIDING_WINDOW, max_position_embeddings=512,
                            **_sizes(tokenizer))
-    return LoadedModel(spec=ModelSpec(name="tiny_mistral"), tokenizer=tokenizer, model=MistralForCausalLM(config).eval())
+    return LoadedModel(spec=ModelSpec(name="tiny_mistral"), tokenizer=tokenizer,
+                       model=MistralForCausalLM(config).eval())

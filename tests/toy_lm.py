@@ -63,7 +63,8 @@ def _bpe_tokenizer() -> Tokenizer:
 
 def _hf_tokenizer(kind: str) -> PreTrainedTokenizerFast:
     tok = _sp_tokenizer() if kind == "sp" else _bpe_tokenizer()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
     extra = {"unk_token": "<unk>"} if kind == "sp" else {}
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", **extra)
     fast.padding_side = "left"
