@@ -29,6 +29,7 @@ run: install
 	$(BIN)/fusemt dataset.limit=5
 
 test: install
+	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 
 test-fast: install

@@ -28,15 +28,23 @@ from typing import Optional
 
 import torch
 
-from decoding.base import (TRUNCATED, DecodeOutput, Decoder, later_option, option_alias, renamed_option, trace_step,
-                           traced_output)
+from decoding.base import (
+    TRUNCATED,
+    DecodeOutput,
+    Decoder,
+    later_option,
+    option_alias,
+    renamed_option,
+    trace_step,
+    traced_output,
+)
 from decoding.errors import FusemtError
+from decoding.prompt import ensemble_stop_strings, find_stop
+from decoding.sampling import segment_generators
 from decoding.search import BeamSearch, Extension, Live
 from decoding.speculate import Speculation, check_speculation_options, start_speculation
 from decoding.stats import BeamStats, FusionStats
 from decoding.stream import ModelStream, common_prefix_len, open_streams
-from decoding.prompt import ensemble_stop_strings, find_stop
-from decoding.sampling import segment_generators
 
 END = None  # the candidate key shared by every model's end tokens
 

@@ -23,8 +23,18 @@ from typing import Optional
 from decoding.errors import FusemtError, fail
 from eval.jsonio import write_atomically
 from eval.metrics import corpus_scores
-from eval.report import (BOOTSTRAP_MIN_SEGMENTS, SIGNIFICANCE, Bootstrap, Run, distinguishing_options, find_runs, holm,
-                         paired_bootstrap, pick_run, run_labels)
+from eval.report import (
+    BOOTSTRAP_MIN_SEGMENTS,
+    SIGNIFICANCE,
+    Bootstrap,
+    Run,
+    distinguishing_options,
+    find_runs,
+    holm,
+    paired_bootstrap,
+    pick_run,
+    run_labels,
+)
 from eval.trace import PAGE_STYLE, SORT_SCRIPT, SegmentReview, flag_badges, review_segments, step_limit
 
 SCORES = (("chrf", "chrF", 1), ("bleu", "BLEU", 1), ("comet", "COMET", 3))

@@ -8,10 +8,10 @@ import logging
 import os
 import re
 import socket
-from urllib.parse import urlsplit
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional
+from urllib.parse import urlsplit
 
 from eval.metrics import segment_scores
 

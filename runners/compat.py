@@ -26,8 +26,17 @@ from decoding.errors import FusemtError, fail
 from decoding.methods import decoder_class
 from decoding.model import load_model
 from decoding.prompt import PromptConfig
-from eval.compat import (CompatRules, ModelProfile, agreement_rate, fertility, judge, length_ratio, verdict_table,
-                         verdict_text, write_report)
+from eval.compat import (
+    CompatRules,
+    ModelProfile,
+    agreement_rate,
+    fertility,
+    judge,
+    length_ratio,
+    verdict_table,
+    verdict_text,
+    write_report,
+)
 from eval.jsonio import read_jsonl_objects
 from eval.metrics import corpus_scores, script_shares
 from eval.wandb_logger import LoggerConfig, RunLogger

@@ -17,10 +17,10 @@ from decoding.errors import FusemtError
 from decoding.methods import DECODERS, decoder_class, method_names
 from decoding.model import ModelSpec, cache_root, check_local_model
 from decoding.packaged import check_available
-from eval.wandb_logger import LoggerConfig
-from runners.data import DatasetConfig
 from decoding.prompt import PromptConfig, check_prompt
 from decoding.sampling import SAMPLER
+from eval.wandb_logger import LoggerConfig
+from runners.data import DatasetConfig
 
 log = logging.getLogger("fusemt")
 

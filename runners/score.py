@@ -21,8 +21,8 @@ from decoding.errors import FusemtError, fail
 from eval.comet_score import comet_scores
 from eval.jsonio import read_jsonl_objects
 from eval.metrics import corpus_scores
-from runners.config import CONF_DIR
 from runners.cli import run_cli
+from runners.config import CONF_DIR
 from runners.data import DatasetConfig, load_records, load_segments
 
 

@@ -13,7 +13,6 @@ import random
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import hydra
 import torch

@@ -153,7 +153,6 @@ def load_member(bundle: Path, key: str, small: bool, device, dtype):
 # --- checks ------------------------------------------------------------------------------------
 def cached_vs_recompute(model, small: bool, tie: float) -> tuple[bool, dict]:
     """Max |logprob difference| and argmax disagreements (beyond ties) over a random walk past the window."""
-    import torch
 
     from decoding.stream import ModelStream, sliding_window
 

@@ -90,8 +90,8 @@ def test_unavailable_comet_is_decided_in_under_a_second(tmp_path, offline_flag, 
 
 
 def test_score_entry_point_reports_comet(tiny_checkpoint, tmp_path):
-    from runners.score import score_file
     from runners.data import DatasetConfig
+    from runners.score import score_file
 
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"id": i, "source": s, "reference": r}, ensure_ascii=False) + "\n"

@@ -9,8 +9,8 @@ import threading
 import time
 
 import pytest
-
 from conftest import ROOT, tiny_tokenizer
+
 from decoding import hub
 from decoding.errors import FusemtError
 from decoding.model import ModelSpec, load_model
@@ -123,8 +123,8 @@ def test_a_local_directory_never_asks_the_hub(tmp_path, monkeypatch):
 @pytest.mark.parametrize("model", ["gemma3_270m", "smollm2_135m"])
 def test_the_embedded_models_never_ask_the_hub(monkeypatch, model):
     import torch
-
     from conftest import compose_run
+
     from decoding.model import _load_pretrained
 
     monkeypatch.setattr(hub, "unavailable_reason", lambda: pytest.fail("an embedded model must not check the hub"))

@@ -12,13 +12,20 @@ import warnings
 
 import pytest
 
+from decoding.errors import FusemtError
 from eval.metrics import corpus_scores, segment_scores
 from eval.plots import chromium, screenshot
-from decoding.errors import FusemtError
-from eval.report import (Report, RunOptions, distinguishing_options, find_runs, holm, read_member_ranking,
-                         short_labels)
-from eval.trace import (character_chips, chip_tooltip, diff_html, render_html, repetition, segment_flags,
-                        step_tooltip, write_trace_report)
+from eval.report import Report, RunOptions, distinguishing_options, find_runs, holm, read_member_ranking, short_labels
+from eval.trace import (
+    character_chips,
+    chip_tooltip,
+    diff_html,
+    render_html,
+    repetition,
+    segment_flags,
+    step_tooltip,
+    write_trace_report,
+)
 
 ROWS = [
     {"id": "s1", "source": "<b>Tom & Jerry</b>", "reference": "トム＆ジェリー", "hypothesis": "<script>alert(1)</script>",

@@ -22,8 +22,16 @@ from typing import Any
 from decoding.base import DecodeOutput, Decoder, trace_step
 from decoding.errors import FusemtError
 from decoding.generate import GenerateDecoder
-from decoding.mbr import (PairwiseUtility, argmax_first, build_pool, check_comet_checkpoint, expected_utility,
-                          mbr_weights, model_weights, parse_utility)
+from decoding.mbr import (
+    PairwiseUtility,
+    argmax_first,
+    build_pool,
+    check_comet_checkpoint,
+    expected_utility,
+    mbr_weights,
+    model_weights,
+    parse_utility,
+)
 from decoding.methods import register
 from decoding.rescore import sequence_logprobs
 from decoding.stats import SegmentStats, mean, per_model

@@ -29,12 +29,12 @@ from decoding.base import TRUNCATED, DecodeOutput, Decoder, option_alias, rename
 from decoding.errors import FusemtError
 from decoding.fusion import unique_names
 from decoding.methods import register
-from decoding.sampling import segment_generators
-from decoding.stream import ModelStream, common_prefix_len, open_streams
-from decoding.vocab import complete_utf8_prefix, utf8_pending
 from decoding.prompt import find_stop, stop_strings
+from decoding.sampling import segment_generators
 from decoding.speculate import check_draft_options
 from decoding.stats import SegmentStats, mean, per_model
+from decoding.stream import ModelStream, common_prefix_len, open_streams
+from decoding.vocab import complete_utf8_prefix, utf8_pending
 
 
 def warp(logprobs: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
