@@ -80,8 +80,8 @@ def clip_trace(steps: list[TraceStep], stop_strings: list[str]) -> tuple[list[Tr
         if offset + len(data) > cut:
             head = data[: cut - offset]
             if head:
-                kept.append(TraceStep(piece=show_bytes(head), piece_bytes=head.hex(), ids=step.ids, logprob=step.logprob,
-                                      origin=step.origin, extra={**step.extra, "stop": stop}))
+                kept.append(TraceStep(piece=show_bytes(head), piece_bytes=head.hex(), ids=step.ids,
+                                      logprob=step.logprob, origin=step.origin, extra={**step.extra, "stop": stop}))
             break
         kept.append(step)
         offset += len(data)
@@ -128,8 +128,10 @@ class Decoder(ABC):
     def check_config(cls, cfg: "Decoder.Config", n_models: int) -> None:
         """Checks that need no model, run at start-up before any model loads; subclasses add theirs."""
         if n_models < cls.min_models or (cls.max_models is not None and n_models > cls.max_models):
-            want = f"{cls.min_models}" if cls.max_models == cls.min_models else f"{cls.min_models}..{cls.max_models or 'N'}"
-            raise FusemtError(f"decoding={cls.name} takes {want} model(s), got {n_models}: pick a matching models= config")
+            want = (f"{cls.min_models}" if cls.max_models == cls.min_models
+                    else f"{cls.min_models}..{cls.max_models or 'N'}")
+            raise FusemtError(f"decoding={cls.name} takes {want} model(s), got {n_models}: "
+                              "pick a matching models= config")
         if cfg.max_new_tokens < 1:
             raise FusemtError(f"decoding.max_new_tokens={cfg.max_new_tokens}: must be at least 1")
         if not 0 <= cfg.min_new_tokens <= cfg.max_new_tokens:

@@ -130,10 +130,12 @@ class FusionDecoder(Decoder):
         seed: int = 0
         # >0: a speculative ensemble, this many drafted tokens per round (same output); was `speculate`
         num_draft_tokens: int = renamed_option(0, was="speculate", later=True)
-        drafter: Optional[int] = later_option(None)  # index of the drafting member; None: the one with the fewest parameters
+        # index of the drafting member; None: the one with the fewest parameters
+        drafter: Optional[int] = later_option(None)
         alternate: bool = later_option(False)  # members take turns drafting, round by round
         draft_schedule: str = later_option("constant")  # constant | heuristic: HF's adaptive draft length
-        draft_confidence: float = later_option(0.0)  # >0: a draft stops before a token the drafter gives less probability
+        # >0: a draft stops before a token the drafter gives less probability
+        draft_confidence: float = later_option(0.0)
         num_beams: int = later_option(1)  # >1: beam search over fused hypotheses (decoding/search.py)
         length_penalty: float = later_option(1.0)  # as Hugging Face: score / length ** length_penalty
         early_stopping: bool = later_option(True)  # as Hugging Face: stop a source once num_beams hypotheses finished
@@ -164,7 +166,8 @@ class FusionDecoder(Decoder):
                            text=[bytearray() for _ in range(n)], steps=[[] for _ in range(n)],
                            agree=[0] * n, rollbacks=[[0] * len(self.models) for _ in range(n)],
                            forward_passes=[[0] * len(self.models) for _ in range(n)], truncated=truncated,
-                           speculation=start_speculation(self.cfg, self.models, self.names, sources, self.prompt, streams),
+                           speculation=start_speculation(self.cfg, self.models, self.names, sources, self.prompt,
+                                                         streams),
                            search=(BeamSearch(n, self.cfg.num_beams, self.cfg.length_penalty, self.cfg.early_stopping)
                                    if self.cfg.num_beams > 1 else None),
                            source_of=list(range(n)),
@@ -177,7 +180,8 @@ class FusionDecoder(Decoder):
         if state.search:
             self._beam_step(state)
             return bool(state.active)
-        finished = state.speculation.round(self, state) if state.speculation else self.advance(state, list(state.active))
+        finished = (state.speculation.round(self, state) if state.speculation
+                    else self.advance(state, list(state.active)))
         if finished:
             keep = [r for r, seq in enumerate(state.active) if seq not in set(finished)]
             for stream in state.streams:
@@ -334,7 +338,8 @@ class FusionDecoder(Decoder):
                     cand.probs[m], cand.exact[m], cand.proposed[m], cand.ids[m] = p, True, True, tid
         return list(by_key.values())
 
-    def _look_up(self, candidates: list[list[Candidate]], logprobs: list[torch.Tensor], streams: list[ModelStream]) -> None:
+    def _look_up(self, candidates: list[list[Candidate]], logprobs: list[torch.Tensor],
+                 streams: list[ModelStream]) -> None:
         """Score every candidate a model did not propose, in one gather per model.
 
         Its probability is that of a token with exactly those bytes; if the model has none, that
@@ -395,8 +400,8 @@ class FusionDecoder(Decoder):
                  "union": len(ranked)}
         if choice.key is END:
             ids = {n: [choice.ids[m]] if choice.ids[m] is not None else [] for m, n in enumerate(self.names)}
-            state.steps[seq].append(trace_step(b"", ids=ids, logprob=logprob, origin=choice.origin(self.names), end=True,
-                                               extra=extra))
+            state.steps[seq].append(trace_step(b"", ids=ids, logprob=logprob, origin=choice.origin(self.names),
+                                               end=True, extra=extra))
             return done
         text = bytes(state.text[seq]) + choice.key
         appended, dropped = {}, {}
@@ -424,6 +429,7 @@ class FusionDecoder(Decoder):
         if choice.key is END:
             return True
         steps, text = len(state.steps[seq]) + 1, bytes(state.text[seq])
-        if steps >= self.cfg.min_new_tokens and state.stops and find_stop(text + choice.key, state.stops, len(text)) is not None:
+        if (steps >= self.cfg.min_new_tokens and state.stops
+                and find_stop(text + choice.key, state.stops, len(text)) is not None):
             return True
         return steps >= self.cfg.max_new_tokens

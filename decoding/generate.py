@@ -79,7 +79,8 @@ class GenerateDecoder(Decoder):
             min_new_tokens=self.cfg.min_new_tokens or None,
             eos_token_id=model.end_ids,
             pad_token_id=tok.pad_token_id,
-            stopping_criteria=StoppingCriteriaList([StopOnBytes(model.vocab, stops, input_ids.shape[1], self.cfg.min_new_tokens)]
+            stopping_criteria=StoppingCriteriaList([StopOnBytes(model.vocab, stops, input_ids.shape[1],
+                                                                self.cfg.min_new_tokens)]
                                                    if stops else []),
             past_key_values=cache,
             return_dict_in_generate=True,
@@ -102,8 +103,10 @@ class GenerateDecoder(Decoder):
                                         logprob={model.name: lp}, origin=model.name, end=is_end))
                 if is_end:
                     break
-            warnings = [f"prompt truncated to {model.spec.max_input_tokens} tokens"] if state.batch["truncated"][row // per_source] else []
-            state.outputs.append(traced_output(steps, stops, SingleModelStats(forward_passes={model.name: len(out.scores)}),
+            warnings = ([f"prompt truncated to {model.spec.max_input_tokens} tokens"]
+                        if state.batch["truncated"][row // per_source] else [])
+            state.outputs.append(traced_output(steps, stops,
+                                               SingleModelStats(forward_passes={model.name: len(out.scores)}),
                                                warnings))
         return False
 

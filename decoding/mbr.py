@@ -78,7 +78,8 @@ def check_comet_checkpoint(model: str) -> None:
     path = Path(model).expanduser()
     checkpoint = path if path.is_file() else path / "checkpoints" / "model.ckpt"
     if not checkpoint.is_file():
-        raise FusemtError(f"decoding.utility uses comet but decoding.comet_model='{model}' is not a local COMET checkpoint: "
+        raise FusemtError(f"decoding.utility uses comet but decoding.comet_model='{model}' "
+                          "is not a local COMET checkpoint: "
                           "set decoding.comet_model to a .../checkpoints/model.ckpt on this disk, or use chrf/bleu")
 
 

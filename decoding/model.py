@@ -156,7 +156,8 @@ def _load_pretrained(spec: ModelSpec, device: torch.device, dtype: torch.dtype):
     location, gguf_file = _gguf_location(spec)
     if gguf_file:
         if not (Path(location) / gguf_file).exists():
-            raise FusemtError(f"model '{spec.label}': GGUF file {Path(location) / gguf_file} not found: check path/gguf_file")
+            raise FusemtError(f"model '{spec.label}': GGUF file {Path(location) / gguf_file} not found: "
+                              "check path/gguf_file")
         cached = _gguf_cache_dir(location, gguf_file)
         if not cached.exists():
             _convert_gguf(location, gguf_file, cached)
@@ -198,7 +199,8 @@ def load_model(spec: ModelSpec) -> "LoadedModel":
     """Load (or reuse) a model. Two members with the same weights share one copy in memory."""
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
-    key = (spec.path, spec.gguf_file, spec.package, str(spec.chunks), str(device), str(dtype), spec.trust_remote_code, spec.num_layers)
+    key = (spec.path, spec.gguf_file, spec.package, str(spec.chunks), str(device), str(dtype), spec.trust_remote_code,
+           spec.num_layers)
     if key not in _LOADED:
         tokenizer, model = _load_pretrained(spec, device, dtype)
         if spec.num_layers:

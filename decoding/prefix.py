@@ -63,7 +63,8 @@ class PromptCache:
 
 def prompt_head(tokenizer, prompt, add_special: bool) -> list[int]:
     """The token ids every rendered prompt of this model starts with (see the module docstring)."""
-    probes = [tokenizer(prompt_text(tokenizer, s, prompt), add_special_tokens=add_special)["input_ids"] for s in PROBE_SOURCES]
+    probes = [tokenizer(prompt_text(tokenizer, s, prompt), add_special_tokens=add_special)["input_ids"]
+              for s in PROBE_SOURCES]
     return probes[0][: common_prefix_len(*probes)]
 
 

@@ -22,7 +22,8 @@ class PromptConfig:
     src_lang: str = "English"
     tgt_lang: str = "Japanese"
     system: str = ""  # empty: no system turn (chat templates may add their own default)
-    instruction: str = "Translate the following {src_lang} text into {tgt_lang}. Reply with the translation only.\n\n{source}"
+    instruction: str = ("Translate the following {src_lang} text into {tgt_lang}. "
+                        "Reply with the translation only.\n\n{source}")
     # Plain template for models without a chat template: the examples, then the source.
     example_template: str = "{src_lang}: {source}\n{tgt_lang}: {target}\n\n"
     plain_template: str = "{src_lang}: {source}\n{tgt_lang}:"
@@ -32,7 +33,8 @@ class PromptConfig:
 
 
 # The {keys} each template is formatted with; the first must appear in it.
-_TEMPLATE_KEYS = {"instruction": ("source", "src_lang", "tgt_lang"), "plain_template": ("source", "src_lang", "tgt_lang"),
+_TEMPLATE_KEYS = {"instruction": ("source", "src_lang", "tgt_lang"),
+                  "plain_template": ("source", "src_lang", "tgt_lang"),
                   "example_template": ("source", "target", "src_lang", "tgt_lang")}
 
 
@@ -44,10 +46,12 @@ def check_prompt(prompt: PromptConfig) -> None:
         try:
             used = {key for _, key, _, _ in Formatter().parse(template) if key is not None}
         except ValueError as err:
-            raise FusemtError(f"prompt.{name} is not a valid template ({err}): write a literal brace as {{{{ or }}}}") from None
+            raise FusemtError(f"prompt.{name} is not a valid template ({err}): "
+                              "write a literal brace as {{ or }}") from None
         unknown = sorted(used - set(keys))
         if unknown:
-            raise FusemtError(f"prompt.{name} uses {{{unknown[0]}}}: the keys are {', '.join('{' + k + '}' for k in keys)} "
+            raise FusemtError(f"prompt.{name} uses {{{unknown[0]}}}: "
+                              f"the keys are {', '.join('{' + k + '}' for k in keys)} "
                               "(a literal brace is written {{ or }})")
         if keys[0] not in used:
             raise FusemtError(f"prompt.{name} has no {{source}}: without it every segment would translate the "
@@ -76,7 +80,8 @@ def prompt_text(tokenizer, source: str, prompt: PromptConfig) -> str:
             # Templates without a system role (e.g. Gemma's older ones): merge it into the user turn.
             merged = [{"role": "user", "content": f"{prompt.system}\n\n{user}"}]
             return tokenizer.apply_chat_template(merged, **kwargs)
-    shots = "".join(prompt.example_template.format(source=ex.source, target=ex.target, **fields) for ex in prompt.examples)
+    shots = "".join(prompt.example_template.format(source=ex.source, target=ex.target, **fields)
+                    for ex in prompt.examples)
     header = f"{prompt.system}\n\n" if prompt.system else ""
     return header + shots + prompt.plain_template.format(source=source, **fields)
 

@@ -49,10 +49,12 @@ def prompt_ids(model, sources: list[str], prompt: PromptConfig) -> list[list[int
 
 
 @torch.inference_mode()
-def sequence_logprobs(model, prompt: PromptConfig, sources: list[str], texts: list[list[str]]) -> tuple[list[list[float]], int]:
+def sequence_logprobs(model, prompt: PromptConfig, sources: list[str],
+                      texts: list[list[str]]) -> tuple[list[list[float]], int]:
     """log p(text | prompt of source) for every text of every source; and the forward passes made."""
     heads = prompt_ids(model, sources, prompt)
-    rows = [(s, k, heads[s], continuation(model, text, prompt)) for s, group in enumerate(texts) for k, text in enumerate(group)]
+    rows = [(s, k, heads[s], continuation(model, text, prompt))
+            for s, group in enumerate(texts) for k, text in enumerate(group)]
     out = [[0.0] * len(group) for group in texts]
     end_ids = torch.tensor(model.end_ids, device=model.device)
     # Longest continuations first, so each chunk keeps few padded logit rows.

@@ -219,7 +219,8 @@ class ModelStream:
             start = spelled = complete
         cut = cut if cut is not None and start >= len(cut.text) else None
         rule, token_bytes = self.tail_rule, vocab.token_bytes
-        head = self.encode(text[:start]) if rule is None else rule.encode_from(text[:start], cut, generated, token_bytes)
+        head = (self.encode(text[:start]) if rule is None
+                else rule.encode_from(text[:start], cut, generated, token_bytes))
         if head is None:
             before = list(generated)
             self.sync_to_bytes(row, text)
@@ -373,8 +374,9 @@ class ModelStream:
             return mask_function
 
         build = ALL_MASK_ATTENTION_FUNCTIONS[config._attn_implementation]
-        masks = {kind: build(batch_size=pos.shape[0], q_length=width, kv_length=pos.shape[1], q_offset=start, kv_offset=0,
-                             mask_function=visible(window), attention_mask=None, allow_is_causal_skip=False,
+        masks = {kind: build(batch_size=pos.shape[0], q_length=width, kv_length=pos.shape[1], q_offset=start,
+                             kv_offset=0, mask_function=visible(window), attention_mask=None,
+                             allow_is_causal_skip=False,
                              dtype=self.model.model.dtype, config=text_config, device=device)
                  for kind, window in (("full_attention", None), ("sliding_attention", self.window))}
         if getattr(text_config, "layer_types", None) is None:  # a single-type model takes one mask tensor
@@ -401,7 +403,8 @@ class ModelStream:
         for r, row in enumerate(self.tokens):  # nothing is cached on this path: every token was just run
             self.cached[r] = len(row)
         device = self.model.device
-        return self._pad_keep(self.model.forward(ids.to(device), mask.to(device), positions.to(device), None, keep), keep)
+        return self._pad_keep(self.model.forward(ids.to(device), mask.to(device), positions.to(device), None, keep),
+                              keep)
 
 
 def tail_rule(model) -> TailRule | None:

@@ -28,7 +28,8 @@ def register(cls: type) -> type:
                         f"{', '.join(sorted(cls.__abstractmethods__))}")
     stats = getattr(cls, "Stats", None)
     if not (inspect.isclass(stats) and issubclass(stats, SegmentStats)):
-        raise TypeError(f"register: {cls.__name__}.Stats must be its per-segment SegmentStats record (decoding/stats.py)")
+        raise TypeError(f"register: {cls.__name__}.Stats must be its per-segment SegmentStats record "
+                        "(decoding/stats.py)")
     name = getattr(cls, "name", "")
     if not name:
         raise TypeError(f"register: {cls.__name__} has no name")

@@ -180,8 +180,8 @@ class CharwiseDecoder(Decoder):
         super().check_config(cfg, n_models)
         check_fusion_options(cfg, n_models)
         if cfg.num_beams > 1:
-            raise FusemtError(f"decoding=charwise searches greedily (decoding.num_beams={cfg.num_beams}): for beam search "
-                              "over fused hypotheses use decoding=unite or decoding=tokenwise")
+            raise FusemtError(f"decoding=charwise searches greedily (decoding.num_beams={cfg.num_beams}): "
+                              "for beam search over fused hypotheses use decoding=unite or decoding=tokenwise")
         if cfg.rule not in RULES:
             raise FusemtError(f"decoding.rule={cfg.rule}: use one of {', '.join(RULES)}")
         if cfg.covers not in COVERS:
@@ -231,7 +231,8 @@ class CharwiseDecoder(Decoder):
         """One character for every live sequence (a speculative round: one or more)."""
         if not state.active:
             return False
-        finished = state.speculation.round(self, state) if state.speculation else self.advance(state, list(state.active))
+        finished = (state.speculation.round(self, state) if state.speculation
+                    else self.advance(state, list(state.active)))
         if finished:
             if state.speculation:
                 state.speculation.drafter.select_rows([r for r, seq in enumerate(state.active) if seq not in finished])
@@ -305,7 +306,8 @@ class CharwiseDecoder(Decoder):
                                   restarts={n: m.beams[seq].restarts for n, m in zip(self.names, state.members)})
             if state.speculation:
                 stats.speculation = state.speculation.stats(seq, stats.forward_passes)
-            outputs.append(traced_output(state.steps[seq], state.stops, stats, [TRUNCATED] if state.truncated[seq] else []))
+            outputs.append(traced_output(state.steps[seq], state.stops, stats,
+                                         [TRUNCATED] if state.truncated[seq] else []))
         return outputs
 
     # --- choosing ----------------------------------------------------------------------------------
@@ -338,7 +340,8 @@ class CharwiseDecoder(Decoder):
         if not (self.cfg.fast_path and self.cfg.temperature == 0):
             return None, [[node.path for node in b.pending] for b in bounds]
         tops = [b.masses.top(self.cfg.top_k) for b in bounds]
-        candidates = [c for c in dict.fromkeys([c for top in tops for c, _ in top] + [END]) if self._allowed(state, seq, c)]
+        candidates = [c for c in dict.fromkeys([c for top in tops for c, _ in top] + [END])
+                      if self._allowed(state, seq, c)]
         lows = {c: [b.lower(c) for b in bounds] for c in candidates}
         order = sorted(candidates, key=lambda c: (-self._fuse(lows[c]), c is END, c or b""))
         leader = order[0] if order else END
@@ -346,7 +349,8 @@ class CharwiseDecoder(Decoder):
         caps = [1.0 - x for x in lows.get(leader, [0.0] * len(bounds))]  # any other character's probability
         contenders = [c for c in candidates if c != leader
                       and self._fuse([min(b.upper(c), cap) for b, cap in zip(bounds, caps)]) >= lead]
-        rest = self._fuse([min(b.upper_rest(top, self.cfg.top_k), cap) for b, top, cap in zip(bounds, tops, caps)]) >= lead
+        rest = self._fuse([min(b.upper_rest(top, self.cfg.top_k), cap)
+                           for b, top, cap in zip(bounds, tops, caps)]) >= lead
         if lead > 0 and not contenders and not rest:
             probs = lows[leader]
             fast = all(p > 0.5 for p, w in zip(probs, self.weights) if w > 0)
@@ -366,7 +370,8 @@ class CharwiseDecoder(Decoder):
             guess = self._first_piece(member, leader)
             n = len(member.beams[seq].text)
             if guess is not None:
-                paths[-1] += [node.path + (guess,) for node in nodes if node.path and node.start == n and not node.started]
+                paths[-1] += [node.path + (guess,) for node in nodes
+                              if node.path and node.start == n and not node.started]
         return None, paths
 
     @staticmethod
@@ -437,6 +442,7 @@ class CharwiseDecoder(Decoder):
         state.steps[seq].append(trace_step(choice.char, ids=ids, logprob=logprob, origin=origin, extra=extra))
         start = len(state.text[seq])
         state.text[seq].extend(choice.char)
-        if self._may_end(state, seq) and state.stops and find_stop(bytes(state.text[seq]), state.stops, start) is not None:
+        if (self._may_end(state, seq) and state.stops
+                and find_stop(bytes(state.text[seq]), state.stops, start) is not None):
             return True
         return len(state.steps[seq]) >= self.cfg.max_new_tokens

@@ -82,7 +82,8 @@ class PoolDecoder(Decoder):
     @classmethod
     def origin_meaning(cls, origin: str, models: list[str]) -> str:
         if origin.startswith("run:"):
-            return f"the chosen candidate is the output of the finished run {origin[4:]} (and of any other origin in its pool row)"
+            return (f"the chosen candidate is the output of the finished run {origin[4:]} "
+                    "(and of any other origin in its pool row)")
         model, _, kind = origin.partition(":")
         return f"the chosen candidate is one of {model}'s own {kind} generations (see the pool table below the segment)"
 
@@ -127,7 +128,8 @@ class PoolDecoder(Decoder):
         if "comet" in parse_utility(cfg.utility) and cfg.select in ("mbr", "model_mbr"):
             check_comet_checkpoint(cfg.comet_model)
 
-    def __init__(self, cfg: "PoolDecoder.Config", models: list, prompt, external: dict[str, list[tuple[str, str]]] | None = None):
+    def __init__(self, cfg: "PoolDecoder.Config", models: list, prompt,
+                 external: dict[str, list[tuple[str, str]]] | None = None):
         super().__init__(cfg, models, prompt)
         self.external = external or {}
         self.utility = PairwiseUtility(cfg.utility, cfg.comet_model, cfg.comet_batch_size)
@@ -147,7 +149,8 @@ class PoolDecoder(Decoder):
             return 1, {"do_sample": False, "num_beams": 1}
         kind, n = spec.split(":")
         if kind == "beam":
-            return int(n), {"do_sample": False, "num_beams": int(n), "num_return_sequences": int(n), "early_stopping": True}
+            return int(n), {"do_sample": False, "num_beams": int(n), "num_return_sequences": int(n),
+                            "early_stopping": True}
         return int(n), self._sampling_kwargs(int(n))
 
     def decode(self, sources: list[str], segments: list | None = None) -> list[DecodeOutput]:
@@ -197,10 +200,12 @@ class PoolDecoder(Decoder):
         texts = [c.text for c in pool]
         names = [m.name for m in self.models]
         logprob = {m: state.logprobs[m][s] for m in names}
-        joint = ([sum(w * logprob[m][k] / (len(texts[k]) + 1) for w, m in zip(self.weights, names)) for k in range(len(pool))]
+        joint = ([sum(w * logprob[m][k] / (len(texts[k]) + 1) for w, m in zip(self.weights, names))
+                  for k in range(len(pool))]
                  if names else None)
         reference = getattr(seg, "reference", None)
-        ref_chrf = ([self.utility.chrf.sentence_score(t, [reference]).score for t in texts] if reference is not None else None)
+        ref_chrf = ([self.utility.chrf.sentence_score(t, [reference]).score for t in texts]
+                    if reference is not None else None)
         utility = None
         select = self.cfg.select
         if select in ("mbr", "model_mbr"):

@@ -85,7 +85,8 @@ class SpeculativeDecoder(Decoder):
     class Config(Decoder.Config):
         num_draft_tokens: int = 5
         # heuristic: +2 after a round that accepted every proposal, -1 otherwise (HF's heuristic); was adaptive=true
-        draft_schedule: str = renamed_option("constant", was="adaptive", was_values={"constant": False, "heuristic": True})
+        draft_schedule: str = renamed_option("constant", was="adaptive",
+                                             was_values={"constant": False, "heuristic": True})
         max_draft_tokens: int = 16
         # Stop drafting a sequence after a token the draft gives less than this probability (as HF's
         # assistant_confidence_threshold): unlikely proposals cost draft passes and are rarely accepted.
@@ -176,11 +177,13 @@ class SpeculativeDecoder(Decoder):
                                      mean_accepted_length=round(state.accepted[seq] / rounds, 4),
                                      forward_passes={self.names[0]: state.rounds[seq],
                                                      self.names[1]: state.draft_passes[seq]})
-            outputs.append(traced_output(state.steps[seq], state.stops, stats, [TRUNCATED] if state.truncated[seq] else []))
+            outputs.append(traced_output(state.steps[seq], state.stops, stats,
+                                         [TRUNCATED] if state.truncated[seq] else []))
         return outputs
 
     # --- one round ---------------------------------------------------------------------------
-    def _pick(self, logprobs: torch.Tensor, generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _pick(self, logprobs: torch.Tensor,
+              generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Draft token per row (argmax, or a sample from the row's own generator) and, when sampling,
         the distribution it came from."""
         if self.cfg.temperature <= 0:
@@ -197,7 +200,8 @@ class SpeculativeDecoder(Decoder):
         end_ids = self.draft_model.vocab.end_ids
         for _ in range(state.k):
             logprobs = state.draft.logprobs()
-            picked, q = self._pick(logprobs, [state.generators[seq] for seq in state.active] if state.generators else [])
+            picked, q = self._pick(logprobs,
+                                   [state.generators[seq] for seq in state.active] if state.generators else [])
             confidence = logprobs.gather(-1, picked[:, None]).squeeze(-1).exp().tolist()
             for row, seq in enumerate(state.active):
                 state.draft_passes[seq] += 1
@@ -226,7 +230,8 @@ class SpeculativeDecoder(Decoder):
         target_vocab = self.target_model.vocab
         props = []
         if text:
-            encoded = self.target_model.tokenizer.encode(text.decode("utf-8", errors="replace"), add_special_tokens=False)
+            encoded = self.target_model.tokenizer.encode(text.decode("utf-8", errors="replace"),
+                                                         add_special_tokens=False)
             spelled = b"".join(target_vocab.token_bytes[t] or b"" for t in encoded) == text
             props = encoded if spelled else target_vocab.segment(text)
         if ends and complete:  # the draft proposes to stop: so does the target's proposal
@@ -261,7 +266,8 @@ class SpeculativeDecoder(Decoder):
         if len(new) <= n_acc:  # the budget ended inside the accepted prefix
             state.target.rollback(row, n_acc - len(new))
         draft_text = [self.draft_model.vocab.token_bytes[t] or b"" for t in draft_ids]
-        round_info = {"round": state.rounds[seq], "proposed": [p.decode("utf-8", "backslashreplace") for p in draft_text],
+        round_info = {"round": state.rounds[seq],
+                      "proposed": [p.decode("utf-8", "backslashreplace") for p in draft_text],
                       "accepted": n_acc}
         ends = [j for j, tid in enumerate(new) if tid in vocab.end_ids]
         done = bool(ends)
