@@ -10,8 +10,10 @@ from transformers import PreTrainedTokenizerFast
 from decoding.canonical import MergePairRule, PreTokenRule, TailRule
 from decoding.vocab import ByteVocab
 
-CORPUS = ["東京都は日本の首都です。", "今日はいい天気ですね、散歩に行きましょう。", "The weather's nice today, isn't it?",
-          "I'll translate the following text into Japanese: 「こんにちは」 3 times!", "  spaced   out\ttext\n\nnew lines"]
+CORPUS = ["東京都は日本の首都です。", "今日はいい天気ですね、散歩に行きましょう。",
+          "The weather's nice today, isn't it?",
+          "I'll translate the following text into Japanese: 「こんにちは」 3 times!",
+          "  spaced   out\ttext\n\nnew lines"]
 ALPHABET = list("ab cde,.'!?\n\t  ") + list("東京都はのをにがです。、「」ー１２3") + ["é", "😀", "<", "|", "'s", " the"]
 
 

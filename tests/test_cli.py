@@ -29,7 +29,8 @@ def test_missing_embedded_package_names_the_fix(tmp_path):
 
 def test_missing_part_packages_fail_at_start_up_naming_make_models(tmp_path):
     chunks = "{package: fusemt-no-such-part, parts: 2, version: '1.0', size: 10, sha256: ab12, filename: x.gguf}"
-    proc = fusemt(tmp_path, "logger=none", "models=pair", f"models.members=[gemma3_270m,{{name: ghost, chunks: {chunks}}}]",
+    proc = fusemt(tmp_path, "logger=none", "models=pair",
+                  f"models.members=[gemma3_270m,{{name: ghost, chunks: {chunks}}}]",
                   "decoding=unite", check=False)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert "fusemt-no-such-part1==1.0, fusemt-no-such-part2==1.0): run `make models`" in proc.stderr
@@ -42,7 +43,8 @@ def test_embedded_default_end_to_end_and_resume(tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == ["sample-000", "sample-001", "sample-002"]
     for r in rows:
-        assert r["hypothesis"] and any("\u3040" <= ch <= "\u30ff" or "\u4e00" <= ch <= "\u9fff" for ch in r["hypothesis"])
+        assert r["hypothesis"] and any("\u3040" <= ch <= "\u30ff" or "\u4e00" <= ch <= "\u9fff"
+                                       for ch in r["hypothesis"])
         assert r["trace"] and all(set(s) >= {"piece", "ids", "logprob", "origin"} for s in r["trace"])
         raw = b"".join(bytes.fromhex(s["piece_bytes"]) for s in r["trace"]).decode()
         assert raw.strip() == r["hypothesis"]
@@ -58,7 +60,8 @@ def test_embedded_default_end_to_end_and_resume(tmp_path):
 
 @pytest.mark.slow
 def test_multirun_greedy_and_beam(tmp_path):
-    proc = fusemt(tmp_path, "-m", "decoding=greedy,beam", "dataset.limit=1", "decoding.max_new_tokens=16", "logger=none")
+    proc = fusemt(tmp_path, "-m", "decoding=greedy,beam", "dataset.limit=1", "decoding.max_new_tokens=16",
+                  "logger=none")
     assert proc.returncode == 0
     names = sorted(p.name.split("__")[0] for p in (tmp_path / "results" / "sample" / "ensemble").glob("*.metrics.json"))
     assert names == ["beam", "greedy"]
@@ -88,13 +91,17 @@ def test_sweep_of_all_methods_with_comet_traces_report_and_wandb_groups(tmp_path
                    capture_output=True, timeout=300)
     table = (tmp_path / "results" / "report.md").read_text()
     assert all(method in table for method in metrics) and (tmp_path / "results" / "report.png").exists()
-    (unite,) = [p for p in folder.glob("unite__gemma3_270m+smollm2_135m__sample_en_ja__*.jsonl") if p.suffixes == [".jsonl"]]
-    subprocess.run([sys.executable, "-m", "eval.trace", str(unite)], check=True, env=env, capture_output=True, timeout=300)
+    (unite,) = [p for p in folder.glob("unite__gemma3_270m+smollm2_135m__sample_en_ja__*.jsonl")
+                if p.suffixes == [".jsonl"]]
+    subprocess.run([sys.executable, "-m", "eval.trace", str(unite)], check=True, env=env, capture_output=True,
+                   timeout=300)
     assert unite.with_suffix(".seg0.png").exists()
     # Two-model run names hold a '+', which W&B refuses in artifact names: the artifact must still be there.
     (run_file,) = [f for f in folder.glob("wandb/offline-run-*/run-*.wandb")
-                   if any(r.WhichOneof("record_type") == "run" and r.run.display_name == unite.stem for r in wandb_records(f))]
-    artifacts = {r.artifact.name: r.artifact for r in wandb_records(run_file) if r.WhichOneof("record_type") == "artifact"}
+                   if any(r.WhichOneof("record_type") == "run" and r.run.display_name == unite.stem
+                          for r in wandb_records(f))]
+    artifacts = {r.artifact.name: r.artifact for r in wandb_records(run_file)
+                 if r.WhichOneof("record_type") == "artifact"}
     assert {e.path for e in artifacts[artifact_name(unite.stem)].manifest.contents} >= {
         unite.name, unite.with_suffix(".metrics.json").name, unite.with_suffix(".trace.html").name}
 
@@ -119,7 +126,8 @@ def test_an_option_of_other_methods_names_the_methods_that_have_it(tmp_path):
     assert "top_k is an option of decoding=charwise,tokenwise,unite" in proc.stderr
 
 
-@pytest.mark.parametrize("module, ignored", [("runners.score", "decoding: beam"), ("runners.compat", "metrics: default")])
+@pytest.mark.parametrize("module, ignored", [("runners.score", "decoding: beam"),
+                                             ("runners.compat", "metrics: default")])
 def test_help_of_score_and_compat_lists_only_what_they_read(module, ignored):
     proc = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
@@ -130,8 +138,8 @@ def test_help_of_score_and_compat_lists_only_what_they_read(module, ignored):
 def test_fusemt_help_suggests_only_make_targets_that_exist():
     import re
 
-    proc = subprocess.run([sys.executable, "-m", "runners.translate", "--help"], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "runners.translate", "--help"], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
     targets = set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), re.M))
     suggested = set(re.findall(r"make ([\w-]+)", proc.stdout))
     assert proc.returncode == 0 and suggested and suggested <= targets

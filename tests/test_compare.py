@@ -20,7 +20,8 @@ SEGMENTS = [("sample-000", "The weather is nice today.", "今日は天気がい�
 HYPOTHESES = {
     "greedy": ["今日は天気がいいです。", "コーヒーをお願いします。", "駅はどこ？", "この本はとても面白い。"],
     "beam": ["今日は天気がいいです。", "コーヒーを一杯ください。", "<script>x</script>", "この本は面白いです。"],
-    "charwise": ["今朝の天気は良いです。", "コーヒーを一杯お願いします。", "駅" + "メ" * 10, "この本はとても面白いです。"],
+    "charwise": ["今朝の天気は良いです。", "コーヒーを一杯お願いします。", "駅" + "メ" * 10,
+                 "この本はとても面白いです。"],
 }
 DECODING = {"greedy": {"name": "greedy", "max_new_tokens": 96},
             "beam": {"name": "beam", "max_new_tokens": 96, "num_beams": 4},
@@ -28,8 +29,8 @@ DECODING = {"greedy": {"name": "greedy", "max_new_tokens": 96},
 
 
 def char_trace(text: str) -> list[dict]:
-    return [{"piece": ch, "piece_bytes": ch.encode().hex(), "ids": {"gemma3_270m": [1]}, "logprob": {"gemma3_270m": -0.1},
-             "origin": "both"} for ch in text]
+    return [{"piece": ch, "piece_bytes": ch.encode().hex(), "ids": {"gemma3_270m": [1]},
+             "logprob": {"gemma3_270m": -0.1}, "origin": "both"} for ch in text]
 
 
 def write_run(folder, method, hypotheses=None, dataset="sample_en_ja", segments=SEGMENTS, comet=None):
@@ -158,7 +159,8 @@ def test_compare_command_writes_the_page_and_logs_it_to_wandb(sweep):
     assert list(folder.glob("wandb/offline-run-*/files/media/table/compare_segments_*.table.json"))
 
 
-@pytest.mark.skipif(chromium() is None, reason="Chromium is not installed (Debian: apt-get install chromium; make fonts)")
+@pytest.mark.skipif(chromium() is None,
+                    reason="Chromium is not installed (Debian: apt-get install chromium; make fonts)")
 def test_compare_page_sorts_by_score_difference_in_headless_chromium(sweep, tmp_path):
     _, paths = sweep
     page = tmp_path / "compare.html"
@@ -168,7 +170,8 @@ def test_compare_page_sorts_by_score_difference_in_headless_chromium(sweep, tmp_
     deltas = [c - g for g, c in zip(greedy, charwise)]
     expected = sorted(range(4), key=lambda i: (-round(deltas[i], 2), i))
     proc = subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--dump-dom",
-                           page.as_uri() + "?sort=chrf&a=1&b=3&order=desc"], capture_output=True, text=True, timeout=120)
+                           page.as_uri() + "?sort=chrf&a=1&b=3&order=desc"],
+                          capture_output=True, text=True, timeout=120)
     rows = re.findall(r'<tr data-order="(\d)".*?<td class="num delta">([^<]*)</td>', proc.stdout, re.S)
     assert [int(order) for order, _ in rows] == expected
     assert [float(delta) for _, delta in rows] == [round(deltas[i], 2) for i in expected]

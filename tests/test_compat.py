@@ -20,7 +20,8 @@ def profile(name, chrf, ratio=1.0, latin=0.0):
 def test_scores_within_ten_percent_and_similar_lengths_may_be_ensembled():
     verdict = judge(profile("a", 30.0), profile("b", 28.0, ratio=1.2), 0.6, CompatRules(), 25)
     assert verdict.compatible and verdict.score_gap == pytest.approx(2 / 30, abs=1e-4)
-    assert "gap 7% of the better (a) <= 10%" in verdict.reasons[0] and "agreement on reference prefixes 60%" in verdict.reasons[-1]
+    assert ("gap 7% of the better (a) <= 10%" in verdict.reasons[0]
+            and "agreement on reference prefixes 60%" in verdict.reasons[-1])
 
 
 def test_a_large_gap_or_a_different_style_is_refused_with_reasons():
@@ -61,7 +62,8 @@ def test_report_files(tmp_path):
 @pytest.mark.slow
 def test_fusemt_compat_refuses_gemma3_smollm2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "runners.compat", "models=gemma3_smollm2", "dataset=sample_en_ja",
-                           "dataset.limit=6", "compat.rules.min_segments=6", "compat.agreement_segments=2", "compat.max_new_tokens=32", "logger=none",
+                           "dataset.limit=6", "compat.rules.min_segments=6", "compat.agreement_segments=2",
+                           "compat.max_new_tokens=32", "logger=none",
                            f"paths.results_dir={tmp_path}", f"paths.output_dir={tmp_path}/out"],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]

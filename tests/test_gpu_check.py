@@ -22,13 +22,15 @@ import gpu_check  # noqa: E402
 def make_check(bundle: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(["make", "-s", "gpu-check", f"PYTHON={sys.executable}", f"GPU_BUNDLE={bundle}",
-                           f"GPU_CHECK_ARGS={' '.join(args)}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+                           f"GPU_CHECK_ARGS={' '.join(args)}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
 
 
 def tiny_bundle(path: Path) -> Path:
     configs = {"gemma3": Gemma3TextConfig().to_dict(), "qwen25_15b": dict(gpu_check.QWEN25_15B),
                "smollm2": LlamaConfig().to_dict()}
-    tokenizers = {"gemma3": byte_fallback_tokenizer(), "qwen25_15b": byte_level_tokenizer(), "smollm2": byte_level_tokenizer()}
+    tokenizers = {"gemma3": byte_fallback_tokenizer(), "qwen25_15b": byte_level_tokenizer(),
+                  "smollm2": byte_level_tokenizer()}
     for key, config in configs.items():
         tokenizer = tokenizers[key]
         config.update(vocab_size=len(tokenizer), pad_token_id=0, eos_token_id=1, bos_token_id=None)
@@ -51,7 +53,8 @@ def test_gpu_check_small_on_cpu(tmp_path):
 def test_gpu_check_says_what_is_missing(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         gpu_check.load_member(tmp_path, "gemma3", True, "cpu", None)
-    assert exc.value.code == 2 and "has no tokenizer: build the bundle with `make gpu-bundle`" in capsys.readouterr().err
+    assert (exc.value.code == 2
+            and "has no tokenizer: build the bundle with `make gpu-bundle`" in capsys.readouterr().err)
 
 
 def test_gpu_check_refuses_old_transformers(monkeypatch, capsys):

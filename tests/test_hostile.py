@@ -115,42 +115,54 @@ CASES = [
     # values that must fail at start-up, before any model loads
     ("batch-size-fraction", lambda t: (TRANSLATE, [*base(t), "batch_size=1.5"]), "batch_size=1.5: must be at least 1"),
     ("interpolation-in-prompt", lambda t: (TRANSLATE, [*base(t), "prompt.system=${nope}"]), "cannot resolve prompt"),
-    ("plain-template-unknown-key", lambda t: (TRANSLATE, [*base(t), "prompt.plain_template='{src_lang}: {source} {oops}'"]),
+    ("plain-template-unknown-key",
+     lambda t: (TRANSLATE, [*base(t), "prompt.plain_template='{src_lang}: {source} {oops}'"]),
      "prompt.plain_template uses {oops}"),
     ("plain-template-without-source", lambda t: (TRANSLATE, [*base(t), "prompt.plain_template='{src_lang}:'"]),
      "prompt.plain_template has no {source}"),
     ("instruction-without-source", lambda t: (TRANSLATE, [*base(t), "prompt.instruction=Translate."]),
      "prompt.instruction has no {source}"),
     ("member-folder-without-model", lambda t: (TRANSLATE, [*base(t), f"models.members=[{t}]"]), "holds no model"),
-    ("weights-nan", lambda t: (TRANSLATE, [*base(t), *PAIR, "decoding.weights=[nan,1]"]), "finite non-negative weights"),
-    ("weights-inf", lambda t: (TRANSLATE, [*base(t), *PAIR, "decoding.weights=[inf,1]"]), "finite non-negative weights"),
+    ("weights-nan", lambda t: (TRANSLATE, [*base(t), *PAIR, "decoding.weights=[nan,1]"]),
+     "finite non-negative weights"),
+    ("weights-inf", lambda t: (TRANSLATE, [*base(t), *PAIR, "decoding.weights=[inf,1]"]),
+     "finite non-negative weights"),
     ("second-seed", lambda t: (TRANSLATE, [*base(t), *PAIR, "decoding.seed=5"]), "pass seed=5 instead"),
     ("run-name-with-slash", lambda t: (TRANSLATE, [*base(t), "run_name=sub/run"]), "is not a plain file name"),
     ("run-name-dotdot", lambda t: (TRANSLATE, [*base(t), "run_name=.."]), "is not a plain file name"),
     ("run-name-absolute", lambda t: (TRANSLATE, [*base(t), f"run_name={t}/elsewhere"]), "is not a plain file name"),
     ("run-name-300-chars", lambda t: (TRANSLATE, [*base(t), "run_name=" + "r" * 300]), "run_name is 300 bytes"),
-    ("hydra-output-folder-unwritable", lambda t: (TRANSLATE, [f"paths.output_dir={write_json(t, 'f', '')}/x", "logger=none"]),
+    ("hydra-output-folder-unwritable",
+     lambda t: (TRANSLATE, [f"paths.output_dir={write_json(t, 'f', '')}/x", "logger=none"]),
      "Not a directory"),
     # hand-edited or foreign results files
     ("row-without-hypothesis", lambda t: (TRANSLATE, hand_edited(t, [results_row(FOUR[0], hypothesis=...)])),
      ".jsonl:1: 'hypothesis' is missing, not text"),
-    ("row-hypothesis-null", lambda t: (TRANSLATE, hand_edited(t, [results_row(FOUR[0]), results_row(FOUR[1], hypothesis=None)])),
+    ("row-hypothesis-null",
+     lambda t: (TRANSLATE, hand_edited(t, [results_row(FOUR[0]), results_row(FOUR[1], hypothesis=None)])),
      ".jsonl:2: 'hypothesis' is null, not text"),
     ("row-id-not-in-dataset", lambda t: (TRANSLATE, hand_edited(t, [results_row({**FOUR[0], "id": "s9"})])),
      "holds segment 's9', which dataset 'four'"),
     ("dataset-edited-in-place", lambda t: (TRANSLATE, hand_edited(t, [results_row(FOUR[0])], dataset_rows=EDITED)),
      "segment 's0' has another source in dataset 'four'"),
-    ("score-duplicate-ids", lambda t: (SCORE, ["dataset=sample_en_ja", "metrics.comet=false", f"hyp_file={write_json(t, 'h.jsonl', jsonl([{'id': 'sample-000', 'hypothesis': 'a'}, {'id': 'sample-000', 'hypothesis': 'b'}]))}"]),
+    ("score-duplicate-ids",
+     lambda t: (SCORE, ["dataset=sample_en_ja", "metrics.comet=false",
+                        f"hyp_file={write_json(t, 'h.jsonl', jsonl([{'id': 'sample-000', 'hypothesis': 'a'}, {'id': 'sample-000', 'hypothesis': 'b'}]))}"]),  # noqa: E501
      "has segment id 'sample-000' twice"),
-    ("score-null-hypothesis", lambda t: (SCORE, ["dataset=sample_en_ja", "metrics.comet=false", f"hyp_file={write_json(t, 'h.jsonl', jsonl([{'id': 'sample-000', 'hypothesis': None}]))}"]),
+    ("score-null-hypothesis",
+     lambda t: (SCORE, ["dataset=sample_en_ja", "metrics.comet=false",
+                        f"hyp_file={write_json(t, 'h.jsonl', jsonl([{'id': 'sample-000', 'hypothesis': None}]))}"]),
      "h.jsonl:1: 'hypothesis' is null"),
-    ("score-numeric-hypothesis", lambda t: (SCORE, ["dataset=sample_en_ja", "metrics.comet=false", f"hyp_file={write_json(t, 'h.jsonl', jsonl([{'id': 'sample-000', 'hypothesis': 3}]))}"]),
+    ("score-numeric-hypothesis",
+     lambda t: (SCORE, ["dataset=sample_en_ja", "metrics.comet=false",
+                        f"hyp_file={write_json(t, 'h.jsonl', jsonl([{'id': 'sample-000', 'hypothesis': 3}]))}"]),
      "h.jsonl:1: 'hypothesis' is a number"),
     ("compare-different-files-one-name", lambda t: (COMPARE, [
         write_json(t, "a/run.jsonl", jsonl([{**FOUR[0], "hypothesis": "x"}])),
         write_json(t, "b/run.jsonl", jsonl([{**EDITED[0], "hypothesis": "x"}]))]),
      "segment 's0' has another source in"),
-    ("report-bleu-text", lambda t: (REPORT, [str(Path(write_json(t, "rep/a.metrics.json", {"run_name": "a", "bleu": "high"})).parent)]),
+    ("report-bleu-text",
+     lambda t: (REPORT, [str(Path(write_json(t, "rep/a.metrics.json", {"run_name": "a", "bleu": "high"})).parent)]),
      "'bleu' is \"high\", not a number or null"),
     ("report-empty-metrics", lambda t: (REPORT, [str(Path(write_json(t, "rep/a.metrics.json", {})).parent)]),
      "a.metrics.json has no 'run_name'"),
@@ -182,8 +194,9 @@ def test_report_table_keeps_its_shape_with_a_pipe_or_newline_in_an_option(tmp_pa
     from eval.report import Report, find_runs
 
     for name, system in (("a", "Be | terse"), ("b", "Line one\nline two")):
-        write_json(tmp_path, f"{name}.metrics.json", {"run_name": name, "method": "greedy", "models": ["m"], "bleu": 1.0,
-                                                      "config": {"decoding": {"name": "greedy"}, "prompt": {"system": system}}})
+        write_json(tmp_path, f"{name}.metrics.json",
+                   {"run_name": name, "method": "greedy", "models": ["m"], "bleu": 1.0,
+                    "config": {"decoding": {"name": "greedy"}, "prompt": {"system": system}}})
     table = [line for line in Report.build(find_runs(tmp_path)).to_markdown().splitlines() if line.startswith("|")]
     assert len(table) == 4 and len({line.replace("\\|", "").count("|") for line in table}) == 1, table
     assert any("Be \\| terse" in line for line in table) and any("Line one line two" in line for line in table)
@@ -363,8 +376,8 @@ def test_one_seed_seeds_the_sampler_and_names_the_run(method):
     assert compose_run(*sampling, "batch_size=1").fingerprint == seed0.fingerprint  # batching changes no sample
 
 
-SOURCES = ["The weather is nice today.", "Good morning.", "今日は天気がいいです。", "ルールを守る", "東京に新しいオフィス",
-           "メールを送ってください。", "コーヒーを一杯お願いします。", "English: Japanese:"]
+SOURCES = ["The weather is nice today.", "Good morning.", "今日は天気がいいです。", "ルールを守る",
+           "東京に新しいオフィス", "メールを送ってください。", "コーヒーを一杯お願いします。", "English: Japanese:"]
 
 
 @pytest.mark.parametrize("method", ["unite", "tokenwise", "charwise", "speculative"])
@@ -373,7 +386,8 @@ def test_samples_depend_on_the_seed_not_on_batching(tiny_pair, method):
 
     def sample(seed: int, batch_size: int) -> list[str]:
         decoder = build_decoder(method, tiny_pair, seed=seed, **options)
-        return [out.text for i in range(0, len(SOURCES), batch_size) for out in decoder.decode(SOURCES[i:i + batch_size])]
+        return [out.text for i in range(0, len(SOURCES), batch_size)
+                for out in decoder.decode(SOURCES[i:i + batch_size])]
 
     batched = sample(3, 8)
     assert sample(3, 1) == batched
@@ -391,7 +405,8 @@ def test_offline_hub_dataset_fails_within_seconds(monkeypatch):
 
     for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(hub, "unavailable_reason", lambda: "the hub (https://huggingface.co) did not answer within 0.8 s")
+    monkeypatch.setattr(hub, "unavailable_reason",
+                        lambda: "the hub (https://huggingface.co) did not answer within 0.8 s")
     start = time.perf_counter()
     with pytest.raises(FusemtError, match="did not answer.*dataset.path="):
         load_segments(DatasetConfig(name="x", hub_id="google/wmt24pp-not-cached-here", hub_config="en-ja_JP"))

@@ -187,7 +187,8 @@ def check_likelihoods(models, prompt: PromptConfig, sources: list[str], texts: l
                 assert got[s][k] == pytest.approx(plain_forward_logprob(model, prompt, sources[s], text), abs=2e-3)
 
 
-TEXTS = [["今日は天気がいいです。", "天気", "", "The weather is nice today."], ["メールを送ってください。", "ルールを守る"]]
+TEXTS = [["今日は天気がいいです。", "天気", "", "The weather is nice today."],
+         ["メールを送ってください。", "ルールを守る"]]
 
 
 @pytest.mark.parametrize("chat", [False, True])
@@ -314,7 +315,8 @@ def test_system_combination_runs_without_models(tmp_path):
             {"id": 1, "source": "Good morning.", "reference": "おはようございます。"},
             {"id": 2, "source": "Thank you.", "reference": "ありがとうございます。"}]
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    systems = {"a": ["canary", "おはようございます。", "ありがとう。"], "b": ["canary", "おはよう。", "ありがとうございます。"],
+    systems = {"a": ["canary", "おはようございます。", "ありがとう。"],
+               "b": ["canary", "おはよう。", "ありがとうございます。"],
                "c": ["canary", "おはようございます", "どうもありがとうございます。"]}
     for name, lines in systems.items():
         (tmp_path / f"{name}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -322,7 +324,8 @@ def test_system_combination_runs_without_models(tmp_path):
     proc = run_cli(tmp_path, "decoding=pool", GHOST, "decoding.generate=[]", f"decoding.runs=[{runs}]",
                    f"dataset.path={data}", "run_name=combo")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    out = [json.loads(line) for line in (tmp_path / "results" / "sample" / "ensemble" / "combo.jsonl").read_text().splitlines()]
+    out = [json.loads(line)
+           for line in (tmp_path / "results" / "sample" / "ensemble" / "combo.jsonl").read_text().splitlines()]
     assert [r["id"] for r in out] == ["1", "2"] and all(r["models"] == [] for r in out)
     for r in out:
         assert {o for c in r["pool"] for o in c["origins"]} == {"run:a", "run:b", "run:c"}

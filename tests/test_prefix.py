@@ -110,7 +110,8 @@ def test_prompt_cache_is_typed_and_outside_the_fingerprint():
 def test_embedded_models_equal_with_prompt_cache(gemma, smollm, prompt_name):
     prompt = compose_run(f"prompt={prompt_name}").prompt
     sources = ["The city council approved the new budget on Tuesday.", "@kenji_t Thanks for the tip!"]
-    for method, models, options in (("greedy", [gemma], {}), ("greedy", [smollm], {}), ("beam", [gemma], {"num_beams": 2}),
+    for method, models, options in (("greedy", [gemma], {}), ("greedy", [smollm], {}),
+                                    ("beam", [gemma], {"num_beams": 2}),
                                     ("unite", [gemma, smollm], {}), ("speculative", [gemma, smollm], {})):
         plain, cached, caches = decode_both(method, models, prompt, sources, **options)
         assert [o.text for o in cached] == [o.text for o in plain], (method, prompt_name)

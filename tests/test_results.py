@@ -64,7 +64,8 @@ def test_claims_split_work_and_die_with_their_owner(tmp_path):
     ids = [str(i) for i in range(6)]
     # Another live process claims the first batch: this one must take the next segments.
     script = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); from runners.results import ResultsFile; "
-              f"r = ResultsFile(__import__('pathlib').Path({str(path)!r}), 'abc'); print(r.claim({ids!r}, 2), flush=True); "
+              f"r = ResultsFile(__import__('pathlib').Path({str(path)!r}), 'abc'); "
+              f"print(r.claim({ids!r}, 2), flush=True); "
               "time.sleep(60)")
     other = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
@@ -112,7 +113,8 @@ def test_options_added_later_keep_finished_runs_named_while_at_their_default():
     from decoding.methods.unite import UniteDecoder
 
     base = compose_run("models=gemma3_smollm2", "decoding=unite").fingerprint
-    assert compose_run("models=gemma3_smollm2", "decoding=unite", "decoding.speculate=0", "decoding.num_beams=1").fingerprint == base
+    assert compose_run("models=gemma3_smollm2", "decoding=unite", "decoding.speculate=0",
+                       "decoding.num_beams=1").fingerprint == base
     assert compose_run("models=gemma3_smollm2", "decoding=unite", "decoding.speculate=4").fingerprint != base
     assert compose_run("models=gemma3_smollm2", "decoding=unite", "decoding.num_beams=4").fingerprint != base
     values = {"top_k": 10, "speculate": 0, "num_beams": 4, "alternate": False}

@@ -63,16 +63,17 @@ def test_kv_cache_path_equals_full_recompute():
 
 @pytest.mark.slow
 def test_equals_hf_assisted_generation_same_tokenizer():
-    decoder, (target, draft), run = build("models=gemma3_selfdraft", "decoding=speculative", "decoding.max_new_tokens=24",
-                                          "prompt.plain_stop_strings=[]")
+    decoder, (target, draft), run = build("models=gemma3_selfdraft", "decoding=speculative",
+                                          "decoding.max_new_tokens=24", "prompt.plain_stop_strings=[]")
     ours = decoder.decode(SOURCES[:1])[0]
     batch = render_prompt(target, SOURCES[:1], run.prompt)
     hf = target.model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=24,
                                do_sample=False, assistant_model=draft.model, eos_token_id=target.end_ids,
                                pad_token_id=target.tokenizer.pad_token_id)
     hf_ids = hf[0, batch["input_ids"].shape[1]:].tolist()
-    plain = target.model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=24,
-                                  do_sample=False, eos_token_id=target.end_ids, pad_token_id=target.tokenizer.pad_token_id)
+    plain = target.model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                  max_new_tokens=24, do_sample=False, eos_token_id=target.end_ids,
+                                  pad_token_id=target.tokenizer.pad_token_id)
     assert [s["ids"]["gemma3_270m"][0] for s in ours.trace] == hf_ids == plain[0, batch["input_ids"].shape[1]:].tolist()
 
 

@@ -59,7 +59,8 @@ def expected(record: type[SegmentStats], segments: list[dict]) -> dict:
     return out
 
 
-@pytest.mark.parametrize("method,options", RUNS, ids=[f"{m}-{'-'.join(map(str, o.values())) or 'plain'}" for m, o in RUNS])
+@pytest.mark.parametrize("method,options", RUNS,
+                         ids=[f"{m}-{'-'.join(map(str, o.values())) or 'plain'}" for m, o in RUNS])
 def test_run_level_stats_of_a_two_segment_run(method, options, toy_pair, tiny_pair):
     segments = two_segment_stats(method, options, toy_pair, tiny_pair)
     record = decoder_class(method).Stats

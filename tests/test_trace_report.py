@@ -28,11 +28,14 @@ from eval.trace import (
 )
 
 ROWS = [
-    {"id": "s1", "source": "<b>Tom & Jerry</b>", "reference": "トム＆ジェリー", "hypothesis": "<script>alert(1)</script>",
+    {"id": "s1", "source": "<b>Tom & Jerry</b>", "reference": "トム＆ジェリー",
+     "hypothesis": "<script>alert(1)</script>",
      "models": ["gemma3_270m", "smollm2_135m"], "stats": {"agreement_rate": 0.5}, "warnings": [],
      "trace": [
-         {"piece": " <script>", "piece_bytes": " <script>".encode().hex(), "ids": {"gemma3_270m": [5], "smollm2_135m": [7, 8]},
-          "logprob": {"gemma3_270m": -0.1, "smollm2_135m": -2.0}, "origin": "both", "top": [[" <script>", 0.6], ["\"", 0.1]],
+         {"piece": " <script>", "piece_bytes": " <script>".encode().hex(),
+          "ids": {"gemma3_270m": [5], "smollm2_135m": [7, 8]},
+          "logprob": {"gemma3_270m": -0.1, "smollm2_135m": -2.0}, "origin": "both",
+          "top": [[" <script>", 0.6], ["\"", 0.1]],
           "union": 12},
          {"piece": "alert(1)</script>", "piece_bytes": "alert(1)</script>".encode().hex(), "ids": {"gemma3_270m": [9]},
           "logprob": {"gemma3_270m": -0.5, "smollm2_135m": None}, "origin": "lookup", "top": [], "union": 3},
@@ -77,7 +80,8 @@ def test_one_chip_per_character_with_a_character_split_across_steps():
     assert "step 1 · piece: '\\\\xe3\\\\x83' (2 bytes) · origin: smollm2_135m" in tip and "step 2 · " in tip
 
     page = render_html([{"id": "a", "source": "x", "reference": "今日ル。", "hypothesis": "今日ル。",
-                         "method": "unite", "models": ["gemma3_270m", "smollm2_135m"], "trace": UNITE_TRACE}], None, "t")
+                         "method": "unite", "models": ["gemma3_270m", "smollm2_135m"], "trace": UNITE_TRACE}],
+                       None, "t")
     chips_div = re.search(r"<div class=\"chips\">(.*?)</div>", page, re.S).group(1)
     assert len(re.findall(r'<span class="c[ "]', chips_div)) == 6  # one chip per character, plus the end chip
     assert "xe3" not in re.sub(r'title="[^"]*"', "", chips_div)  # no byte chips: the bytes are one character
@@ -100,7 +104,8 @@ def test_legend_says_what_each_colour_means_for_the_method():
              "trace": [step("や".encode(), "draft"), step("あ".encode(), "target")]}]
     legend = render_html(spec, None, "t").split("<h2>Legend</h2>")[1]
     assert "proposed by the draft model, accepted by the target" in legend and "correction" in legend
-    char = [{"id": "a", "source": "x", "hypothesis": "や", "method": "charwise", "models": ["gemma3_270m", "smollm2_135m"],
+    char = [{"id": "a", "source": "x", "hypothesis": "や", "method": "charwise",
+             "models": ["gemma3_270m", "smollm2_135m"],
              "trace": [charwise_step("や", "gemma3_270m", {"gemma3_270m": 0.6, "smollm2_135m": 0.3}, [["や", 0.45]])]}]
     legend = render_html(char, None, "t").split("<h2>Legend</h2>")[1].split("</table>")[0]
     assert "the most likely next character of gemma3_270m only" in legend
@@ -115,14 +120,15 @@ def test_tooltips_show_member_probabilities_and_decision_scores():
     assert "smollm2_135m: p=0.135  ids [7, 8]" in tip and "gemma3_270m: p=0.905" in tip and "union size: 12" in tip
     assert "top by decision score: ▶' <script>' 0.6000 · '\"' 0.1000" in tip
     assert "proposed ['や'], accepted 0" in step_tooltip(ROWS[1]["trace"][0])
-    char = charwise_step("ル", "both", {"gemma3_270m": 0.61, "smollm2_135m": 0.55}, [["ル", 0.58], ["ロ", 0.2], ["<end>", 0.01]],
-                         fast=True)
+    char = charwise_step("ル", "both", {"gemma3_270m": 0.61, "smollm2_135m": 0.55},
+                         [["ル", 0.58], ["ロ", 0.2], ["<end>", 0.01]], fast=True)
     tip = step_tooltip(char, 7)
     assert tip.startswith("step 7 · piece: 'ル' (3 bytes) · origin: both")
     assert "gemma3_270m: p=0.819  ids [4]  most likely 'ル'  covers 2" in tip
     assert "fused score: 0.5800  (fast path" in tip and "▶'ル' 0.5800 · 'ロ' 0.2000 · '<end>' 0.0100" in tip
     # a candidate ranked above the chosen one is visible: the marker is not on the first entry
-    assert "top by decision score: 'x' 0.5000 · ▶'y' 0.4000" in step_tooltip(step(b"y", "both", top=[["x", 0.5], ["y", 0.4]]))
+    assert "top by decision score: 'x' 0.5000 · ▶'y' 0.4000" in step_tooltip(step(b"y", "both",
+                                                                                   top=[["x", 0.5], ["y", 0.4]]))
 
 
 def test_all_model_text_is_escaped():
@@ -137,8 +143,8 @@ def test_all_model_text_is_escaped():
 
 
 def test_segment_line_has_sentence_scores_comet_length_ratio_and_agreement(tmp_path):
-    agreed = [step("今日は".encode(), "both"), step("天気".encode(), "gemma3_270m"), step("が良いです。".encode(), "lookup"),
-              step("".encode(), "both", end=True)]
+    agreed = [step("今日は".encode(), "both"), step("天気".encode(), "gemma3_270m"),
+              step("が良いです。".encode(), "lookup"), step("".encode(), "both", end=True)]
     rows = [{"id": "a", "source": "x", "reference": "今日は天気がいいです。", "hypothesis": "今日は天気が良いです。",
              "models": ["gemma3_270m", "smollm2_135m"], "stats": {"agreement_rate": 0.0}, "trace": agreed},
             {"id": "b", "source": "y", "reference": "駅はどこですか", "hypothesis": "駅", "trace": []},
@@ -170,11 +176,12 @@ def test_speculative_rounds_are_shown_as_text_on_the_page():
     from eval.trace import speculative_rounds
 
     rounds = speculative_rounds(trace)
-    assert [(r["accepted_text"], r["rejected_text"], r["target_text"], r["accepted"], r["proposed"]) for r in rounds] == [
-        ("ル", "ル", "ー", 2, 3), ("", "ル", "<end>", 0, 1)]
+    assert [(r["accepted_text"], r["rejected_text"], r["target_text"], r["accepted"], r["proposed"])
+            for r in rounds] == [("ル", "ル", "ー", 2, 3), ("", "ル", "<end>", 0, 1)]
     page = render_html([{"id": "a", "source": "rule", "reference": "ルール", "hypothesis": "ルー", "trace": trace,
-                         "models": ["qwen15", "qwen05"], "stats": {"rounds": 2, "forward_passes": {"qwen15": 2, "qwen05": 4},
-                                                                   "acceptance_rate": 0.5}}],
+                         "models": ["qwen15", "qwen05"],
+                         "stats": {"rounds": 2, "forward_passes": {"qwen15": 2, "qwen05": 4},
+                                   "acceptance_rate": 0.5}}],
                        {"method": "speculative"}, "spec")
     assert "2 speculative rounds" in page
     assert '<span class="acc">ル</span><del>ル</del> <span class="own">ー</span></td><td class="num">2/3</td>' in page
@@ -248,10 +255,11 @@ def test_report_has_the_options_that_distinguish_runs(tmp_path):
     assert rows["unite__m__d__2"]["weights"] == "[1, 0]" and rows["unite__m__d__1"]["weights"] == "null"
     assert rows["greedy__m__d"]["top_k"] == "—" and rows["beam__m__d"]["num_beams"] == "4"
     md = report.to_markdown()
-    assert md.splitlines()[0] == ("| run_name | method | models | weights | top_k | num_beams | max_new_tokens | dataset | "
-                                  "segments | bleu | chrf | comet | tokens_per_s | forward_passes | acceptance_rate | agreement_rate | "
-                                      "latin_share | non_japanese_share |")
-    assert "| unite__m__d__2 | unite | gemma3_270m | [1, 0] | 5 | — | 48 | sample_en_ja | 2 | 15.00 | 30.00 | — | 4.00 |" in md
+    assert md.splitlines()[0] == ("| run_name | method | models | weights | top_k | num_beams | max_new_tokens | "
+                                  "dataset | segments | bleu | chrf | comet | tokens_per_s | forward_passes | "
+                                  "acceptance_rate | agreement_rate | latin_share | non_japanese_share |")
+    assert ("| unite__m__d__2 | unite | gemma3_270m | [1, 0] | 5 | — | 48 | sample_en_ja | 2 | 15.00 | 30.00 | — "
+            "| 4.00 |") in md
     paths = report.write(tmp_path)
     header = next(csv.reader(paths[1].open(encoding="utf-8")))
     assert header[:7] == ["run_name", "method", "models", "weights", "top_k", "num_beams", "max_new_tokens"]
@@ -607,8 +615,10 @@ def test_an_ensemble_beam_search_is_tested_against_its_members_beam_search_with_
     good = _bootstrap_rows(lambda refs: refs)
     half = _bootstrap_rows(lambda refs: [r if i % 2 else r[:6] + "電車" for i, r in enumerate(refs)])
     _write_run(tmp_path, "greedy__b", "greedy", 50.0, 8.0, rows=half, models=["b"])
-    _write_run(tmp_path, "beam4__b", "beam", 55.0, 8.0, rows=half, models=["b"], **_config({"name": "beam", "num_beams": 4}))
-    _write_run(tmp_path, "beam2__b", "beam", 58.0, 8.0, rows=half, models=["b"], **_config({"name": "beam", "num_beams": 2}))
+    _write_run(tmp_path, "beam4__b", "beam", 55.0, 8.0, rows=half, models=["b"],
+               **_config({"name": "beam", "num_beams": 4}))
+    _write_run(tmp_path, "beam2__b", "beam", 58.0, 8.0, rows=half, models=["b"],
+               **_config({"name": "beam", "num_beams": 2}))
     _write_run(tmp_path, "unite4__a+b", "unite", 90.0, 4.0, rows=good, models=["a", "b"],
                **_config({"name": "unite", "num_beams": 4}))
     _write_run(tmp_path, "unite1__a+b", "unite", 90.0, 4.0, rows=good, models=["a", "b"],

@@ -58,7 +58,8 @@ def test_finalize_text_drops_a_cut_off_character():
 
 
 def test_clip_trace_cuts_at_the_stop_string():
-    steps = [TraceStep(piece=p, piece_bytes=p.encode().hex(), ids={}, logprob={}, origin="m") for p in [" 日本", "。\nEng", "lish"]]
+    steps = [TraceStep(piece=p, piece_bytes=p.encode().hex(), ids={}, logprob={}, origin="m")
+             for p in [" 日本", "。\nEng", "lish"]]
     kept, raw, stop = clip_trace(steps, ["\n"])
     assert stop == "\n" and raw.decode() == " 日本。"
     assert [s.piece for s in kept] == [" 日本", "。"] and kept[-1].extra["stop"] == "\n"
