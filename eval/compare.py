@@ -107,7 +107,8 @@ class Comparison:
         scored_ids = [run.scored() for run in runs]
         common = [i for i in ids if all(i in scored for scored in scored_ids)]
         # Corpus-level significance against the baseline, Holm-corrected over the page's tests (BLEU, chrF per run).
-        bootstraps = {n: boot for n, run in enumerate(runs) if n != base and (boot := paired_bootstrap(runs[base], run))}
+        bootstraps = {n: boot for n, run in enumerate(runs)
+                      if n != base and (boot := paired_bootstrap(runs[base], run))}
         tests = [(boot, metric) for boot in bootstraps.values() for metric in ("bleu", "chrf")]
         for (boot, metric), adjusted in zip(tests, holm([getattr(b, f"{m}_p") for b, m in tests])):
             boot.adjusted[metric] = round(adjusted, 4)
@@ -211,7 +212,8 @@ class Comparison:
             value = getattr(review, key)
             if value is not None:
                 shown = f"{name} {value:.{digits}f}"
-                scores.append(f"<b>{shown}</b>" if key == "chrf" and value == best_chrf and len(self.runs) > 1 else shown)
+                scores.append(f"<b>{shown}</b>" if key == "chrf" and value == best_chrf and len(self.runs) > 1
+                              else shown)
         if link := self.trace_link(n, segment, page_dir):
             scores.append(f'<a class="trace" href="{html.escape(link)}">trace</a>')
         return (f'<td class="hyp"><div>{text or "<i>empty</i>"}</div><div class="scores">{" · ".join(scores)}</div>'
@@ -229,11 +231,13 @@ class Comparison:
         data.append(f'data-differ="{int(len(hypotheses) > 1)}"')
         data.append(f'data-flagged="{int(any(r is not None and r.flags for r in reviews))}"')
         chrfs = [r.chrf for r in reviews if r is not None and r.chrf is not None]
-        cells = "".join(self._run_cell(n, segment, max(chrfs) if chrfs else None, page_dir) for n in range(len(self.runs)))
+        cells = "".join(self._run_cell(n, segment, max(chrfs) if chrfs else None, page_dir)
+                        for n in range(len(self.runs)))
         reference = first.get("reference")
         return (f'<tr {" ".join(data)}><td class="num">{order}</td><td class="text"><div class="sid">'
                 f'{html.escape(segment)}</div><div>{html.escape(first["source"])}</div>'
-                f'<div class="ref">{html.escape(reference) if reference is not None else "<i>no reference</i>"}</div></td>'
+                f'<div class="ref">{html.escape(reference) if reference is not None else "<i>no reference</i>"}'
+                '</div></td>'
                 f'{cells}<td class="num delta"></td></tr>')
 
     def render(self, title: str, page_dir: Optional[Path] = None) -> str:
@@ -248,11 +252,14 @@ class Comparison:
 <html lang="ja"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>{PAGE_STYLE}{COMPARE_STYLE}</style></head><body>
 <h1>{html.escape(title)}</h1>
-<div class="meta">{len(self.runs)} runs on {html.escape(dataset or "?")} · {len(self.ids)} segments, {len(self.common)} in
+<div class="meta">{len(self.runs)} runs on {html.escape(dataset or "?")} · {len(self.ids)} segments, \
+{len(self.common)} in
 every run with a reference (corpus scores below are on those)</div>
 {self._header_table()}
-<p class="meta">In each hypothesis, <mark>highlighted</mark> characters differ from run {self.baseline + 1}'s hypothesis.
-Per segment: sentence chrF and BLEU (sacrebleu, ja-mecab, effective order), COMET where scored; the best chrF in bold.</p>
+<p class="meta">In each hypothesis, <mark>highlighted</mark> characters differ from run \
+{self.baseline + 1}'s hypothesis.
+Per segment: sentence chrF and BLEU (sacrebleu, ja-mecab, effective order), COMET where scored; \
+the best chrF in bold.</p>
 <div class="controls">sort by <select id="metric"><option value="chrf">chrF</option><option value="bleu">BLEU</option>
 <option value="comet">COMET</option></select> difference Δ = run <select id="b">{options}</select> − run
 <select id="a">{options}</select> <select id="order"><option value="desc">largest Δ first</option>
@@ -274,7 +281,8 @@ table.runs td:nth-child(2), table.compare th { overflow-wrap: anywhere; white-sp
 td.sig { font-weight: bold; } a.trace { font-size: 0.85em; }
 table.compare { width: 100%; table-layout: fixed; } table.compare td { vertical-align: top; }
 table.compare th:first-child { width: 2.5em; } table.compare th:last-child { width: 4em; }
-.hyp div:first-child { font-size: 1.05em; } .ref { color: #555; margin-top: 0.3em; } .sid { color: #888; font-size: 0.8em; }
+.hyp div:first-child { font-size: 1.05em; } .ref { color: #555; margin-top: 0.3em; } \
+.sid { color: #888; font-size: 0.8em; }
 mark { background: #ffe066; } .same { color: #888; font-size: 0.8em; } .missing { color: #999; }
 .scores b { color: #064; }
 """

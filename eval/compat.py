@@ -96,7 +96,8 @@ def judge(a: ModelProfile, b: ModelProfile, agreement: Optional[float], rules: C
                    f"{'<=' if style_ok else '>'} {rules.max_length_ratio:g}")
     for profile in (a, b):
         if profile.latin_share >= 0.25:
-            reasons.append(f"{profile.name} leaves {profile.latin_share:.0%} of its outputs mostly in Latin script (copies)")
+            reasons.append(f"{profile.name} leaves {profile.latin_share:.0%} of its outputs mostly in Latin script "
+                           "(copies)")
     if agreement is not None:
         reasons.append(f"next-character argmax agreement on reference prefixes {agreement:.0%}")
     compatible: Optional[bool] = gap_ok and style_ok
@@ -112,13 +113,15 @@ def to_markdown(profiles: list[ModelProfile], verdicts: list[PairVerdict], rules
     lines = [f"# Compatibility check (determine-then-ensemble)\n\n{about}\n",
              f"Rules: {rules.metric} gap <= {rules.max_score_gap:.0%} of the better model; output-length ratios "
              f"within a factor {rules.max_length_ratio:g}; a verdict needs at least {rules.min_segments} segments.\n",
-             "| model | BLEU | chrF | length ratio | Latin | non-Japanese | en chars/tok | en words/tok | ja chars/tok | ja words/tok |",
+             "| model | BLEU | chrF | length ratio | Latin | non-Japanese | en chars/tok | en words/tok | ja chars/tok "
+             "| ja words/tok |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for p in profiles:
         f = p.fertility
-        lines.append(f"| {p.name} | {p.scores.get('bleu', 0):.1f} | {p.scores.get('chrf', 0):.1f} | {p.length_ratio:.2f} | "
-                     f"{p.latin_share:.0%} | {p.non_japanese_share:.0%} | {f['en_chars_per_token']:.2f} | "
-                     f"{f['en_words_per_token']:.2f} | {f['ja_chars_per_token']:.2f} | {f['ja_words_per_token']:.2f} |")
+        lines.append(f"| {p.name} | {p.scores.get('bleu', 0):.1f} | {p.scores.get('chrf', 0):.1f} | "
+                     f"{p.length_ratio:.2f} | {p.latin_share:.0%} | {p.non_japanese_share:.0%} | "
+                     f"{f['en_chars_per_token']:.2f} | {f['en_words_per_token']:.2f} | {f['ja_chars_per_token']:.2f} | "
+                     f"{f['ja_words_per_token']:.2f} |")
     lines += ["", "| pair | verdict | reasons |", "|---|---|---|"]
     for v in verdicts:
         lines.append(f"| {' + '.join(v.models)} | {verdict_text(v)} | "

@@ -115,8 +115,10 @@ def pool_metrics(rows: list[dict]) -> dict:
         for origin in next(c for c in row["pool"] if c["chosen"])["origins"]:
             origins[origin] = origins.get(origin, 0) + 1
     out: dict = {"pool_candidates_per_segment": round(sum(len(r["pool"]) for r in pooled) / len(pooled), 3),
-                 "pool_choice_share": {o: round(n / len(pooled), 4) for o, n in sorted(origins.items(), key=lambda x: -x[1])}}
-    judged = [r for r in pooled if r.get("reference") is not None and all(c.get("ref_chrf") is not None for c in r["pool"])]
+                 "pool_choice_share": {o: round(n / len(pooled), 4)
+                                       for o, n in sorted(origins.items(), key=lambda x: -x[1])}}
+    judged = [r for r in pooled
+              if r.get("reference") is not None and all(c.get("ref_chrf") is not None for c in r["pool"])]
     if judged:
         best = [max(r["pool"], key=lambda c: c["ref_chrf"])["text"] for r in judged]  # max keeps the first of ties
         oracle = corpus_scores(best, [r["reference"] for r in judged])

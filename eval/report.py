@@ -25,7 +25,8 @@ from eval.jsonio import read_json_object, read_jsonl_objects, write_atomically
 from eval.metrics import corpus_scores
 
 ROW_KEYS = ("id", "source", "hypothesis")  # what every results line has and the pages show
-RESULTS_FIX = "pass a fusemt results JSONL, or fix or delete that line (rerunning the config rewrites a deleted segment)"
+RESULTS_FIX = ("pass a fusemt results JSONL, or fix or delete that line "
+               "(rerunning the config rewrites a deleted segment)")
 METRICS_FIX = "fix or delete that file (rerunning its config rewrites it), then rerun the report"
 METRICS_SUFFIX = ".metrics.json"
 BASE_COLUMNS = ["run_name", "method", "models"]
@@ -128,7 +129,8 @@ class Run:
     def from_results(cls, results: Path) -> "Run":
         rows = read_rows(results)
         metrics_path = results.with_suffix(".metrics.json")
-        metrics = check_metrics(read_json_object(metrics_path, METRICS_FIX), metrics_path) if metrics_path.exists() else {}
+        metrics = (check_metrics(read_json_object(metrics_path, METRICS_FIX), metrics_path)
+                   if metrics_path.exists() else {})
         return cls(results, metrics, rows, read_segment_comet(results))
 
     @classmethod
@@ -190,7 +192,8 @@ def mix_warnings(runs: list[Run]) -> list[str]:
     for dataset in datasets:
         counts = sorted({run.metrics.get("segments") for run in runs if (run.dataset or "?") == dataset} - {None})
         if len(counts) > 1:
-            warnings.append(f"the runs of {dataset} scored different numbers of segments ({', '.join(map(str, counts))}): "
+            warnings.append(f"the runs of {dataset} scored different numbers of segments "
+                            f"({', '.join(map(str, counts))}): "
                             "their scores are over different segments; finish the runs or report one selection")
     return warnings
 
@@ -238,7 +241,8 @@ def per_domain(run: Run) -> dict[str, dict]:
     scores = {}
     for domain, rows in sorted(by_domain.items()):
         scores[domain] = corpus_scores([r["hypothesis"] for r in rows], [r["reference"] for r in rows])
-        comet = [run.segment_comet[str(r["id"])] for r in rows if run.segment_comet and str(r["id"]) in run.segment_comet]
+        comet = [run.segment_comet[str(r["id"])] for r in rows
+                 if run.segment_comet and str(r["id"]) in run.segment_comet]
         scores[domain]["comet"] = round(sum(comet) / len(comet), 4) if comet and len(comet) == len(rows) else None
     return scores
 
@@ -370,7 +374,8 @@ def _format(column: str, value) -> str:
         return "—"
     if isinstance(value, bool) or not isinstance(value, float):
         return str(value)
-    digits = 4 if column in ("comet", "bleu_p", "chrf_p", "bleu_p_adj", "chrf_p_adj") else 3 if column.endswith("_rate") else 2
+    digits = (4 if column in ("comet", "bleu_p", "chrf_p", "bleu_p_adj", "chrf_p_adj")
+              else 3 if column.endswith("_rate") else 2)
     return f"{value:.{digits}f}"
 
 
@@ -436,7 +441,8 @@ class Report:
             row.update({key: run.metrics.get(key) for key in SCORE_COLUMNS})
             row["forward_passes"] = run.forward_passes
             # one stat: the speculative method's, or a speculative ensemble's (decoding.num_draft_tokens)
-            row["acceptance_rate"] = run.metrics.get("acceptance_rate", (run.metrics.get("speculation") or {}).get("acceptance_rate"))
+            row["acceptance_rate"] = run.metrics.get("acceptance_rate",
+                                                     (run.metrics.get("speculation") or {}).get("acceptance_rate"))
             if self.baselines:
                 boot, base = self.bootstraps.get(run.name), self.baselines.get(run.name)
                 row.update(baseline=base.name if base and base is not run else None,
@@ -444,7 +450,8 @@ class Report:
                            chrf_delta=boot and boot.chrf_delta, chrf_p=boot and boot.chrf_p,
                            bootstrap_segments=boot and boot.segments)
                 if self.correction != "none":
-                    row.update(bleu_p_adj=boot and boot.adjusted.get("bleu"), chrf_p_adj=boot and boot.adjusted.get("chrf"))
+                    row.update(bleu_p_adj=boot and boot.adjusted.get("bleu"),
+                               chrf_p_adj=boot and boot.adjusted.get("chrf"))
             table.append(row)
         return table
 
@@ -512,7 +519,8 @@ class Report:
         import matplotlib.pyplot as plt
         from matplotlib.lines import Line2D
 
-        metrics = ["bleu", "chrf"] + (["comet"] if all(run.metrics.get("comet") is not None for run in self.runs) else [])
+        metrics = ["bleu", "chrf"] + (["comet"] if all(run.metrics.get("comet") is not None for run in self.runs)
+                                      else [])
         plotted = [(n, run, label) for n, (run, label) in enumerate(zip(self.runs, short_labels(self.runs)), 1)
                    if run.metrics.get("tokens_per_s") is not None]
         methods = list(dict.fromkeys(run.method for _, run, _ in plotted))
@@ -543,7 +551,8 @@ class Report:
             ax.margins(0.12)
         fig.suptitle("quality vs speed", fontsize=11)
         handles = [Line2D([], [], marker="o", linestyle="", color=colour(m), label=m) for m in methods]
-        legend = fig.legend(handles=handles, title="method", loc="upper left", fontsize=8, title_fontsize=8, frameon=False)
+        legend = fig.legend(handles=handles, title="method", loc="upper left", fontsize=8, title_fontsize=8,
+                            frameon=False)
         texts = [fig.text(0, 0, text, fontsize=7, color=c, va="top", family="monospace") for text, c in key]
         fit_key_beside(fig, panels, legend, texts)
         return fig
@@ -586,7 +595,8 @@ def fit_key_beside(fig, panels, legend, texts, pad_in: float = 0.15) -> None:
 def inside(fig, artist) -> bool:
     """Whether the artist's rendered extent lies within the figure's canvas."""
     box, canvas = artist.get_window_extent(fig.canvas.get_renderer()), fig.bbox
-    return box.x0 >= canvas.x0 - 0.5 and box.y0 >= canvas.y0 - 0.5 and box.x1 <= canvas.x1 + 0.5 and box.y1 <= canvas.y1 + 0.5
+    return (box.x0 >= canvas.x0 - 0.5 and box.y0 >= canvas.y0 - 0.5
+            and box.x1 <= canvas.x1 + 0.5 and box.y1 <= canvas.y1 + 0.5)
 
 
 def short_labels(runs: list[Run]) -> list[str]:
@@ -597,7 +607,8 @@ def short_labels(runs: list[Run]) -> list[str]:
     labels = []
     for run in runs:
         same_method = [r for r in runs if r.method == run.method]
-        keys = [key for key in distinguishing_options(same_method) if len({r.options.values.get(key) for r in same_method}) > 1]
+        keys = [key for key in distinguishing_options(same_method)
+                if len({r.options.values.get(key) for r in same_method}) > 1]
         parts = [run.method] + ([run.models] if show_models else [])
         parts += [f"{key}={run.options.values[key]}" for key in keys if key in run.options.values]
         labels.append(" ".join(parts))
@@ -648,7 +659,8 @@ def main(argv: list[str] | None = None) -> None:
                              "these runs, e.g. the ones a sweep's summary lists)")
     parser.add_argument("-o", "--output", type=Path, help="folder for report.md/.csv/.png (default: the folder given)")
     baseline = parser.add_mutually_exclusive_group()
-    baseline.add_argument("--baseline", help="run name (or a part of exactly one) to mark significant differences against")
+    baseline.add_argument("--baseline",
+                          help="run name (or a part of exactly one) to mark significant differences against")
     baseline.add_argument("--member-baselines", action="store_true",
                           help="test each ensemble against the best greedy single-model run of its members")
     parser.add_argument("--member-ranking", type=Path, metavar="COMPAT_JSON",

@@ -38,7 +38,8 @@ MODEL_COLOURS = ["#a5d8ff", "#ffd8a8", "#fcc2d7", "#c3fae8", "#ffec99", "#e9fac8
 # The green origins: every member proposed the choice (the speculative target accepted the draft's). The page's
 # "agreed" share of a segment counts exactly these steps, so the figure and the green chips say the same thing.
 AGREED_ORIGINS = ("both", "all", "draft")
-# Options that do nothing at another option's value (the page hides them): (option, inert value, options it makes inert).
+# Options that do nothing at another option's value (the page hides them):
+# (option, inert value, options it makes inert).
 INERT_OPTIONS = (("num_draft_tokens", "0", ("drafter", "alternate", "draft_schedule", "draft_confidence")),
                  ("speculate", "0", ("drafter", "alternate", "draft_schedule", "draft_confidence")),  # its old name
                  ("num_beams", "1", ("length_penalty", "early_stopping")),
@@ -59,7 +60,8 @@ def origin_meaning(method: str, origin: str, models: list[str]) -> str:
     """What a chip colour means: the method's own description (``Decoder.origin_meaning``); a method
     this installation does not know gets the bare origin, never another method's text."""
     cls = DECODERS.get(method)
-    return cls.origin_meaning(origin, models) if cls else f"origin '{origin}' (method '{method}' is not registered here)"
+    return (cls.origin_meaning(origin, models) if cls
+            else f"origin '{origin}' (method '{method}' is not registered here)")
 
 
 def origin_colours(rows: list[dict]) -> dict[str, str]:
@@ -94,7 +96,8 @@ def character_chips(trace: list[dict]) -> list[CharChip]:
 
     def give_up_pending() -> None:
         if pending:
-            chips.append(CharChip(bytes(pending).decode("utf-8", "backslashreplace"), sorted(set(owners)), "incomplete"))
+            chips.append(CharChip(bytes(pending).decode("utf-8", "backslashreplace"), sorted(set(owners)),
+                                  "incomplete"))
             pending.clear()
             owners.clear()
 
@@ -161,7 +164,8 @@ def step_tooltip(step: dict, index: Optional[int] = None) -> str:
         lines.append(f"  stop string {step['stop']!r} starts after this piece")
     if step.get("end"):
         lines.append("  end of sequence")
-    lines += [f"  {key}: {json.dumps(value, ensure_ascii=False)}" for key, value in step.items() if key not in STEP_FIELDS]
+    lines += [f"  {key}: {json.dumps(value, ensure_ascii=False)}" for key, value in step.items()
+              if key not in STEP_FIELDS]
     return "\n".join(lines)
 
 
@@ -307,7 +311,8 @@ def rounds_html(trace: list[dict]) -> str:
         f'<del>{html.escape(r["rejected_text"])}</del> <span class="own">{html.escape(r["target_text"])}</span></td>'
         f'<td class="num">{r["accepted"]}/{r["proposed"]}</td></tr>' for r in rounds)
     return (f'<details class="rounds"><summary>{len(rounds)} speculative rounds</summary><table><thead><tr><th>round'
-            '</th><th><span class="acc">accepted draft</span> <del>rejected draft</del> <span class="own">target\'s own '
+            '</th><th><span class="acc">accepted draft</span> <del>rejected draft</del> '
+            '<span class="own">target\'s own '
             f'token</span></th><th>accepted</th></tr></thead><tbody>{body}</tbody></table></details>')
 
 
@@ -354,7 +359,8 @@ def chips_html(trace: list[dict], colour_class: Mapping[str, str], colours: Mapp
         classes = " ".join(c for c in ("g", colour_class.get(origins[0], ""), "multi" if len(steps) > 1 else "") if c)
         style = (f' style="background: linear-gradient(90deg, {", ".join(colours.get(o, "#eee") for o in origins)})"'
                  if len(origins) > 1 else "")
-        inner = "".join(f'<span class="c{_chip_class(chip)}" title="{html.escape(chip_tooltip(chip, trace), quote=True)}">'
+        inner = "".join(f'<span class="c{_chip_class(chip)}" '
+                        f'title="{html.escape(chip_tooltip(chip, trace), quote=True)}">'
                         f"{html.escape(_shown(chip))}</span>" for chip in group)
         out.append(f'<span class="{classes}"{style}>{inner}</span>')
     return "".join(out)
@@ -408,7 +414,8 @@ PAGE_STYLE = """
 body { font-family: "Noto Sans CJK JP", "Noto Sans JP", "IPAexGothic", sans-serif; margin: 1.2em; max-width: 80em; }
 .g { display: inline-block; margin: 0.1em 0 0.1em 0.2em; border-radius: 0.3em; border: 1px solid transparent; }
 .g.multi { border: 1px dashed #333; }
-.c { display: inline-block; min-width: 0.6em; text-align: center; padding: 0.05em 0.12em; white-space: pre; cursor: help; }
+.c { display: inline-block; min-width: 0.6em; text-align: center; padding: 0.05em 0.12em; white-space: pre; \
+cursor: help; }
 .g .c + .c { border-left: 1px dotted rgba(0, 0, 0, 0.18); }
 .c.ws, .c.end { color: #666; } .c.incomplete { font-family: monospace; font-size: 0.8em; color: #900; }
 .chips { margin: 0.4em 0; line-height: 2.0; font-size: 1.15em; }
@@ -428,8 +435,8 @@ th { background: #f1f3f5; } .num { text-align: right; font-variant-numeric: tabu
 
 
 def _metric_line(metrics: dict) -> str:
-    keys = ["segments", "bleu", "chrf", "comet", "tokens_per_s", "agreement_rate", "acceptance_rate", "mean_accepted_length",
-            "fastpath_share"]
+    keys = ["segments", "bleu", "chrf", "comet", "tokens_per_s", "agreement_rate", "acceptance_rate",
+            "mean_accepted_length", "fastpath_share"]
     return " · ".join(f"{k}: {html.escape(str(metrics[k]))}" for k in keys if metrics.get(k) is not None)
 
 
@@ -440,7 +447,8 @@ def _pool_line(metrics: dict) -> str:
     shares = ", ".join(f"{html.escape(o)} {v:.0%}" for o, v in metrics["pool_choice_share"].items())
     oracle = (f' · pool oracle (upper bound): BLEU {metrics["pool_oracle_bleu"]}, chrF {metrics["pool_oracle_chrf"]}'
               if "pool_oracle_chrf" in metrics else "")
-    bound = ('<div class="warn">select=oracle: chosen with the reference: an UPPER BOUND, not a translation method</div>'
+    bound = ('<div class="warn">select=oracle: chosen with the reference: an UPPER BOUND, not a translation method'
+             '</div>'
              if (metrics.get("config") or {}).get("decoding", {}).get("select") == "oracle" else "")
     return f'{bound}<div class="meta">choices by origin: {shares}{oracle}</div>'
 
@@ -449,20 +457,23 @@ def _legend(rows: list[dict], method: str, colours: dict[str, str], colour_class
     """Each colour that occurs, with what it means for this method, and each chip shape that occurs."""
     models = list(dict.fromkeys(m for r in rows for m in r.get("models", [])))
     seen = {s["origin"] for r in rows for s in r.get("trace", [])}
+    # shared first, then models
     entries = [(f'<span class="g {colour_class[o]}"><span class="c">{html.escape(o)}</span></span>',
-                html.escape(origin_meaning(method, o, models))) for o in colours if o in seen]  # shared first, then models
+                html.escape(origin_meaning(method, o, models))) for o in colours if o in seen]
     chips = [chip for r in rows for chip in character_chips(r.get("trace") or [])]
     if any(len(chip.steps) > 1 for chip in chips):
         entries.append(('<span class="g multi"><span class="c">ル</span></span>', "one character whose bytes came in "
                         "several steps (a byte-level piece ends inside it); its steps are listed in its tooltip"))
     if any(a.kind == b.kind == "char" and a.steps == b.steps for a, b in zip(chips, chips[1:])):
-        entries.append(('<span class="g"><span class="c">今</span><span class="c">日</span></span>', "one box of several "
+        entries.append(('<span class="g"><span class="c">今</span><span class="c">日</span></span>',
+                        "one box of several "
                         "characters: one step added them (a multi-character token); each character has its own chip"))
     shown = [(kind, mark, text) for kind, mark, text in (("end", "⏎", "end of sequence"), ("ws", "␣", "a space"),
                                                          ("incomplete", "\\xe3", "bytes of an unfinished character"))
              if any(_chip_class(chip).strip() == kind for chip in chips)]
     if shown:
-        entries.append((" ".join(f'<span class="g"><span class="c {kind}">{mark}</span></span>' for kind, mark, _ in shown),
+        entries.append((" ".join(f'<span class="g"><span class="c {kind}">{mark}</span></span>'
+                                 for kind, mark, _ in shown),
                         "; ".join(text for _, _, text in shown)))
     entries.append(("tooltip", "hover a chip: each member's probability of the choice, the candidates ranked by the "
                     "score the method decided by (▶ the chosen one), and the method's step details"))
@@ -486,7 +497,8 @@ def _index(rows: list[dict], reviews: list[SegmentReview]) -> str:
 
 
 CONTROLS = """<div class="controls">sort by <select id="sort"><option value="order">file order</option>
-<option value="chrf">sentence chrF</option><option value="bleu">sentence BLEU</option><option value="comet">COMET</option>
+<option value="chrf">sentence chrF</option><option value="bleu">sentence BLEU</option>\
+<option value="comet">COMET</option>
 <option value="ratio">length ratio</option><option value="agreement">agreed share</option></select>
 <select id="direction"><option value="asc">lowest first</option><option value="desc">highest first</option></select>
 · <label><input type="checkbox" id="flagged"> flagged only</label>
@@ -520,14 +532,17 @@ def pool_html(pool: Optional[list[dict]]) -> str:
     members = list(dict.fromkeys(m for c in pool for m in c.get("logprob") or {}))
     head = "".join(f"<th>log p {html.escape(m)}</th>" for m in members)
     body = "".join(
-        f'<tr><td>{"▶" if c["chosen"] else ""}</td><td class="num">{c["score"]:.3f}</td><td>{html.escape(c["text"])}</td>'
-        f'<td>{html.escape(", ".join(f"{o}×{n}" for o, n in c["origins"].items()))}</td><td class="num">{c["count"]}</td>'
+        f'<tr><td>{"▶" if c["chosen"] else ""}</td><td class="num">{c["score"]:.3f}</td>'
+        f'<td>{html.escape(c["text"])}</td>'
+        f'<td>{html.escape(", ".join(f"{o}×{n}" for o, n in c["origins"].items()))}</td>'
+        f'<td class="num">{c["count"]}</td>'
         f'<td class="num">{_cell(c.get("utility"), 2)}</td>'
         + "".join(f'<td class="num">{_cell((c.get("logprob") or {}).get(m), 2)}</td>' for m in members)
         + f'<td class="num">{_cell(c.get("joint"), 4)}</td><td class="num">{_cell(c.get("ref_chrf"), 1)}</td></tr>'
         for c in ranked)
     return (f'<details><summary>pool: {len(pool)} candidates, ranked by the rule\'s score (▶ chosen)</summary><table>'
-            f'<tr><th></th><th>score</th><th>candidate</th><th>origins</th><th>count</th><th>expected utility</th>{head}'
+            '<tr><th></th><th>score</th><th>candidate</th><th>origins</th><th>count</th>'
+            f'<th>expected utility</th>{head}'
             '<th>joint (per char)</th><th>chrF vs reference (oracle only)</th></tr>'
             f'{body}</table></details>')
 
@@ -630,7 +645,8 @@ def write_trace_report(results: Path, segment: int | None = 0) -> tuple[Path, Pa
     png = None
     if segment is not None:
         if not 0 <= segment < len(rows):
-            raise FusemtError(f"--segment {segment} is out of range: {results} has {len(rows)} segments (0..{len(rows) - 1})")
+            raise FusemtError(f"--segment {segment} is out of range: {results} has {len(rows)} segments "
+                              f"(0..{len(rows) - 1})")
         png = plot_segment(rows[segment], results.with_name(f"{results.stem}.seg{segment}.png"))
     return html_path, png
 

@@ -64,7 +64,8 @@ def _typed(cfg: DictConfig):
     if compat.rules.metric not in ("chrf", "bleu"):
         raise FusemtError(f"compat.rules.metric={compat.rules.metric}: use chrf or bleu")
     if compat.agreement_segments < 0 or compat.batch_size < 1 or compat.max_new_tokens < 1:
-        raise FusemtError("compat.agreement_segments >= 0, compat.batch_size >= 1 and compat.max_new_tokens >= 1 are needed")
+        raise FusemtError("compat.agreement_segments >= 0, compat.batch_size >= 1 and compat.max_new_tokens >= 1 "
+                          "are needed")
     dataset = typed_config(DatasetConfig, OmegaConf.to_container(cfg.dataset, resolve=True), "dataset")
     prompt = typed_config(PromptConfig, OmegaConf.to_container(cfg.prompt, resolve=True), "prompt")
     logger = typed_config(LoggerConfig, OmegaConf.to_container(cfg.logger, resolve=True), "logger")
@@ -74,7 +75,8 @@ def _typed(cfg: DictConfig):
 def _translations(model, segments, prompt, compat: CompatConfig, path: Path) -> list[str]:
     """The model's greedy outputs, reused from ``path`` when it holds every segment of this slice."""
     if path.exists():
-        done = {r["id"]: r["hypothesis"] for r in read_jsonl_objects(path, "delete it to decode again", ("id", "hypothesis"))}
+        done = {r["id"]: r["hypothesis"]
+                for r in read_jsonl_objects(path, "delete it to decode again", ("id", "hypothesis"))}
         if all(s.id in done for s in segments):
             return [done[s.id] for s in segments]
     greedy = decoder_class("greedy")
@@ -116,7 +118,8 @@ def _next_char_tops(models, segments, prompt, compat: CompatConfig) -> list[list
     per_seq: list[list[list]] = []
     for i in range(0, len(chosen), compat.batch_size):
         batch = chosen[i : i + compat.batch_size]
-        per_seq += charwise(cfg, models, prompt).reference_argmax([s.source for s in batch], [s.reference for s in batch])
+        per_seq += charwise(cfg, models, prompt).reference_argmax([s.source for s in batch],
+                                                                  [s.reference for s in batch])
     # per_seq[seq][pos][member] -> per member: [seq][pos]
     return [[[tops[m] for tops in seq] for seq in per_seq] for m in range(len(models))]
 
@@ -152,7 +155,8 @@ def _main(cfg: DictConfig) -> None:
         print(f"{' + '.join(v.models)}: {verdict_text(v)} (on {len(segments)} segments) — {'; '.join(v.reasons)}")
     print(f"written: {md_path}, {json_path}")
     run_logger = RunLogger(logger_cfg, f"compat__{'+'.join(p.name for p in profiles)}__{dataset.name}",
-                           {"models": [p.name for p in profiles], "rules": compat.rules.__dict__, "dataset": dataset.name},
+                           {"models": [p.name for p in profiles], "rules": compat.rules.__dict__,
+                            "dataset": dataset.name},
                            out_dir)
     run_logger.log_review(tables={"compat": verdict_table(verdicts)}, pages={})
     run_logger.finish()

@@ -89,7 +89,8 @@ def resolve_member(member) -> ModelSpec:
         if "/" in name or Path(name).expanduser().exists():  # hub id or local directory
             values = {"name": name.rstrip("/").rsplit("/", 1)[-1], "path": name}
         else:
-            raise FusemtError(f"unknown model '{name}': use one of {', '.join(model_names())}, a hub id (org/name) or a local dir")
+            raise FusemtError(f"unknown model '{name}': use one of {', '.join(model_names())}, "
+                              "a hub id (org/name) or a local dir")
     return typed_config(ModelSpec, values, f"model '{name}'")
 
 

@@ -46,7 +46,8 @@ def _text_field(rec: dict, key: str, row: int, required: bool) -> Optional[str]:
     if value is None and not required:
         return None
     if not isinstance(value, str):
-        problem = "is missing" if key not in rec else f"is {'null' if value is None else type(value).__name__}, not text"
+        problem = ("is missing" if key not in rec
+                   else f"is {'null' if value is None else type(value).__name__}, not text")
         raise FusemtError(f"dataset line {row + 1}: '{key}' {problem}: every row needs a '{key}' string")
     return value
 
@@ -57,7 +58,8 @@ def _record_to_segment(rec: dict, row: int, reference_field: str) -> Optional[Se
         if rec.get("is_bad_source"):
             return None
         if reference_field not in rec:
-            raise FusemtError(f"dataset has no field '{reference_field}': use dataset.reference_field=target or original_target")
+            raise FusemtError(f"dataset has no field '{reference_field}': "
+                              "use dataset.reference_field=target or original_target")
         return Segment(id=str(rec["segment_id"]), source=_text_field(rec, "source", row, True),
                        reference=_text_field(rec, reference_field, row, False), domain=rec.get("domain"),
                        doc_id=rec.get("document_id"), row=row)
@@ -72,7 +74,8 @@ def _read_jsonl(path: Path) -> list:
     if not path.exists():
         raise FusemtError(f"dataset file {path} not found: check dataset.path")
     with path.open("rb") as f:
-        records = [parse_jsonl_line(raw, f"{path}:{n}", "expected one JSON object per line (WMT24, WMT24++ or fusemt layout)")
+        records = [parse_jsonl_line(raw, f"{path}:{n}",
+                                    "expected one JSON object per line (WMT24, WMT24++ or fusemt layout)")
                    for n, raw in enumerate(f, 1)]
     return [rec for rec in records if rec is not None]
 
@@ -106,7 +109,8 @@ def read_ids_file(path: Path) -> list[str]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
-        raise FusemtError(f"dataset.ids_file {path} is not UTF-8 text: give a file of segment ids, one per line") from None
+        raise FusemtError(f"dataset.ids_file {path} is not UTF-8 text: "
+                          "give a file of segment ids, one per line") from None
     ids = [line.split("#", 1)[0].strip() for line in lines]
     ids = [i for i in ids if i]
     if len(set(ids)) != len(ids):

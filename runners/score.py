@@ -31,7 +31,8 @@ def read_hypotheses(hyp_file: Path) -> tuple[dict[int, str] | None, dict[str, st
     if not hyp_file.exists():
         raise FusemtError(f"hypothesis file {hyp_file} not found: check hyp_file=")
     if hyp_file.suffix == ".jsonl":
-        rows = read_jsonl_objects(hyp_file, "pass a fusemt results JSONL or a plain text file with one hypothesis per line",
+        rows = read_jsonl_objects(hyp_file,
+                                  "pass a fusemt results JSONL or a plain text file with one hypothesis per line",
                                   required=("id", "hypothesis"), segment=True)
         by_id: dict[str, str] = {}
         for row in rows:
@@ -66,7 +67,8 @@ def score_file(dataset: DatasetConfig, hyp_file: Path, bleu: bool = True, chrf: 
             raise FusemtError(f"{hyp_file} has no segment id of dataset '{dataset.name}'")
         pairs = [(by_id[s.id], s.reference, s.source) for s in segments]
         if missing:
-            print(f"note: {len(missing)} dataset segments have no hypothesis in {hyp_file} and are not scored", file=sys.stderr)
+            print(f"note: {len(missing)} dataset segments have no hypothesis in {hyp_file} and are not scored",
+                  file=sys.stderr)
     if dataset.limit is not None:
         pairs = pairs[: dataset.limit]
     hyps, refs, sources = (list(column) for column in zip(*pairs))

@@ -84,7 +84,8 @@ def record_failure(job: JobInfo, err: Exception) -> None:
         message = f"{type(err).__name__}: {message}"
     print(f"fusemt: job {job.num} failed: {message}", file=sys.stderr)
     _append_line(job.sweep_dir / FAILURES, {"job": job.num, "overrides": job.overrides, "error": message,
-                                            "traceback": None if isinstance(err, FusemtError) else traceback.format_exc()})
+                                            "traceback": None if isinstance(err, FusemtError)
+                                            else traceback.format_exc()})
 
 
 def record_job(job: JobInfo, results_path: Path, metrics: dict) -> None:
@@ -147,7 +148,8 @@ def sweep_summary(sweep_dir: Path) -> Optional[str]:
                   f"  python -m eval.report {files} -o {shlex.quote(os.path.relpath(sweep_dir))}",
                   ]
         if len(results) > 1:
-            lines.append(f"  python -m eval.compare {files} -o {shlex.quote(os.path.relpath(sweep_dir / 'compare.html'))}")
+            lines.append(f"  python -m eval.compare {files} "
+                         f"-o {shlex.quote(os.path.relpath(sweep_dir / 'compare.html'))}")
     return "\n".join(lines) + "\n"
 
 

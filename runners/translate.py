@@ -65,7 +65,8 @@ def run_metrics(run: RunConfig, rows: list[dict], selected_ids: list[str]) -> tu
         metrics["comet_skipped"] = "metrics.comet=false"
     elif scored:
         result = comet_scores([r["source"] for r in scored], [r["hypothesis"] for r in scored],
-                              [r["reference"] for r in scored], run.metrics["comet_model"], run.metrics["comet_batch_size"])
+                              [r["reference"] for r in scored], run.metrics["comet_model"],
+                              run.metrics["comet_batch_size"])
         metrics["comet_model"] = result.model
         if result.skipped:
             metrics["comet_skipped"] = result.skipped
@@ -82,8 +83,9 @@ def run_metrics(run: RunConfig, rows: list[dict], selected_ids: list[str]) -> tu
 
 def segment_row(run: RunConfig, seg: Segment, hypothesis: str, n_new_tokens: int, time_s: float, trace: list,
                 stats: dict, warnings: list[str], pool: list[dict] | None = None) -> dict:
-    row = {"id": seg.id, "source": seg.source, "reference": seg.reference, "domain": seg.domain, "hypothesis": hypothesis,
-           "method": run.decoding_name, "models": [m.label for m in run.models], "n_new_tokens": n_new_tokens,
+    row = {"id": seg.id, "source": seg.source, "reference": seg.reference, "domain": seg.domain,
+           "hypothesis": hypothesis, "method": run.decoding_name, "models": [m.label for m in run.models],
+           "n_new_tokens": n_new_tokens,
            "time_s": round(time_s, 4), "warnings": warnings, "stats": stats, "trace": trace}
     if pool is not None:
         row["pool"] = pool
@@ -170,7 +172,8 @@ def write_run_files(run: RunConfig, results: ResultsFile, selected_ids: list[str
                 comet_path.unlink(missing_ok=True)
         else:
             log.info("another process added segments meanwhile: it writes the run's metrics")
-    done = "complete" if metrics["complete"] else f"{metrics['missing_segments']} of {metrics['selected_segments']} missing"
+    done = ("complete" if metrics["complete"]
+            else f"{metrics['missing_segments']} of {metrics['selected_segments']} missing")
     log.info("metrics (%s): %s", done, {k: metrics[k] for k in ("segments", "bleu", "chrf", "comet", "tokens_per_s")
                                        if k in metrics})
     if metrics.get("comet_skipped") and run.metrics.get("comet"):

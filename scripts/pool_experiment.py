@@ -10,9 +10,9 @@ returns it), MBR with the chrF and with the BLEU utility, and the oracle (an upp
 pools the committed greedy and beam-4 outputs of the three members on the test slice
 (experiments/wmt24pp_en_ja/runs/wmt24pp/) and adds samples; MBR, likelihood, model_mbr and the oracle
 choose. Each part exports its runs (rows with their pools, metrics) to ``TARGETS`` and writes the
-report there with sacrebleu's paired bootstrap against the baseline (the best single system / the best member's greedy run). ``syscomb``
-keeps only the metrics and the report (outside runs/) (its 997-segment rows are 15 MB; this command remakes
-them in minutes, without a model).
+report there with sacrebleu's paired bootstrap against the baseline (the best single system / the best member's
+greedy run). ``syscomb`` keeps only the metrics and the report (outside runs/) (its 997-segment rows are 15 MB;
+this command remakes them in minutes, without a model).
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # Relative to the repository root (the jobs' working directory): the paths recorded in the runs' configs.
-WMT24 = Path(os.path.relpath(Path(os.environ.get("FUSEMT_SHARED", ROOT.parent / "shared")) / "data" / "wmt24_en_ja", ROOT))
+WMT24 = Path(os.path.relpath(Path(os.environ.get("FUSEMT_SHARED", ROOT.parent / "shared")) / "data" / "wmt24_en_ja",
+                             ROOT))
 SYSTEMS = ["Claude-3.5", "GPT-4", "IKUN-C", "Team-J", "Unbabel-Tower70B"]
 MEMBER_RUNS = ROOT / "experiments" / "wmt24pp_en_ja" / "runs" / "wmt24pp"
 MEMBERS = ["gemma3_270m", "qwen25_coder_05b", "qwen25_coder_15b"]
@@ -50,8 +51,8 @@ def syscomb_jobs() -> list[tuple[str, list[str]]]:
 
 def member_runs() -> list[str]:
     """The committed greedy and beam-4 runs of the three members on the test slice."""
-    runs = sorted(str(p.relative_to(ROOT)) for p in MEMBER_RUNS.glob("*.jsonl") if p.name.split("__")[0] in ("greedy", "beam")
-                  and p.name.split("__")[1] in MEMBERS)
+    runs = sorted(str(p.relative_to(ROOT)) for p in MEMBER_RUNS.glob("*.jsonl")
+                  if p.name.split("__")[0] in ("greedy", "beam") and p.name.split("__")[1] in MEMBERS)
     if len(runs) != 2 * len(MEMBERS):
         sys.exit(f"expected the greedy and beam runs of {', '.join(MEMBERS)} in {MEMBER_RUNS}")
     return runs
@@ -75,8 +76,8 @@ def members_jobs() -> list[tuple[str, list[str]]]:
 
 # part: (jobs, common overrides, report baseline, second baseline (or None), keep the rows in the export)
 PARTS = {
-    "syscomb": (syscomb_jobs, ["dataset=wmt24_en_ja", f"dataset.path={WMT24 / 'wmt24_en_ja.jsonl'}"], "single_Claude-3.5",
-                None, False),
+    "syscomb": (syscomb_jobs, ["dataset=wmt24_en_ja", f"dataset.path={WMT24 / 'wmt24_en_ja.jsonl'}"],
+                "single_Claude-3.5", None, False),
     "members": (members_jobs, ["dataset=wmt24pp_en_ja_test", "prompt=wmt_en_ja"], "greedy__qwen25_coder_15b",
                 "beam__qwen25_coder_15b", True),
 }
@@ -109,7 +110,8 @@ def export(results_dir: Path, target: Path, extra: list[Path]) -> int:
         metrics = results.with_suffix(".metrics.json")
         if results.name.endswith(".comet.jsonl") or results.name.startswith(".") or not metrics.exists():
             continue
-        keep = ("id", "domain", "source", "reference", "hypothesis", "n_new_tokens", "time_s", "stats", "warnings", "pool")
+        keep = ("id", "domain", "source", "reference", "hypothesis", "n_new_tokens", "time_s", "stats", "warnings",
+                "pool")
         rows = [json.loads(line) for line in results.read_text(encoding="utf-8").splitlines() if line.strip()]
         (target / results.name).write_text("".join(json.dumps({k: r.get(k) for k in keep if k in r}, ensure_ascii=False)
                                                    + "\n" for r in rows), encoding="utf-8")
@@ -149,7 +151,8 @@ def main() -> None:
     target = TARGETS[args.part]
     extra = [ROOT / r for r in member_runs()] if args.part == "members" else []
     print(f"exported {export(results_dir, target, extra)} runs to {target}")
-    report = subprocess.run([sys.executable, "-m", "eval.report", str(target), "--baseline", baseline], cwd=ROOT, env=env)
+    report = subprocess.run([sys.executable, "-m", "eval.report", str(target), "--baseline", baseline],
+                            cwd=ROOT, env=env)
     if second:
         print(f"wrote {second_baseline_table(target, second)}")
     if not keep_rows:

@@ -68,12 +68,15 @@ def run_compat() -> str:
 def jobs(weights_pair: str = "<pair chosen by fusemt-compat>") -> list[tuple[str, list[str]]]:
     """(label, fusemt overrides) for every run of the matrix, cheaper jobs first."""
     weight_jobs = [(f"{weights_pair} charwise-mixture w={weights}",
-                    [f"models={weights_pair}", "decoding=charwise", "decoding.rule=mixture", f"decoding.weights={weights}",
-                     f"decoding.max_new_tokens={CHARWISE_MAX_CHARS}"]) for weights in ("[0.7,0.3]", "[0.3,0.7]")]
+                    [f"models={weights_pair}", "decoding=charwise", "decoding.rule=mixture",
+                     f"decoding.weights={weights}", f"decoding.max_new_tokens={CHARWISE_MAX_CHARS}"])
+                   for weights in ("[0.7,0.3]", "[0.3,0.7]")]
     # ensemble beam search on the same pair, against its greedy runs and each member's beam 4
-    beam_jobs = [(f"{weights_pair} {method} beam4", [f"models={weights_pair}", f"decoding={method}", "decoding.num_beams=4"])
+    beam_jobs = [(f"{weights_pair} {method} beam4",
+                  [f"models={weights_pair}", f"decoding={method}", "decoding.num_beams=4"])
                  for method in ("unite", "tokenwise")]
-    speculative_jobs = [(f"{pair} speculative", [f"models={pair}", "decoding=speculative"]) for pair in SPECULATIVE_PAIRS]
+    speculative_jobs = [(f"{pair} speculative", [f"models={pair}", "decoding=speculative"])
+                        for pair in SPECULATIVE_PAIRS]
     out = []
     for member in MEMBERS:
         out.append((f"{member} greedy", [f"models={member}", "decoding=greedy"]))
@@ -130,7 +133,8 @@ def main() -> None:
             start = time.perf_counter()
             print(f"[{n}/{len(selected)}] {label}", flush=True)
             proc = subprocess.run([str(FUSEMT), *over, *common], cwd=ROOT)
-            print(f"[{n}/{len(selected)}] {label}: exit {proc.returncode}, {time.perf_counter() - start:.0f} s", flush=True)
+            print(f"[{n}/{len(selected)}] {label}: exit {proc.returncode}, {time.perf_counter() - start:.0f} s",
+                  flush=True)
             if proc.returncode != 0:
                 failed.append(label)
     target = OUT / args.dataset
