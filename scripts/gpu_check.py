@@ -229,7 +229,7 @@ def compare(refs, outs, margin, tie: float, explained=lambda i, ref, k: False) -
 
 
 def decode(method: str, models, prompt, sources, tokens: int, **options):
-    from decoding.base import decoder_class
+    from decoding.methods import decoder_class
 
     cls = decoder_class(method)
     cfg = cls.Config(name=method, max_new_tokens=tokens, min_new_tokens=tokens, **options)
