@@ -143,6 +143,11 @@ class Decoder(ABC):
         return True
 
     @classmethod
+    def samples(cls, cfg: "Decoder.Config") -> bool:
+        """Whether this configuration draws random samples (its run's fingerprint then names the sampler)."""
+        return getattr(cfg, "temperature", 0) > 0
+
+    @classmethod
     @abstractmethod
     def origin_meaning(cls, origin: str, models: list[str]) -> str:
         """What a trace step's ``origin`` means for this method: the trace page's legend text for that

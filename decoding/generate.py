@@ -70,8 +70,10 @@ class GenerateDecoder(Decoder):
         tok = model.tokenizer
         stops = stop_strings(tok, self.prompt, model.spec.stop_strings)
         input_ids = state.batch["input_ids"].to(model.device)
-        beams = self.generation_kwargs().get("num_beams", 1)
-        cache = prefilled_cache(model, state.batch, repeats=beams) if model.prompt_cache is not None else None
+        kwargs = self.generation_kwargs()
+        # generate expands every row to max(num_beams, num_return_sequences) rows but never a cache it is given
+        repeats = max(kwargs.get("num_beams", 1), kwargs.get("num_return_sequences", 1))
+        cache = prefilled_cache(model, state.batch, repeats=repeats) if model.prompt_cache is not None else None
         out = model.model.generate(
             input_ids=input_ids,
             attention_mask=state.batch["attention_mask"].to(model.device),
@@ -85,7 +87,7 @@ class GenerateDecoder(Decoder):
             past_key_values=cache,
             return_dict_in_generate=True,
             output_scores=True,
-            **self.generation_kwargs(),
+            **kwargs,
         )
         new = out.sequences[:, input_ids.shape[1]:]
         logprobs = model.model.compute_transition_scores(

@@ -118,7 +118,7 @@ def _values(cfg: DictConfig, section: str) -> Any:
         raise FusemtError(f"cannot resolve {section}: {first}: write a literal '${{' as '\\${{'") from None
 
 
-def _one_seed(decoding, decoding_values: dict, seed: int) -> bool:
+def _one_seed(method_cls, decoding, decoding_values: dict, seed: int) -> bool:
     """The run's one ``seed`` seeds every sampler: a method's ``decoding.seed`` is set from it.
 
     Returns whether the run samples. Not sampling, the method's seed stays 0, its value before there
@@ -129,7 +129,7 @@ def _one_seed(decoding, decoding_values: dict, seed: int) -> bool:
     if decoding.seed not in (0, seed):
         raise FusemtError(f"decoding.seed={decoding.seed}: the run has one seed, which seeds every sampler: "
                           f"pass seed={decoding.seed} instead")
-    sampling = getattr(decoding, "temperature", 0) > 0
+    sampling = method_cls.samples(decoding)
     decoding.seed = decoding_values["seed"] = seed if sampling else 0
     return sampling
 
@@ -163,10 +163,6 @@ def build_run_config(cfg: DictConfig) -> RunConfig:
     if not isinstance(members, ListConfig) or len(members) == 0:
         raise FusemtError("models.members must be a non-empty list, e.g. models.members=[gemma3_270m,smollm2_135m]")
     models = [resolve_member(m) for m in members]
-    for spec in models:  # a model whose packages or files are missing fails now, not after the others loaded
-        if spec.chunks is not None:
-            check_available(spec.chunks, spec.label, cache_root())
-        check_local_model(spec)
     decoding_values = _values(cfg, "decoding")
     method = decoding_values.get("name")
     if not method:
@@ -180,6 +176,11 @@ def build_run_config(cfg: DictConfig) -> RunConfig:
         models = models[: method_cls.max_models]
     if not method_cls.uses_models(decoding):  # e.g. a combination of finished runs: no model is loaded
         models = []
+    # Only the models that will load: one whose packages or files are missing fails now, not after the others loaded.
+    for spec in models:
+        if spec.chunks is not None:
+            check_available(spec.chunks, spec.label, cache_root())
+        check_local_model(spec)
     method_cls.check_config(decoding, len(models))
     if len(models) == 1 and method_cls.max_models != 1 and not getattr(decoding, "runs", None):  # runs: other systems
         # Allowed on purpose (a sweep's single-model baseline through the same engine), but never silent.
@@ -197,7 +198,7 @@ def build_run_config(cfg: DictConfig) -> RunConfig:
     check_prompt(prompt)
     if not isinstance(cfg.prompt_cache, bool):
         raise FusemtError(f"prompt_cache={cfg.prompt_cache}: must be true or false")
-    sampling = _one_seed(decoding, decoding_values, seed)
+    sampling = _one_seed(method_cls, decoding, decoding_values, seed)
     # What changes the outputs (not limit/shard/domains, batching, prompt_cache, metrics or logging): it names the
     # default results file, so every swept hyperparameter gets its own file and a rerun of the same
     # config resumes; lines written under another fingerprint are refused.

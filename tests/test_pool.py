@@ -21,6 +21,7 @@ from tiny_models import tiny_gemma3, tiny_llama
 
 from decoding.errors import FusemtError
 from decoding.mbr import PairwiseUtility, argmax_first, build_pool
+from decoding.prefix import PromptCache
 from decoding.prompt import PromptConfig
 from decoding.rescore import continuation, prompt_ids, sequence_logprobs
 
@@ -240,6 +241,29 @@ def test_generations_enter_the_pool_with_their_origins():
         assert origins == {"tiny_llama:greedy": 1, "tiny_llama:beam:2": 2, "tiny_llama:samples:3": 3}
         assert any(c["text"] == g.text and "tiny_llama:greedy" in c["origins"] for c in out.pool)
         assert out.stats["candidates"] == len(out.pool)
+
+
+def test_samples_do_not_depend_on_batching_or_the_prompt_cache():
+    """Each source's samples come from a generator seeded from (seed, source): the same at batch 1 and 3,
+    with the shared prompt prefix's cache (whose rows generate repeats per returned sequence), and
+    different under another seed."""
+    model = tiny_llama()
+    sources = ["The weather is nice.", "Please send the mail.", "Where is the station?"]
+
+    def samples(batch: int, cache: bool, seed: int = 0) -> list:
+        model.prompt_cache = PromptCache(model) if cache else None
+        decoder = build_decoder("pool", [model], PromptConfig(), generate=["samples:3"], max_new_tokens=6, seed=seed,
+                                epsilon_cutoff=0.0, temperature=3.0)
+        outs = [o for i in range(0, len(sources), batch) for o in decoder.decode(sources[i:i + batch])]
+        return [sorted((c["text"], c["count"]) for c in o.pool) for o in outs]
+
+    try:
+        alone = samples(1, cache=False)
+        assert samples(3, cache=False) == alone
+        assert samples(3, cache=True) == alone
+        assert samples(1, cache=False, seed=7) != alone
+    finally:
+        model.prompt_cache = None
 
 
 def test_model_mbr_weights_pseudo_references_by_the_joint_score():

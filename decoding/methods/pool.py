@@ -19,6 +19,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from decoding.base import DecodeOutput, Decoder, trace_step
 from decoding.errors import FusemtError
 from decoding.generate import GenerateDecoder
@@ -34,6 +36,7 @@ from decoding.mbr import (
 )
 from decoding.methods import register
 from decoding.rescore import sequence_logprobs
+from decoding.sampling import segment_seed
 from decoding.stats import SegmentStats, mean, per_model
 
 RULES = ("mbr", "likelihood", "model_mbr", "oracle")
@@ -101,10 +104,15 @@ class PoolDecoder(Decoder):
         include_self: bool = False  # MBR: count a candidate as its own pseudo-reference
         comet_model: str = ""  # local COMET checkpoint for utility=comet
         comet_batch_size: int = 16
+        seed: int = 0  # set from the run's one seed (runners/config.py): seeds each segment's samples
 
     @classmethod
     def uses_models(cls, cfg: "PoolDecoder.Config") -> bool:
         return bool(cfg.generate) or cfg.select in ("likelihood", "model_mbr")
+
+    @classmethod
+    def samples(cls, cfg: "PoolDecoder.Config") -> bool:
+        return any(spec.startswith("samples:") for spec in cfg.generate)
 
     @classmethod
     def check_config(cls, cfg: "PoolDecoder.Config", n_models: int) -> None:
@@ -170,12 +178,21 @@ class PoolDecoder(Decoder):
         for model in self.models:
             for spec in self.cfg.generate:
                 per_source, kwargs = self.generation_kwargs(spec)
-                outputs = _Generation(base, model, self.prompt, kwargs).decode(sources)
+                generation = _Generation(base, model, self.prompt, kwargs)
+                # Samples: one call per source with torch's generator seeded from (seed, source), so that
+                # they do not depend on batching, shards or resumes (decoding/sampling.py).
+                calls = [[source] for source in sources] if kwargs.get("do_sample") else [sources]
+                outputs = []
+                for call in calls:
+                    if kwargs.get("do_sample"):
+                        torch.manual_seed(segment_seed(self.cfg.seed, call[0]))
+                    outs = generation.decode(call)
+                    passes[model.name] = passes.get(model.name, 0) + outs[0].stats["forward_passes"][model.name]
+                    outputs += outs
                 for k, out in enumerate(outputs):
                     s = k // per_source
                     entries[s].append((f"{model.name}:{spec}", out.text, out.trace, out.n_new_tokens))
                     new_tokens[s] += out.n_new_tokens
-                passes[model.name] = passes.get(model.name, 0) + outputs[0].stats["forward_passes"][model.name]
         for s, seg in enumerate(segments or []):
             for origin, text in self.external.get(str(seg.id), []):
                 entries[s].append((origin, text, None, 0))
