@@ -121,6 +121,9 @@ def translate(run: RunConfig, sweep_group: str | None = None) -> dict:
         if todo:
             decoder = decoder_class(run.decoding_name)(run.decoding, models, run.prompt, **method_inputs)
             _decode_all(run, decoder, todo, results, logger)
+        results.close()
+        # Inside the try: a failure or a signal while scoring and writing still closes the W&B run.
+        return write_run_files(run, results, [s.id for s in selected], sweep, logger)
     except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (a scheduler's time limit or pre-emption)
         results.close()  # releases this run's claims: a requeued job resumes them at once
         if logger:
@@ -133,8 +136,6 @@ def translate(run: RunConfig, sweep_group: str | None = None) -> dict:
         if logger:
             logger.finish(exit_code=1)
         raise
-    results.close()
-    return write_run_files(run, results, [s.id for s in selected], sweep, logger)
 
 
 def open_run_logger(run: RunConfig, sweep: str | None) -> RunLogger:
