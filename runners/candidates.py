@@ -11,9 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from decoding.errors import FusemtError
-from eval.jsonio import read_jsonl_objects
 from runners.data import DatasetConfig, Segment, load_records
-from runners.score import read_hypotheses
+from runners.score import read_hypotheses, read_results_rows
 
 
 def _resolve(entry: str, results_dir: Path, dataset: DatasetConfig) -> Path:
@@ -51,7 +50,7 @@ def load_run_candidates(runs: list[str], dataset: DatasetConfig, segments: list[
             for seg in segments:
                 out[seg.id].append((origin, by_row[seg.row].strip()))
             continue
-        rows = {str(r["id"]): r for r in _results_rows(path)}
+        rows = read_results_rows(path)
         missing = [s.id for s in segments if s.id not in rows]
         if missing:
             raise FusemtError(f"decoding.runs: {path} has no output for {len(missing)} selected segment(s) of dataset "
@@ -61,10 +60,5 @@ def load_run_candidates(runs: list[str], dataset: DatasetConfig, segments: list[
             raise FusemtError(f"decoding.runs: {path} translated another text for segment {foreign[0]}: it is a run of "
                               f"another dataset than '{dataset.name}'")
         for seg in segments:
-            out[seg.id].append((origin, str(rows[seg.id]["hypothesis"])))
+            out[seg.id].append((origin, rows[seg.id]["hypothesis"]))
     return out
-
-
-def _results_rows(path: Path) -> list[dict]:
-    return read_jsonl_objects(path, "pass a fusemt results JSONL or a plain text file with one hypothesis per line",
-                              required=("id", "hypothesis"))

@@ -26,20 +26,24 @@ from runners.config import CONF_DIR
 from runners.data import DatasetConfig, load_records, load_segments
 
 
+def read_results_rows(path: Path) -> dict[str, dict]:
+    """A results JSONL's rows by segment id, each row checked (id, a text hypothesis)."""
+    rows = read_jsonl_objects(path, "pass a fusemt results JSONL or a plain text file with one hypothesis per line",
+                              required=("id", "hypothesis"), segment=True)
+    by_id: dict[str, dict] = {}
+    for row in rows:
+        if row["id"] in by_id:  # which of the two was meant cannot be told: refuse rather than pick one
+            raise FusemtError(f"{path} has segment id '{row['id']}' twice: keep one line per segment")
+        by_id[row["id"]] = row
+    return by_id
+
+
 def read_hypotheses(hyp_file: Path) -> tuple[dict[int, str] | None, dict[str, str] | None]:
     """(by row, by id): plain text gives rows, a results JSONL gives ids."""
     if not hyp_file.exists():
         raise FusemtError(f"hypothesis file {hyp_file} not found: check hyp_file=")
     if hyp_file.suffix == ".jsonl":
-        rows = read_jsonl_objects(hyp_file,
-                                  "pass a fusemt results JSONL or a plain text file with one hypothesis per line",
-                                  required=("id", "hypothesis"), segment=True)
-        by_id: dict[str, str] = {}
-        for row in rows:
-            if row["id"] in by_id:  # which of the two was meant cannot be told: refuse rather than pick one
-                raise FusemtError(f"{hyp_file} has segment id '{row['id']}' twice: keep one line per segment")
-            by_id[row["id"]] = row["hypothesis"]
-        return None, by_id
+        return None, {sid: row["hypothesis"] for sid, row in read_results_rows(hyp_file).items()}
     try:
         lines = hyp_file.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as err:
