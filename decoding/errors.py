@@ -29,6 +29,8 @@ def os_error(err: OSError, path=None) -> FusemtError:
     cause = err.strerror or str(err) or type(err).__name__
     fix = _OS_FIXES.get(err.errno, "check the path and the file system")
     return FusemtError(f"{where or 'a file'}: {cause}: {fix}")
+
+
 def fail(err: Exception | str) -> NoReturn:
     """The one way an entry point reports a user mistake: one line ``fusemt: error: <problem>: <fix>``, exit 2.
     An OS error (read-only folder, full disk, ...) is one too: its line names the path and the cause."""

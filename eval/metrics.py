@@ -112,7 +112,8 @@ def pool_metrics(rows: list[dict]) -> dict:
         return {}
     origins: dict[str, int] = {}
     for row in pooled:
-        for origin in next(c for c in row["pool"] if c["chosen"])["origins"]:
+        chosen = next((c for c in row["pool"] if c.get("chosen")), None)  # a hand-edited pool may mark none
+        for origin in chosen["origins"] if chosen else ():
             origins[origin] = origins.get(origin, 0) + 1
     out: dict = {"pool_candidates_per_segment": round(sum(len(r["pool"]) for r in pooled) / len(pooled), 3),
                  "pool_choice_share": {o: round(n / len(pooled), 4)

@@ -640,13 +640,13 @@ def write_trace_report(results: Path, segment: int | None = 0) -> tuple[Path, Pa
     rows = read_rows(results)
     metrics_path = results.with_suffix(".metrics.json")
     metrics = read_json_object(metrics_path, METRICS_FIX) if metrics_path.exists() else None
+    if segment is not None and not 0 <= segment < len(rows):  # checked before anything is written
+        raise FusemtError(f"--segment {segment} is out of range: {results} has {len(rows)} segments "
+                          f"(0..{len(rows) - 1})")
     html_path = results.with_suffix(".trace.html")
     write_atomically(html_path, render_html(rows, metrics, results.stem, read_segment_comet(results)))
     png = None
     if segment is not None:
-        if not 0 <= segment < len(rows):
-            raise FusemtError(f"--segment {segment} is out of range: {results} has {len(rows)} segments "
-                              f"(0..{len(rows) - 1})")
         png = plot_segment(rows[segment], results.with_name(f"{results.stem}.seg{segment}.png"))
     return html_path, png
 

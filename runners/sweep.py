@@ -145,8 +145,7 @@ def sweep_summary(sweep_dir: Path) -> Optional[str]:
     if results:
         files = " ".join(shlex.quote(os.path.relpath(r)) for r in results)
         lines += ["", "Review exactly these runs:",
-                  f"  python -m eval.report {files} -o {shlex.quote(os.path.relpath(sweep_dir))}",
-                  ]
+                  f"  python -m eval.report {files} -o {shlex.quote(os.path.relpath(sweep_dir))}"]
         if len(results) > 1:
             lines.append(f"  python -m eval.compare {files} "
                          f"-o {shlex.quote(os.path.relpath(sweep_dir / 'compare.html'))}")
