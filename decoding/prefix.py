@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from decoding.prompt import prompt_text
+from decoding.prompt import prompt_rows, prompt_text
 from decoding.stream import ModelStream, common_prefix_len
 
 PROBE_SOURCES = ("0", "Zebra")  # differ from their first character on, in any tokenizer
@@ -71,7 +71,7 @@ def prompt_head(tokenizer, prompt, add_special: bool) -> list[int]:
 def prefilled_cache(model, batch, repeats: int = 1) -> DynamicCache | None:
     """For ``generate``: the KV cache of every left-padded prompt in ``batch`` but its last column,
     built on the shared prefix; None when the rows share no prefix with the head."""
-    rows = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+    rows = prompt_rows(batch)
     if model.prompt_cache is None or model.prompt_cache.shared_len(rows, reserve=2) == 0:
         return None
     stream = ModelStream(model, [row[:-1] for row in rows])

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from decoding.prompt import PromptConfig, render_prompt, stop_strings, uses_chat_template
+from decoding.prompt import PromptConfig, prompt_rows, render_prompt, stop_strings, uses_chat_template
 
 LOGIT_BUDGET = 2**26  # floats of kept logits per forward pass (256 MB in fp32): bounds the chunk size
 
@@ -44,8 +44,7 @@ def continuation(model, text: str, prompt: PromptConfig) -> Continuation:
 
 def prompt_ids(model, sources: list[str], prompt: PromptConfig) -> list[list[int]]:
     """Each source's prompt ids, exactly as generation sees them (padding removed)."""
-    batch = render_prompt(model, sources, prompt)
-    return [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+    return prompt_rows(render_prompt(model, sources, prompt))
 
 
 @torch.inference_mode()
