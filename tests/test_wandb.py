@@ -159,11 +159,11 @@ def test_interrupted_and_resumed_run_is_one_wandb_run_with_history_from_both_par
 
     def interrupting_class(name):
         class Interrupting(real_class(name)):
-            def decode(self, sources):
+            def decode(self, sources, segments=None):
                 calls.append(len(sources))
                 if len(calls) == 3 and interrupt:
                     raise KeyboardInterrupt
-                return super().decode(sources)
+                return super().decode(sources, segments)
         return Interrupting
 
     monkeypatch.setattr(translate_module, "decoder_class", interrupting_class)
