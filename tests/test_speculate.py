@@ -112,10 +112,10 @@ def test_sampling_keeps_the_fused_distribution():
 
 
 def test_bad_speculation_options_are_user_errors(tiny_pair):
-    for options, needle in (({"speculate": -1}, "decoding.speculate=-1"),
-                            ({"speculate": 2, "drafter": 2}, "decoding.drafter=2"),
-                            ({"speculate": 2, "draft_schedule": "fast"}, "decoding.draft_schedule=fast"),
-                            ({"speculate": 2, "draft_confidence": 1.0}, "decoding.draft_confidence=1.0")):
+    for options, needle in (({"num_draft_tokens": -1}, "decoding.num_draft_tokens=-1"),
+                            ({"num_draft_tokens": 2, "drafter": 2}, "decoding.drafter=2"),
+                            ({"num_draft_tokens": 2, "draft_schedule": "fast"}, "decoding.draft_schedule=fast"),
+                            ({"num_draft_tokens": 2, "draft_confidence": 1.0}, "decoding.draft_confidence=1.0")):
         with pytest.raises(FusemtError, match=needle):
             run("unite", tiny_pair, TINY_SOURCES, **options)
 
