@@ -34,6 +34,7 @@ from decoding.base import (
     Decoder,
     later_option,
     option_alias,
+    own_choice_meaning,
     renamed_option,
     trace_step,
     traced_output,
@@ -120,6 +121,20 @@ class FusionDecoder(Decoder):
 
     min_models, max_models = 1, None  # one member: its own decoding through the fusion engine (beam = HF beam)
     Stats = FusionStats
+    # The trace legend of the origins this engine records; each method says how it scores them.
+    every_meaning = ""  # "both"/"all": in every member's top-k
+    lookup_meaning = ""  # "lookup": another member scored it through the first token of its spelling
+    alone_meaning = ""  # "<a>+<b>": proposed by those members only; {models} names them
+
+    @classmethod
+    def origin_meaning(cls, origin: str, models: list[str]) -> str:
+        if len(models) == 1 and origin in models:
+            return own_choice_meaning(origin, "greedy")
+        if origin in ("both", "all"):
+            return cls.every_meaning
+        if origin == "lookup":
+            return cls.lookup_meaning
+        return cls.alone_meaning.format(models=" and ".join(origin.split("+")))
 
     @dataclass
     class Config(Decoder.Config):

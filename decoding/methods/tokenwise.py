@@ -12,7 +12,6 @@ forbids a piece that would complete a unit of 1..``repeat_unit`` characters repe
 import math
 from dataclasses import dataclass
 
-from decoding.base import own_choice_meaning
 from decoding.fusion import END, Candidate, FusionDecoder
 from decoding.methods import register
 from decoding.repetition import RepetitionGuard
@@ -31,21 +30,16 @@ class TokenwiseDecoder(FusionDecoder):
         repeat_unit: int = 4
         no_repeat_ngram_size: int = 0  # no character n-gram of this size twice; 0: off
 
+    every_meaning = "proposed by every model (in each top-k): scored by the weighted mean of their probabilities"
+    lookup_meaning = ("proposed by some models only (their mean × single_weight); a model that did not propose it "
+                      "has no token of exactly these bytes (its probability shown is of the first token of its "
+                      "spelling)")
+    alone_meaning = "proposed by {models} only: its probability × single_weight"
+
     @classmethod
     def check_config(cls, cfg, n_models: int) -> None:
         super().check_config(cfg, n_models)
         RepetitionGuard.from_config(cfg)  # refuses bad limits at start-up
-
-    @classmethod
-    def origin_meaning(cls, origin: str, models: list[str]) -> str:
-        if len(models) == 1 and origin in models:
-            return own_choice_meaning(origin, "greedy")
-        if origin in ("both", "all"):
-            return "proposed by every model (in each top-k): scored by the weighted mean of their probabilities"
-        if origin == "lookup":
-            return ("proposed by some models only (their mean × single_weight); a model that did not propose it has no "
-                    "token of exactly these bytes (its probability shown is of the first token of its spelling)")
-        return f"proposed by {' and '.join(origin.split('+'))} only: its probability × single_weight"
 
     def __init__(self, cfg, models, prompt):
         super().__init__(cfg, models, prompt)

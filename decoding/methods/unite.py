@@ -30,7 +30,6 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from decoding.base import own_choice_meaning
 from decoding.charprob import CoverConfig, exact_prefix_probs
 from decoding.errors import FusemtError
 from decoding.fusion import END, Candidate, FusionDecoder
@@ -49,6 +48,11 @@ class UniteDecoder(FusionDecoder):
         primary: Optional[int] = None  # index of the model whose vocabulary defines the output
         lookup: str = "first_token"  # first_token | exact: how a model scores a candidate it did not propose
 
+    every_meaning = "in every model's top-k (proposed by all)"
+    lookup_meaning = ("in some model's top-k; a model that did not propose it was scored by the first token of its "
+                      "spelling (an approximation)")
+    alone_meaning = "proposed by {models} only (the others scored it with a token of exactly these bytes)"
+
     @classmethod
     def check_config(cls, cfg, n_models: int) -> None:
         super().check_config(cfg, n_models)
@@ -56,18 +60,6 @@ class UniteDecoder(FusionDecoder):
             raise FusemtError(f"decoding.primary={cfg.primary}: must index models.members (0..{n_models - 1})")
         if cfg.lookup not in LOOKUPS:
             raise FusemtError(f"decoding.lookup={cfg.lookup}: use one of {', '.join(LOOKUPS)}")
-
-    @classmethod
-    def origin_meaning(cls, origin: str, models: list[str]) -> str:
-        if len(models) == 1 and origin in models:
-            return own_choice_meaning(origin, "greedy")
-        if origin in ("both", "all"):
-            return "in every model's top-k (proposed by all)"
-        if origin == "lookup":
-            return ("in some model's top-k; a model that did not propose it was scored by the first token of its "
-                    "spelling (an approximation)")
-        return (f"proposed by {' and '.join(origin.split('+'))} only (the others scored it with a token of exactly "
-                "these bytes)")
 
     def _look_up(self, candidates, logprobs, streams) -> None:
         super()._look_up(candidates, logprobs, streams)
