@@ -149,7 +149,7 @@ class FusionDecoder(Decoder):
         drafter: Optional[int] = later_option(None)
         alternate: bool = later_option(False)  # members take turns drafting, round by round
         draft_schedule: str = later_option("constant")  # constant | heuristic: HF's adaptive draft length
-        # >0: a draft stops before a token the drafter gives less probability
+        # >0: a draft ends after a token the drafter gives less probability (as HF's assistant_confidence_threshold)
         draft_confidence: float = later_option(0.0)
         num_beams: int = later_option(1)  # >1: beam search over fused hypotheses (decoding/search.py)
         length_penalty: float = later_option(1.0)  # as Hugging Face: score / length ** length_penalty
@@ -202,7 +202,7 @@ class FusionDecoder(Decoder):
             for stream in state.streams:
                 stream.select_rows(keep)
             if state.speculation:
-                state.speculation.drafter.select_rows(keep)
+                state.speculation.select_rows(keep)
             state.active = [state.active[r] for r in keep]
         return bool(state.active)
 

@@ -25,3 +25,15 @@ def segment_generators(seed: int, sources: list[str]) -> list[torch.Generator]:
 def segment_seed(seed: int, source: str) -> int:
     digest = hashlib.sha256(f"{seed}\0{source}".encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "little") >> 1  # a non-negative 63-bit seed
+
+
+def warp(logprobs: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """Sampling distribution: temperature, then nucleus (top-p) truncation, renormalised."""
+    probs = torch.softmax(logprobs / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_p.cumsum(-1) - sorted_p >= top_p  # keep the smallest prefix reaching top_p
+        sorted_p = sorted_p.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs

@@ -2,18 +2,18 @@
 
 Speculative Ensemble (Fu et al. 2025) verifies drafts against the fused distribution of members
 that share a vocabulary. Here the members need not: a round is
-1. ``Drafter``: one member (``decoding.drafter``, default the one with the fewest parameters;
+1. One member (``decoding.drafter``, default the one with the fewest parameters;
    ``decoding.alternate`` takes each member in turn) drafts up to ``decoding.num_draft_tokens`` tokens
-   greedily, from its own canonical encoding of the text (on the member's stream in the token
-   fusion methods, on a stream of its own in ``charwise``). Each drafting pass gives that
-   member's next-token distribution after the text and after each drafted token.
-   As Hugging Face's assisted generation, the draft can be shortened where it is likely to be
-   wasted: ``decoding.draft_confidence=c`` stops a row's draft before a token the drafter gives
-   less than probability c, and ``decoding.draft_schedule=heuristic`` adapts each sequence's draft
-   length (+2 after a round that followed the whole draft, -1 otherwise, from 1 up to ``num_draft_tokens``).
-   The options and the stat are the ``speculative`` method's (``num_draft_tokens``,
-   ``draft_schedule``, ``draft_confidence``; ``acceptance_rate``); ``speculate`` is the old name of
-   ``num_draft_tokens``.
+   greedily with the ``Drafter`` the ``speculative`` method drafts with too, from its own canonical
+   encoding of the text (on the member's stream in the token fusion methods, on a stream of its own
+   in ``charwise``). Each drafting pass gives that member's next-token distribution after the text
+   and after each drafted token. As in Hugging Face's assisted generation, the draft can be
+   shortened where it is likely to be wasted: ``decoding.draft_confidence=c`` ends a row's draft
+   after a token the drafter gives less than probability c, and ``decoding.draft_schedule=heuristic``
+   adapts each sequence's draft length (+2 after a round that followed the whole draft, -1
+   otherwise, from 1 up to ``num_draft_tokens``). The options and the stat are the ``speculative``
+   method's (``num_draft_tokens``, ``draft_schedule``, ``draft_confidence``; ``acceptance_rate``);
+   ``speculate`` is the old name of ``num_draft_tokens``.
 2. Every other member receives the drafted **text** (bytes), encoded canonically by its own
    tokenizer, and scores all of it in one pass that keeps every position (``Lookahead``: the
    distributions by token context).
@@ -38,6 +38,7 @@ from typing import Optional, Protocol
 import torch
 
 from decoding.errors import FusemtError
+from decoding.sampling import warp
 from decoding.stats import SpeculationStats
 from decoding.stream import ModelStream, open_streams
 from decoding.vocab import utf8_pending
@@ -90,63 +91,94 @@ class Lookahead:
         self.table.clear()
 
 
+@dataclass
+class Draft:
+    """What one drafting round proposed, per row."""
+
+    ids: list[list[int]]  # drafted token ids; an end token, when drafted, is the last
+    text: list[bytes]  # their text (the end token adds none)
+    dists: Optional[list[torch.Tensor]]  # when sampling: [drafted, vocab] distributions the ids were drawn from
+    passes: list[int]  # drafting passes the row took part in
+
+
 class Drafter:
-    """Greedy drafts by one member at a time over the live sequences: on the member's own stream
-    where the method shares its streams (token fusion: the stream stays current, and a fused piece
-    that splits the drafter's tokens costs a pass over that piece only), else on a stream of its own."""
+    """The one drafting loop of speculation: the ``speculative`` method's draft model and the
+    speculative ensembles' drafting member both draft with it.
 
-    def __init__(self, models, streams: dict[int, ModelStream], order: list[int], names: list[str], confidence: float,
-                 shared: bool):
-        self.models, self.streams, self.order, self.names = models, streams, order, names
-        self.confidence, self.shared = confidence, shared
-        self.turn = 0
-        self.current = order[0]
+    Each pass scores every row of ``stream`` once; a drafting row takes the token it picks (greedy,
+    or a sample from the row's own generator after temperature and top-p), only among tokens that
+    keep its text valid UTF-8 (the end only after a whole character). A row stops after ``lengths[row]``
+    tokens, after an end token, or after a token the drafter gave less than probability ``confidence``
+    (as Hugging Face's ``assistant_confidence_threshold``: the token is already paid for, the target
+    judges it in the same verification pass)."""
 
-    def draft(self, texts: list[bytes], lengths: list[int], lookahead: Lookahead) -> tuple[list[bytes], list[int]]:
-        """Up to ``lengths[row]`` greedy tokens after each text (rows in the streams' order), as
-        bytes, each with probability at least ``confidence``, and the drafting passes each row took
-        part in. The drafting member's distributions go to ``lookahead``."""
-        self.current = self.order[self.turn % len(self.order)]
-        self.turn += 1
-        stream, vocab = self.streams[self.current], self.models[self.current].vocab
-        for row, text in enumerate(texts):
-            stream.sync_canonical(row, text)
-        own = [list(stream.generated(row)) for row in range(len(texts))]
-        drafts = [bytearray(text) for text in texts]
+    def __init__(self, confidence: float, temperature: float = 0.0, top_p: float = 1.0):
+        self.min_logprob = math.log(confidence) if confidence > 0 else -math.inf
+        self.temperature, self.top_p = temperature, top_p
+
+    def draft(self, stream: ModelStream, vocab, texts: list[bytes], lengths: list[int],
+              generators: Optional[list[torch.Generator]] = None, lookahead: Optional[Lookahead] = None) -> Draft:
+        """Draft after each row's ``texts`` (the text ``stream``'s row holds); drafted tokens stay
+        appended to the stream. ``lookahead`` receives the drafter's distribution at every context it ran."""
+        rows = len(texts)
+        ids: list[list[int]] = [[] for _ in range(rows)]
+        dists: list[list[torch.Tensor]] = [[] for _ in range(rows)]
+        drafted = [bytearray(text) for text in texts]
         drafting = [n > 0 for n in lengths]
-        passes = [0] * len(texts)
-        min_logprob = math.log(self.confidence) if self.confidence > 0 else -math.inf
-        for depth in range(max(lengths)):
-            logprobs = stream.logprobs()
-            # as in the fused step: only tokens that keep the text valid UTF-8, the end only after a whole character
-            texts_so_far = [bytes(d) for d in drafts]
-            allowed = vocab.allowed_after(texts_so_far, torch.tensor([not utf8_pending(t) for t in texts_so_far]))
-            best, picks = logprobs.masked_fill(~allowed, -math.inf).max(-1)
-            for row, (tid, lp) in enumerate(zip(picks.tolist(), best.tolist())):
-                lookahead.put(stream.model, stream.tokens[row], logprobs[row])
+        passes = [0] * rows
+        for depth in range(max(lengths, default=0)):
+            logprobs = stream.logprobs()  # [rows, vocab]
+            so_far = [bytes(d) for d in drafted]
+            masked = logprobs.masked_fill(vocab.forbidden_after(so_far, torch.tensor([not utf8_pending(t)
+                                                                                      for t in so_far])), -math.inf)
+            if self.temperature > 0:
+                probs = warp(masked, self.temperature, self.top_p)
+                picks = [int(torch.multinomial(probs[row], 1, generator=generators[row])) if drafting[row] else -1
+                         for row in range(rows)]
+            else:
+                picks = masked.argmax(-1).tolist()
+            picked_logprobs = logprobs.gather(-1, torch.tensor(picks).clamp_min(0)[:, None]).squeeze(-1).tolist()
+            for row in range(rows):
+                if lookahead is not None:
+                    lookahead.put(stream.model, stream.tokens[row], logprobs[row])
                 passes[row] += 1
                 if not drafting[row]:
                     continue
-                piece = vocab.token_bytes[tid]
-                if tid in vocab.end_ids or not piece or lp < min_logprob:
+                tid = picks[row]
+                ids[row].append(tid)
+                if self.temperature > 0:
+                    dists[row].append(probs[row])
+                if tid in vocab.end_ids:
                     drafting[row] = False
                     continue
                 stream.append(row, [tid])
-                drafts[row] += piece
-                drafting[row] = depth + 1 < lengths[row]
+                drafted[row] += vocab.token_bytes[tid]
+                drafting[row] = depth + 1 < lengths[row] and picked_logprobs[row] >= self.min_logprob
             if not any(drafting):
                 break
-        # back to the text: the drafted tokens' KV waits in the shadow until the fused steps accept them
-        if self.shared:
-            for row, ids in enumerate(own):
-                stream.sync_to_ids(row, ids)
-        return [bytes(d[len(text):]) for d, text in zip(drafts, texts)], passes
+        return Draft(ids=ids, text=[bytes(d[len(text):]) for d, text in zip(drafted, texts)],
+                     dists=[torch.stack(d) if d else torch.empty(0) for d in dists] if self.temperature > 0 else None,
+                     passes=passes)
 
-    def select_rows(self, keep: list[int]) -> None:
-        """Drop finished rows from the drafter's own streams (shared ones are the method's to select)."""
-        if not self.shared:
-            for stream in self.streams.values():
-                stream.select_rows(keep)
+
+@dataclass
+class DraftSchedule:
+    """How many tokens each sequence drafts next: ``start``, or with ``adaptive``
+    (``decoding.draft_schedule=heuristic``, Hugging Face's heuristic) +2 after a round that followed
+    the whole draft and -1 otherwise, between 1 and ``cap``."""
+
+    start: int
+    cap: int
+    adaptive: bool
+    lengths: dict[int, int] = field(default_factory=dict)  # [seq]
+
+    def length(self, seq: int) -> int:
+        return self.lengths.get(seq, self.start)
+
+    def update(self, seq: int, followed_all: bool) -> None:
+        if self.adaptive:
+            n = self.length(seq)
+            self.lengths[seq] = min(self.cap, n + 2) if followed_all else max(1, n - 1)
 
 
 class SpeculativeMethod(Protocol):
@@ -162,17 +194,38 @@ class SpeculativeMethod(Protocol):
 
 @dataclass
 class Speculation:
-    """A fusion method's speculative state: the drafter, the lookahead and per-sequence counts."""
+    """A fusion method's speculative state: which member drafts, on which stream, and per-sequence counts.
+
+    The drafting member works on the method's own stream of it where the method shares its streams
+    (token fusion: the stream stays current, and a fused piece that splits the drafter's tokens
+    costs a pass over that piece only), else on a stream of its own (``charwise``)."""
 
     drafter: Drafter
-    max_draft: int  # decoding.num_draft_tokens
-    adaptive: bool  # decoding.draft_schedule=heuristic
+    schedule: DraftSchedule
+    models: list
+    names: list[str]
+    streams: dict[int, ModelStream]  # [member]: the stream it drafts on
+    order: list[int]  # drafting members, in turn
+    shared: bool  # the streams are the method's own
     lookahead: Lookahead = field(default_factory=Lookahead)
-    draft_length: dict[int, int] = field(default_factory=dict)  # [seq]: tokens to draft next round
+    turn: int = 0
     rounds: dict[int, int] = field(default_factory=dict)
     drafted: dict[int, int] = field(default_factory=dict)  # fused steps that followed the draft
     corrected: dict[int, int] = field(default_factory=dict)  # fused steps that left it
     draft_passes: dict[int, dict[int, int]] = field(default_factory=dict)  # [seq][member]: drafting passes
+
+    def _draft(self, member: int, texts: list[bytes], lengths: list[int]) -> Draft:
+        """The drafting member's drafts after the texts (rows in the streams' order), from its own
+        canonical encoding of each text."""
+        stream = self.streams[member]
+        for row, text in enumerate(texts):
+            stream.sync_canonical(row, text)
+        own = [list(stream.generated(row)) for row in range(len(texts))]
+        draft = self.drafter.draft(stream, self.models[member].vocab, texts, lengths, lookahead=self.lookahead)
+        if self.shared:  # back to the text: the drafted tokens' KV waits in the shadow until fused steps accept them
+            for row, ids in enumerate(own):
+                stream.sync_to_ids(row, ids)
+        return draft
 
     def round(self, method: SpeculativeMethod, state) -> list[int]:
         """One round for every live sequence (``state.active``, ``state.text``, ``state.steps``);
@@ -180,16 +233,16 @@ class Speculation:
         seqs = list(state.active)
         texts = [bytes(state.text[s]) for s in seqs]
         self.lookahead.clear()
-        lengths = {s: self.draft_length.get(s, self.max_draft) for s in seqs}
-        drafts, passes = self.drafter.draft(texts, [lengths[s] for s in seqs], self.lookahead)
-        name = self.drafter.names[self.drafter.current]
-        for seq, n in zip(seqs, passes):
+        member = self.order[self.turn % len(self.order)]
+        self.turn += 1
+        draft = self._draft(member, texts, [self.schedule.length(s) for s in seqs])
+        for seq, n in zip(seqs, draft.passes):
             counts = self.draft_passes.setdefault(seq, {})
-            counts[self.drafter.current] = counts.get(self.drafter.current, 0) + n
+            counts[member] = counts.get(member, 0) + n
             self.rounds[seq] = self.rounds.get(seq, 0) + 1
-        method.verify(state, seqs, [t + d for t, d in zip(texts, drafts)], self.drafter.models[self.drafter.current])
+        method.verify(state, seqs, [t + d for t, d in zip(texts, draft.text)], self.models[member])
         start = dict(zip(seqs, texts))
-        target = {s: t + d for s, t, d in zip(seqs, texts, drafts)}
+        target = {s: t + d for s, t, d in zip(seqs, texts, draft.text)}
         first = set(seqs)
         on, finished = list(seqs), []
         while on:
@@ -203,23 +256,28 @@ class Speculation:
                 step.extra["round"] = self.rounds[seq]
                 step.extra["draft"] = "drafted" if follows else "corrected"
                 if seq in first:  # the round's first step shows what was drafted, and by whom
-                    step.extra["drafter"] = name
+                    step.extra["drafter"] = self.names[member]
                     step.extra["drafted_text"] = full[len(start[seq]):].decode("utf-8", "backslashreplace")
                     first.discard(seq)
                 counter = self.drafted if follows else self.corrected
                 counter[seq] = counter.get(seq, 0) + 1
                 if seq not in done and follows and len(text) < len(full):
                     still.append(seq)
-                elif self.adaptive:  # HF's heuristic schedule: longer drafts while they are followed to the end
-                    self.draft_length[seq] = min(self.max_draft, lengths[seq] + 2) if follows and text == full \
-                        else max(1, lengths[seq] - 1)
+                else:
+                    self.schedule.update(seq, follows and text == full)
             on = still
         return finished
+
+    def select_rows(self, keep: list[int]) -> None:
+        """Drop finished rows from the drafting streams of its own (shared ones are the method's to select)."""
+        if not self.shared:
+            for stream in self.streams.values():
+                stream.select_rows(keep)
 
     def stats(self, seq: int, forward_passes: dict[str, int]) -> SpeculationStats:
         """The sequence's speculation figures; ``forward_passes`` (by member name) gains the drafting passes."""
         for m, n in self.draft_passes.get(seq, {}).items():
-            forward_passes[self.drafter.names[m]] += n
+            forward_passes[self.names[m]] += n
         drafted, corrected = self.drafted.get(seq, 0), self.corrected.get(seq, 0)
         return SpeculationStats(rounds=self.rounds.get(seq, 0), drafted_steps=drafted, corrected_steps=corrected,
                                 acceptance_rate=round(drafted / max(drafted + corrected, 1), 4))
@@ -237,5 +295,6 @@ def start_speculation(cfg, models, names: list[str], sources: list[str], prompt,
         streams = {i: member_streams[i] for i in order}
     else:
         streams = {i: open_streams([models[i]], sources, prompt, recompute=not cfg.use_cache)[0][0] for i in order}
-    drafter = Drafter(models, streams, order, names, cfg.draft_confidence, shared=member_streams is not None)
-    return Speculation(drafter, cfg.num_draft_tokens, cfg.draft_schedule == "heuristic")
+    return Speculation(Drafter(cfg.draft_confidence),
+                       DraftSchedule(cfg.num_draft_tokens, cfg.num_draft_tokens, cfg.draft_schedule == "heuristic"),
+                       models, names, streams, order, shared=member_streams is not None)

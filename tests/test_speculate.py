@@ -68,18 +68,19 @@ def test_a_draft_the_ensemble_follows_saves_passes(tiny_pair):
 
 def test_adaptive_drafts_are_shorter_where_they_fail(tiny_pair):
     """The random tiny pair rarely follows a draft: HF's heuristic schedule shrinks the drafts to
-    one token, and a confidence the random drafter never reaches leaves them empty; the output
-    stays the plain ensemble's."""
+    one token, and a confidence the random drafter never reaches ends each draft after its first
+    token (as HF's assistant_confidence_threshold); the output stays the plain ensemble's."""
     plain = run("unite", tiny_pair, TINY_SOURCES, max_new_tokens=20)
-    drafter = tiny_pair[cheapest_member(tiny_pair)].name
+    drafting = tiny_pair[cheapest_member(tiny_pair)]
+    drafter = drafting.name
+    one_token = {(piece or b"").decode("utf-8", "backslashreplace") for piece in drafting.vocab.token_bytes}
     passes = {}
     for options in ({}, {"draft_schedule": "heuristic"}, {"draft_confidence": 0.9}):
         spec = run("unite", tiny_pair, TINY_SOURCES, max_new_tokens=20, speculate=5, **options)
         assert [o.text for o in spec] == [o.text for o in plain]
         passes[tuple(options)] = sum(o.stats["forward_passes"][drafter] for o in spec)
         if options.get("draft_confidence"):
-            assert all(s["drafted_text"] == "" for o in spec for s in o.trace if "drafted_text" in s)
-            assert all(o.stats["speculation"]["drafted_steps"] == 0 for o in spec)
+            assert all(s["drafted_text"] in one_token for o in spec for s in o.trace if "drafted_text" in s)
     assert passes[("draft_confidence",)] < passes[("draft_schedule",)] < passes[()]
 
 

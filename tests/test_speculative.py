@@ -8,9 +8,10 @@ import torch
 from conftest import compose_run
 
 from decoding.methods import decoder_class
-from decoding.methods.speculative import SpeculativeDecoder, warp
+from decoding.methods.speculative import SpeculativeDecoder
 from decoding.model import load_model
 from decoding.prompt import render_prompt
+from decoding.sampling import warp
 
 # The bundled sample's first lines: one of them makes SmolLM2 draft only a cut-off character (an empty proposal).
 SOURCES = ["The weather is nice today.", "I would like a cup of coffee, please.", "Where is the train station?",
@@ -90,7 +91,6 @@ class _Stub:
         self.generator = torch.Generator().manual_seed(seed)
 
     _verify = SpeculativeDecoder._verify
-    _pick = SpeculativeDecoder._pick
 
 
 @pytest.mark.parametrize("point_mass", [False, True])

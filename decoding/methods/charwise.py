@@ -235,7 +235,7 @@ class CharwiseDecoder(Decoder):
                     else self.advance(state, list(state.active)))
         if finished:
             if state.speculation:
-                state.speculation.drafter.select_rows([r for r, seq in enumerate(state.active) if seq not in finished])
+                state.speculation.select_rows([r for r, seq in enumerate(state.active) if seq not in finished])
             state.active = [seq for seq in state.active if seq not in finished]
         return bool(state.active)
 

@@ -1,7 +1,10 @@
 """``decoding=speculative``: a draft model proposes, the target verifies in one pass; traced.
 
 models.members lists the target first and the draft second. Each round, per sequence:
-1. the draft proposes ``num_draft_tokens`` tokens with its own KV cache;
+1. the draft proposes up to ``num_draft_tokens`` tokens with its own KV cache (``decoding.speculate.Drafter``,
+   the drafting loop the speculative ensembles use too: only tokens that keep the text valid UTF-8,
+   ending after an end token or a token below ``draft_confidence``; ``draft_schedule=heuristic``
+   adapts each sequence's length);
 2. the proposals reach the target in the target's tokens: the same ids when both share a
    vocabulary, else the proposed text re-tokenised by the target (as Hugging Face's universal
    assisted generation does; a character cut off at the end of a proposal is left out);
@@ -30,23 +33,11 @@ from decoding.errors import FusemtError
 from decoding.fusion import unique_names
 from decoding.methods import register
 from decoding.prompt import find_stop, stop_strings
-from decoding.sampling import segment_generators
-from decoding.speculate import check_draft_options
+from decoding.sampling import segment_generators, warp
+from decoding.speculate import Drafter, DraftSchedule, check_draft_options
 from decoding.stats import SegmentStats, mean, per_model
 from decoding.stream import ModelStream, common_prefix_len, open_streams
 from decoding.vocab import complete_utf8_prefix, utf8_pending
-
-
-def warp(logprobs: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """Sampling distribution: temperature, then nucleus (top-p) truncation, renormalised."""
-    probs = torch.softmax(logprobs / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_p.cumsum(-1) - sorted_p >= top_p  # keep the smallest prefix reaching top_p
-        sorted_p = sorted_p.masked_fill(outside, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
 
 
 @dataclass
@@ -63,7 +54,7 @@ class SpecState:
     accepted: list[int] = field(default_factory=list)
     draft_passes: list[int] = field(default_factory=list)
     truncated: list[bool] = field(default_factory=list)
-    k: int = 0
+    schedule: Optional[DraftSchedule] = None
     generators: list[torch.Generator] = field(default_factory=list)  # per source, when sampling
 
 
@@ -84,7 +75,8 @@ class SpeculativeDecoder(Decoder):
     @dataclass
     class Config(Decoder.Config):
         num_draft_tokens: int = 5
-        # heuristic: +2 after a round that accepted every proposal, -1 otherwise (HF's heuristic); was adaptive=true
+        # heuristic: per sequence, +2 after a round that accepted every proposal, -1 otherwise (HF's heuristic),
+        # up to max_draft_tokens; was adaptive=true
         draft_schedule: str = renamed_option("constant", was="adaptive",
                                              was_values={"constant": False, "heuristic": True})
         max_draft_tokens: int = 16
@@ -121,6 +113,7 @@ class SpeculativeDecoder(Decoder):
         self.target_model, self.draft_model = models
         self.names = unique_names(models)
         self.same_vocab = self.target_model.vocab.token_bytes == self.draft_model.vocab.token_bytes
+        self.drafter = Drafter(cfg.draft_confidence, cfg.temperature, cfg.top_p)
 
     # --- prepare / step / finish ---------------------------------------------------------------
     def prepare(self, sources: list[str]) -> SpecState:
@@ -132,35 +125,38 @@ class SpeculativeDecoder(Decoder):
         return SpecState(sources=sources, target=streams[0], draft=streams[1], stops=stops, active=list(range(n)),
                          text=[bytearray() for _ in range(n)], steps=[[] for _ in range(n)], rounds=[0] * n,
                          proposed=[0] * n, accepted=[0] * n, draft_passes=[0] * n, truncated=truncated,
-                         k=self.cfg.num_draft_tokens,
+                         schedule=DraftSchedule(self.cfg.num_draft_tokens, self.cfg.max_draft_tokens,
+                                                self.cfg.draft_schedule == "heuristic"),
                          generators=segment_generators(self.cfg.seed, sources) if self.cfg.temperature > 0 else [])
 
     @torch.inference_mode()
     def step(self, state: SpecState) -> bool:
         if not state.active:
             return False
-        draft_ids, draft_q = self._draft(state)
+        draft = self.drafter.draft(state.draft, self.draft_model.vocab, [bytes(state.text[s]) for s in state.active],
+                                   [state.schedule.length(s) for s in state.active],
+                                   [state.generators[s] for s in state.active] if state.generators else None)
+        for seq, n in zip(state.active, draft.passes):
+            state.draft_passes[seq] += n
+        draft_ids = draft.ids
         proposals = [self._to_target(state, row, ids) for row, ids in enumerate(draft_ids)]
         for row, props in enumerate(proposals):
             state.target.append(row, props)
         width = max(len(p) for p in proposals) + 1
         target_lp = state.target.logprobs(keep=width)  # [rows, width, V]
-        finished, full_rounds = [], 0
+        finished = []
         for row, seq in enumerate(state.active):
             props = proposals[row]
             scores = target_lp[row, width - len(props) - 1:]  # predictions of props[0..n-1] and the next token
-            q = draft_q[row] if draft_q is not None and self.same_vocab else None
+            q = draft.dists[row] if draft.dists is not None and self.same_vocab else None
             n_acc, next_id = self._verify(props, scores, q, state.generators[seq] if state.generators else None)
             state.rounds[seq] += 1
             state.proposed[seq] += len(props)
             state.accepted[seq] += n_acc
-            full_rounds += n_acc == len(props)
+            state.schedule.update(seq, n_acc == len(props))
             done = self._commit(state, row, seq, props, n_acc, next_id, scores, draft_ids[row])
             if done:
                 finished.append(row)
-        if self.cfg.draft_schedule == "heuristic":
-            grow = full_rounds == len(state.active)
-            state.k = min(self.cfg.max_draft_tokens, state.k + 2) if grow else max(1, state.k - 1)
         if finished:
             keep = [r for r in range(len(state.active)) if r not in set(finished)]
             state.target.select_rows(keep)
@@ -182,40 +178,6 @@ class SpeculativeDecoder(Decoder):
         return outputs
 
     # --- one round ---------------------------------------------------------------------------
-    def _pick(self, logprobs: torch.Tensor,
-              generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Draft token per row (argmax, or a sample from the row's own generator) and, when sampling,
-        the distribution it came from."""
-        if self.cfg.temperature <= 0:
-            return logprobs.argmax(-1), None
-        q = warp(logprobs, self.cfg.temperature, self.cfg.top_p)
-        return torch.cat([torch.multinomial(q[row], 1, generator=g) for row, g in enumerate(generators)]), q
-
-    def _draft(self, state: SpecState) -> tuple[list[list[int]], list[torch.Tensor] | None]:
-        """k draft tokens per row (cut after an end token) and, when sampling, their distributions."""
-        rows = len(state.active)
-        ids: list[list[int]] = [[] for _ in range(rows)]
-        dists: list[list[torch.Tensor]] = [[] for _ in range(rows)]
-        open_rows = [True] * rows
-        end_ids = self.draft_model.vocab.end_ids
-        for _ in range(state.k):
-            logprobs = state.draft.logprobs()
-            picked, q = self._pick(logprobs,
-                                   [state.generators[seq] for seq in state.active] if state.generators else [])
-            confidence = logprobs.gather(-1, picked[:, None]).squeeze(-1).exp().tolist()
-            for row, seq in enumerate(state.active):
-                state.draft_passes[seq] += 1
-                tid = int(picked[row])
-                state.draft.append(row, [tid])  # scored next pass (or rolled back by the sync)
-                if open_rows[row]:
-                    ids[row].append(tid)
-                    if q is not None:
-                        dists[row].append(q[row])
-                    open_rows[row] = tid not in end_ids and confidence[row] >= self.cfg.draft_confidence
-            if not any(open_rows):
-                break
-        return ids, ([torch.stack(d) for d in dists] if self.cfg.temperature > 0 else None)
-
     def _to_target(self, state: SpecState, row: int, draft_ids: list[int]) -> list[int]:
         """The draft's proposal in the target's tokens."""
         if self.same_vocab:
