@@ -40,7 +40,7 @@ import torch
 from bench_common import compose, interleaved
 from torch.overrides import TorchFunctionMode
 
-from decoding.base import decoder_class
+from decoding.methods import decoder_class
 from decoding.model import load_model
 from runners.data import DatasetConfig, load_segments
 
