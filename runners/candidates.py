@@ -2,7 +2,9 @@
 
 An entry is a fusemt results JSONL (matched by segment id; its sources must be this dataset's),
 a run name (``results/<group>/ensemble/<name>.jsonl``), or a plain hypothesis file with one line per
-dataset row (WMT submissions: canary line included). Everything is read and checked before any
+dataset row (WMT submissions: canary line included). A ``decoding=pool`` run's rows give their whole
+pool, each candidate as often as it was generated, with its origins under the run's (``run:<stem>/<origin>``):
+one run's samples can then join a larger pool without being generated again. Everything is read and checked before any
 model loads; a file that is missing, misaligned or of another dataset stops the run with one line.
 """
 
@@ -60,5 +62,13 @@ def load_run_candidates(runs: list[str], dataset: DatasetConfig, segments: list[
             raise FusemtError(f"decoding.runs: {path} translated another text for segment {foreign[0]}: it is a run of "
                               f"another dataset than '{dataset.name}'")
         for seg in segments:
-            out[seg.id].append((origin, rows[seg.id]["hypothesis"]))
+            out[seg.id] += _row_candidates(rows[seg.id], origin)
     return out
+
+
+def _row_candidates(row: dict, origin: str) -> list[tuple[str, str]]:
+    """A results row's candidates: its hypothesis, or every generation of a pool run's pool."""
+    if not row.get("pool"):
+        return [(origin, row["hypothesis"])]
+    return [(f"{origin}/{inner}", cand["text"]) for cand in row["pool"]
+            for inner, count in cand["origins"].items() for _ in range(count)]

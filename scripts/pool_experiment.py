@@ -2,17 +2,20 @@
 
     python scripts/pool_experiment.py syscomb     # the five WMT24 en-ja submissions: MBR vs the best system
     python scripts/pool_experiment.py members     # our members on the WMT24++ test slice
+    python scripts/pool_experiment.py sample      # our members on the bundled sample
     python scripts/pool_experiment.py members --only self-mbr   # one job (labels: --list)
 
 ``syscomb`` combines the official WMT24 en-ja system outputs (../shared/data/wmt24_en_ja/systems/, 997
 segments, official references) without loading a model: each system alone (a one-candidate pool
 returns it), MBR with the chrF and with the BLEU utility, and the oracle (an upper bound). ``members``
-pools the committed greedy and beam-4 outputs of the three members on the test slice
-(experiments/wmt24pp_en_ja/runs/wmt24pp/) and adds samples; MBR, likelihood, model_mbr and the oracle
-choose. Each part exports its runs (rows with their pools, metrics) to ``TARGETS`` and writes the
-report there with sacrebleu's paired bootstrap against the baseline (the best single system / the best member's
-greedy run). ``syscomb`` keeps only the metrics and the report (outside runs/) (its 997-segment rows are 15 MB;
-this command remakes them in minutes, without a model).
+and ``sample`` pool the committed greedy and beam-4 outputs of the three members
+(experiments/wmt24pp_en_ja/runs/wmt24pp/ or runs/sample/): MBR, likelihood, model_mbr and the oracle
+choose among those six; Qwen 1.5B's own samples give self-MBR; the pool of all three members' greedy,
+beam and sample candidates (the 0.5B's and Gemma's samples drawn there, Qwen 1.5B's taken from the
+self-MBR run's pool) gets every rule again. Each part exports its runs (rows with their pools, metrics)
+to ``TARGETS`` and writes the report there with sacrebleu's paired bootstrap against the baseline (the
+best single system / the best member's greedy run). ``syscomb`` keeps only the metrics and the report
+(outside runs/) (its 997-segment rows are 15 MB; this command remakes them in minutes, without a model).
 """
 
 from __future__ import annotations
@@ -31,11 +34,13 @@ ROOT = Path(__file__).resolve().parent.parent
 WMT24 = Path(os.path.relpath(Path(os.environ.get("FUSEMT_SHARED", ROOT.parent / "shared")) / "data" / "wmt24_en_ja",
                              ROOT))
 SYSTEMS = ["Claude-3.5", "GPT-4", "IKUN-C", "Team-J", "Unbabel-Tower70B"]
-MEMBER_RUNS = ROOT / "experiments" / "wmt24pp_en_ja" / "runs" / "wmt24pp"
+MEMBER_RUNS = {"members": ROOT / "experiments" / "wmt24pp_en_ja" / "runs" / "wmt24pp",
+               "sample": ROOT / "experiments" / "wmt24pp_en_ja" / "runs" / "sample"}
 MEMBERS = ["gemma3_270m", "qwen25_coder_05b", "qwen25_coder_15b"]
 EXPERIMENT = ROOT / "experiments" / "wmt24pp_en_ja"
 # syscomb keeps no rows, so its metrics live outside runs/ (where every metrics file sits beside its rows)
-TARGETS = {"syscomb": EXPERIMENT / "pool_syscomb", "members": EXPERIMENT / "runs" / "pool_members"}
+TARGETS = {"syscomb": EXPERIMENT / "pool_syscomb", "members": EXPERIMENT / "runs" / "pool_members",
+           "sample": EXPERIMENT / "runs" / "pool_sample"}
 RESULTS = ROOT / "results" / "pool"
 
 
@@ -49,19 +54,22 @@ def syscomb_jobs() -> list[tuple[str, list[str]]]:
     return jobs
 
 
-def member_runs() -> list[str]:
-    """The committed greedy and beam-4 runs of the three members on the test slice."""
-    runs = sorted(str(p.relative_to(ROOT)) for p in MEMBER_RUNS.glob("*.jsonl")
+def member_runs(part: str) -> list[str]:
+    """The committed greedy and beam-4 runs of the three members on the part's dataset."""
+    folder = MEMBER_RUNS[part]
+    runs = sorted(str(p.relative_to(ROOT)) for p in folder.glob("*.jsonl")
                   if p.name.split("__")[0] in ("greedy", "beam") and p.name.split("__")[1] in MEMBERS)
     if len(runs) != 2 * len(MEMBERS):
-        sys.exit(f"expected the greedy and beam runs of {', '.join(MEMBERS)} in {MEMBER_RUNS}")
+        sys.exit(f"expected the greedy and beam runs of {', '.join(MEMBERS)} in {folder}")
     return runs
 
 
-def members_jobs() -> list[tuple[str, list[str]]]:
-    runs = f"decoding.runs=[{','.join(member_runs())}]"
+def members_jobs(part: str) -> list[tuple[str, list[str]]]:
+    runs = f"decoding.runs=[{','.join(member_runs(part))}]"
     three = "models.members=[gemma3_270m,qwen25_coder_05b,qwen25_coder_15b]"
     finished = ["decoding=pool", "decoding.generate=[]", runs]
+    # The whole pool: the six outputs, Qwen 1.5B's samples (from the self-MBR run's pool) and the other two's samples.
+    everything = ["decoding=pool", "decoding.generate=[]", "decoding.runs=[all_mbr_chrf]"]
     return [
         ("runs_mbr_chrf", finished + ["decoding.utility=chrf"]),
         ("runs_oracle_UPPER_BOUND", finished + ["decoding.select=oracle"]),
@@ -69,8 +77,11 @@ def members_jobs() -> list[tuple[str, list[str]]]:
         ("runs_model_mbr", finished + [three, "decoding.select=model_mbr"]),
         ("self-mbr_qwen15_samples4", ["decoding=pool", "models=qwen25_coder_15b", "decoding.generate=[samples:4]",
                                       "batch_size=24"]),
-        ("runs+samples_mbr_chrf", ["decoding=pool", "models=gemma3_qwen05", "decoding.generate=[samples:4]", runs,
-                                   "batch_size=24"]),
+        ("all_mbr_chrf", ["decoding=pool", "models=gemma3_qwen05", "decoding.generate=[samples:4]",
+                          f"decoding.runs=[{','.join(member_runs(part))},self-mbr_qwen15_samples4]", "batch_size=24"]),
+        ("all_likelihood", everything + [three, "decoding.select=likelihood"]),
+        ("all_model_mbr", everything + [three, "decoding.select=model_mbr"]),
+        ("all_oracle_UPPER_BOUND", everything + ["decoding.select=oracle"]),
     ]
 
 
@@ -78,8 +89,10 @@ def members_jobs() -> list[tuple[str, list[str]]]:
 PARTS = {
     "syscomb": (syscomb_jobs, ["dataset=wmt24_en_ja", f"dataset.path={WMT24 / 'wmt24_en_ja.jsonl'}"],
                 "single_Claude-3.5", None, False),
-    "members": (members_jobs, ["dataset=wmt24pp_en_ja_test", "prompt=wmt_en_ja"], "greedy__qwen25_coder_15b",
-                "beam__qwen25_coder_15b", True),
+    "members": (lambda: members_jobs("members"), ["dataset=wmt24pp_en_ja_test", "prompt=wmt_en_ja"],
+                "greedy__qwen25_coder_15b", "beam__qwen25_coder_15b", True),
+    "sample": (lambda: members_jobs("sample"), ["dataset=sample_en_ja", "prompt=wmt_en_ja"],
+               "greedy__qwen25_coder_15b", "beam__qwen25_coder_15b", True),
 }
 
 
@@ -149,7 +162,7 @@ def main() -> None:
             if proc.returncode != 0:
                 failed.append(label)
     target = TARGETS[args.part]
-    extra = [ROOT / r for r in member_runs()] if args.part == "members" else []
+    extra = [ROOT / r for r in member_runs(args.part)] if args.part in MEMBER_RUNS else []
     print(f"exported {export(results_dir, target, extra)} runs to {target}")
     report = subprocess.run([sys.executable, "-m", "eval.report", str(target), "--baseline", baseline],
                             cwd=ROOT, env=env)

@@ -359,6 +359,19 @@ def test_system_combination_runs_without_models(tmp_path):
     page = (tmp_path / "results" / "sample" / "ensemble" / "combo.trace.html").read_text()
     assert "ranked by the rule" in page and "▶" in page
 
+    # A pool run as decoding.runs gives its whole pool, counts and origins kept (under its own): the same choice.
+    again = run_cli(tmp_path, "decoding=pool", GHOST, "decoding.generate=[]", "decoding.runs=[combo]",
+                    f"dataset.path={data}", "run_name=again")
+    assert again.returncode == 0, again.stderr[-2000:]
+    rerun = [json.loads(line)
+             for line in (tmp_path / "results" / "sample" / "ensemble" / "again.jsonl").read_text().splitlines()]
+    for first, second in zip(out, rerun):
+        assert second["hypothesis"] == first["hypothesis"]
+        assert [(c["text"], c["count"], c["utility"]) for c in second["pool"]] == \
+            [(c["text"], c["count"], c["utility"]) for c in first["pool"]]
+        assert [c["origins"] for c in second["pool"]] == \
+            [{f"run:combo/{o}": n for o, n in c["origins"].items()} for c in first["pool"]]
+
 
 @pytest.mark.slow
 def test_likelihood_on_the_embedded_models_equals_a_plain_forward_pass():
