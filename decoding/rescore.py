@@ -4,8 +4,10 @@ Each candidate is scored the way the model would have produced it after its own 
 template, the tokens of the text and then the end of the turn (the log of the summed probability of
 the model's end tokens at that position); with the plain few-shot template, the text as the
 examples present a target (the separator between ``{tgt_lang}:`` and ``{target}``, usually one
-space) followed by the first stop string (the line end), all teacher-forced. One forward pass per
-chunk of (segment, candidate) rows, left-padded, keeping only the logits of the last positions.
+space) followed by the first stop string (the line end), all teacher-forced. Each source's prompt
+runs once (but its last token); its candidates continue from copies of that KV cache, right-padded
+(a causal model's logits at a token never see the padding after it), in chunks bounded by the
+logits they keep: a pool of N candidates costs one prompt pass, not N.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers import DynamicCache
 
 from decoding.prompt import PromptConfig, prompt_rows, render_prompt, stop_strings, uses_chat_template
 
@@ -52,35 +55,49 @@ def sequence_logprobs(model, prompt: PromptConfig, sources: list[str],
                       texts: list[list[str]]) -> tuple[list[list[float]], int]:
     """log p(text | prompt of source) for every text of every source; and the forward passes made."""
     heads = prompt_ids(model, sources, prompt)
-    rows = [(s, k, heads[s], continuation(model, text, prompt))
-            for s, group in enumerate(texts) for k, text in enumerate(group)]
     out = [[0.0] * len(group) for group in texts]
-    end_ids = torch.tensor(model.end_ids, device=model.device)
+    passes = 0
+    for s, group in enumerate(texts):
+        if group:
+            out[s], n = _source_logprobs(model, heads[s], [continuation(model, text, prompt) for text in group])
+            passes += n
+    return out, passes
+
+
+def _source_logprobs(model, head: list[int], conts: list[Continuation]) -> tuple[list[float], int]:
+    """The log-probabilities of one source's continuations after its prompt ``head``; and the passes made."""
+    device = model.device
+    prompt_cache = DynamicCache()  # full layers: nothing cropped to a sliding window
+    prefix = torch.tensor([head[:-1]], device=device)
+    model.forward(prefix, torch.ones_like(prefix), torch.arange(len(head) - 1, device=device)[None], prompt_cache)
+    layers = [(layer.keys, layer.values) for layer in prompt_cache.layers]
+    end_ids = torch.tensor(model.end_ids, device=device)
+    pad = model.tokenizer.pad_token_id
+    out = [0.0] * len(conts)
     # Longest continuations first, so each chunk keeps few padded logit rows.
-    rows.sort(key=lambda r: -len(r[3].ids))
-    passes, start = 0, 0
-    while start < len(rows):
-        keep = len(rows[start][3].ids) + 1
-        size = max(1, LOGIT_BUDGET // (keep * model.vocab_size))
-        chunk = rows[start:start + size]
-        start += size
+    order = sorted(range(len(conts)), key=lambda k: -len(conts[k].ids))
+    passes, start = 1, 0
+    while start < len(order):
+        width = len(conts[order[start]].ids) + 1  # the prompt's last token, then the continuation
+        chunk = order[start:start + max(1, LOGIT_BUDGET // (width * model.vocab_size))]
+        start += len(chunk)
         passes += 1
-        seqs = [head + cont.ids for _, _, head, cont in chunk]
-        width = max(map(len, seqs))
-        pad = model.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(q)) + q for q in seqs], device=model.device)
-        mask = torch.tensor([[0] * (width - len(q)) + [1] * len(q) for q in seqs], device=model.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        # logprobs[:, t] predicts the token at position width - keep + t + 1 (the last one: what follows the text)
-        logprobs = model.forward(input_ids, mask, positions, None, logits_to_keep=keep)
-        for row, (s, k, _, cont) in enumerate(chunk):
-            n = len(cont.ids)
-            if n:
-                ids = torch.tensor(cont.ids, device=model.device)
-                total = logprobs[row, keep - 1 - n: keep - 1].gather(-1, ids[:, None]).sum()
-            else:
-                total = torch.zeros((), device=model.device)
-            if cont.score_end:
-                total = total + torch.logsumexp(logprobs[row, keep - 1, end_ids], dim=-1)
-            out[s][k] = float(total)
+        rows = [[head[-1]] + conts[k].ids for k in chunk]
+        input_ids = torch.tensor([row + [pad] * (width - len(row)) for row in rows], device=device)
+        mask = torch.tensor([[1] * (len(head) - 1 + len(row)) + [0] * (width - len(row)) for row in rows],
+                            device=device)
+        positions = torch.arange(len(head) - 1, len(head) - 1 + width, device=device).expand(len(chunk), -1)
+        cache = DynamicCache()
+        for i, (keys, values) in enumerate(layers):
+            cache.update(keys.expand(len(chunk), -1, -1, -1).contiguous(),
+                         values.expand(len(chunk), -1, -1, -1).contiguous(), i)
+        # logprobs[:, t] predicts the continuation's token t (t = its length: what follows the text)
+        logprobs = model.forward(input_ids, mask, positions, cache, logits_to_keep=width)
+        for row, k in enumerate(chunk):
+            ids = torch.tensor(conts[k].ids, device=device, dtype=torch.long)
+            n = len(ids)
+            total = logprobs[row, :n].gather(-1, ids[:, None]).sum()
+            if conts[k].score_end:
+                total = total + torch.logsumexp(logprobs[row, n, end_ids], dim=-1)
+            out[k] = float(total)
     return out, passes
