@@ -397,15 +397,16 @@ class FusionDecoder(Decoder):
             value = torch.where(proposed, values.gather(1, first), looked_up)
             flag = torch.where(proposed, PROPOSED, torch.where(tables.exact[m][slot], EXACT, NOT_EXACT))
             columns += [c.double().to(home) for c in (value, torch.where(proposed, ids.gather(1, first), -1), flag)]
-        packed = torch.cat([torch.stack(columns, dim=-1).flatten(1), agree[:, None].double()], dim=1)
-        return self._unpack(packed.tolist())
+        return self._unpack(torch.cat([torch.stack(columns, dim=-1).flatten(1), agree[:, None].double()], dim=1))
 
-    def _unpack(self, packed: list[list[float]]) -> tuple[list[list[Candidate]], list[bool]]:
-        """Candidates and agreement from ``_candidates``'s rows: per union slot (key, then per member its
-        log-probability or looked-up probability, proposed id, flag), then the agreement."""
+    def _unpack(self, packed: torch.Tensor) -> tuple[list[list[Candidate]], list[bool]]:
+        """Candidates and agreement from ``_candidates``'s [R, L * (1 + 3 M) + 1] result, brought to the host
+        in one transfer: per union slot (key, then per member its log-probability or looked-up probability,
+        proposed id, flag), then the agreement."""
         n, key_bytes = len(self.models), self.key_tables.key_bytes
         width = 1 + 3 * n
         candidates = []
+        packed = packed.tolist()
         for values in packed:
             cands = []
             for start in range(0, len(values) - 1, width):

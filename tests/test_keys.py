@@ -118,3 +118,16 @@ def test_batched_candidates_equal_the_dictionary_walk(tiny_pair, method, top_k):
                [decoder._choose(cands, text, None) for cands, text in zip(expected[0], row_texts)]
         compared += sum(len(cands) for cands in got[0])
     assert compared > 20
+
+
+def test_ranking_stays_on_the_log_probabilities_device(tiny_pair, monkeypatch):
+    """On the meta device any mask, index or table left on the CPU raises (as it would on a GPU): everything
+    up to the one transfer to the host runs where the log-probabilities are."""
+    decoder = build_decoder("unite", tiny_pair)
+    meta = torch.device("meta")
+    packed = []
+    monkeypatch.setattr(decoder, "_unpack", packed.append)
+    for texts in ([b"a", b" the"], [b"a", "カ".encode()[:1]]):  # a mask shared by the rows; one built per row
+        logprobs = [torch.zeros(3, model.vocab_size, device=meta) for model in tiny_pair]
+        decoder._candidates(logprobs, [2, 0], texts, torch.tensor([True, False]), 4)
+    assert [p.device for p in packed] == [meta, meta] and packed[0].shape[0] == 2
