@@ -381,8 +381,8 @@ class FusionDecoder(Decoder):
         # valid top-1 keys are >= 0, so the largest is one of them when any is
         best = top1.max(dim=1, keepdim=True).values
         agree = ((top1 == best) | (top1 == NO_KEY)).all(dim=1) & (best[:, 0] != NO_KEY)
-        columns = [union.double()]
-        for m, ((values, ids, keys), lp) in enumerate(zip(tops, selected)):
+        values, ids, flags = [], [], []
+        for m, ((top_values, top_ids, keys), lp) in enumerate(zip(tops, selected)):
             tables = self.key_tables.on(lp.device)
             wanted = union.to(lp.device)
             slot = wanted.clamp_min(0)
@@ -392,38 +392,36 @@ class FusionDecoder(Decoder):
             options = tables.lookup[m][slot]  # [R, L, P_m]
             looked_up = lp.gather(1, options.clamp_min(0).flatten(1)).view(options.shape).exp().amax(dim=-1)
             looked_up = looked_up.masked_fill(options[:, :, 0] == NO_KEY, 0.0)
-            # a proposal keeps its log-probability (the host exponentiates it, as the score always did);
-            # a lookup is its probability
-            value = torch.where(proposed, values.gather(1, first), looked_up)
-            flag = torch.where(proposed, PROPOSED, torch.where(tables.exact[m][slot], EXACT, NOT_EXACT))
-            columns += [c.double().to(home) for c in (value, torch.where(proposed, ids.gather(1, first), -1), flag)]
-        return self._unpack(torch.cat([torch.stack(columns, dim=-1).flatten(1), agree[:, None].double()], dim=1))
+            # a proposal keeps its log-probability (the host exponentiates it in double precision, as the
+            # scores always did); a lookup is its probability
+            values.append(torch.where(proposed, top_values.gather(1, first), looked_up).double().to(home))
+            ids.append(torch.where(proposed, top_ids.gather(1, first), NO_KEY).to(home))
+            flags.append(torch.where(proposed, PROPOSED, torch.where(tables.exact[m][slot], EXACT, NOT_EXACT)).to(home))
+        slots = torch.cat([union[:, :, None].double(), torch.stack(values, -1), torch.stack(ids, -1).double(),
+                           torch.stack(flags, -1).double()], dim=-1)  # [R, L, 1 + 3M]
+        tail = torch.zeros_like(slots[:, :1])  # [R, 1, 1 + 3M]: the agreement rides in the key channel
+        tail[:, 0, 0] = agree.double()
+        return self._unpack(torch.cat([slots, tail], dim=1))
 
     def _unpack(self, packed: torch.Tensor) -> tuple[list[list[Candidate]], list[bool]]:
-        """Candidates and agreement from ``_candidates``'s [R, L * (1 + 3 M) + 1] result, brought to the host
-        in one transfer: per union slot (key, then per member its log-probability or looked-up probability,
-        proposed id, flag), then the agreement."""
+        """Candidates and agreement from ``_candidates``'s [R, L + 1, 1 + 3M] result, brought to the host in
+        one transfer: per union slot its key, then per member the log-probability (proposed) or probability
+        (looked up), the proposed ids and the flags; the last slot's key is the agreement."""
         n, key_bytes = len(self.models), self.key_tables.key_bytes
-        width = 1 + 3 * n
-        candidates = []
-        packed = packed.tolist()
-        for values in packed:
+        candidates, agree = [], []
+        for row in packed.tolist():
             cands = []
-            for start in range(0, len(values) - 1, width):
-                key = int(values[start])
-                if key == NO_KEY:  # the union is packed at the front of the row
+            for slot in row[:-1]:
+                if slot[0] == NO_KEY:  # the union is packed at the front of the row
                     break
-                probs, exact, proposed, ids = [], [], [], []
-                for m in range(n):
-                    value, tid, flag = values[start + 1 + 3 * m: start + 4 + 3 * m]
-                    own = flag == PROPOSED
-                    probs.append(math.exp(value) if own else value)
-                    exact.append(flag != NOT_EXACT)
-                    proposed.append(own)
-                    ids.append(int(tid) if own else None)
-                cands.append(Candidate(key_bytes[key], probs, exact, proposed, ids))
+                values, ids, flags = slot[1:1 + n], slot[1 + n:1 + 2 * n], slot[1 + 2 * n:]
+                own = [flag == PROPOSED for flag in flags]
+                cands.append(Candidate(key_bytes[int(slot[0])], [math.exp(v) if o else v for v, o in zip(values, own)],
+                                       [flag != NOT_EXACT for flag in flags], own,
+                                       [int(t) if o else None for t, o in zip(ids, own)]))
             candidates.append(cands)
-        return candidates, [bool(values[-1]) for values in packed]
+            agree.append(bool(row[-1][0]))
+        return candidates, agree
 
     def _rescore_lookups(self, candidates: list[list[Candidate]], logprobs: list[torch.Tensor],
                          streams: list[ModelStream]) -> None:
