@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from abc import abstractmethod
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Optional
 
 import torch
@@ -40,6 +41,7 @@ from decoding.base import (
     traced_output,
 )
 from decoding.errors import FusemtError
+from decoding.keys import NO_KEY, KeyTables
 from decoding.prompt import ensemble_stop_strings, find_stop
 from decoding.sampling import segment_generators
 from decoding.search import BeamSearch, Extension, Live
@@ -48,6 +50,19 @@ from decoding.stats import BeamStats, FusionStats
 from decoding.stream import ModelStream, common_prefix_len, open_streams
 
 END = None  # the candidate key shared by every model's end tokens
+NOT_EXACT, EXACT, PROPOSED = 0, 1, 2  # how a member scored a candidate (_candidates' flags)
+
+
+def first_occurrences(keys: torch.Tensor) -> torch.Tensor:
+    """[R, L] -> [R, L]: each row's distinct keys (NO_KEY aside) in order of first occurrence, packed at the
+    front and padded with NO_KEY."""
+    ordered, order = keys.sort(dim=1, stable=True)
+    first = torch.ones_like(ordered, dtype=torch.bool)
+    first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    first &= ordered != NO_KEY
+    later = ~torch.zeros_like(first).scatter(1, order, first)  # back in the rows' order
+    packing = later.to(torch.uint8).argsort(dim=1, stable=True)  # first occurrences first, in order
+    return keys.gather(1, packing).masked_fill(later.gather(1, packing), NO_KEY)
 
 
 @dataclass
@@ -214,26 +229,21 @@ class FusionDecoder(Decoder):
     def _rank(self, state: FusionState, seqs: list[int]) -> dict[int, tuple[Candidate, list[tuple[float, Candidate]]]]:
         """Each sequence's choice (argmax, or a sample) and its candidates by fused score, best first."""
         rows = [state.active.index(seq) for seq in seqs]
-        texts = [bytes(state.text[seq]) for seq in state.active]
-        may_end = torch.tensor([len(state.steps[seq]) >= self.cfg.min_new_tokens for seq in state.active])
+        texts = [bytes(state.text[seq]) for seq in seqs]
+        may_end = torch.tensor([len(state.steps[seq]) >= self.cfg.min_new_tokens for seq in seqs])
         # beam search needs enough candidates per hypothesis to fill its 2 * num_beams best
         top_k = max(self.cfg.top_k, 2 * self.cfg.num_beams) if self.cfg.num_beams > 1 else self.cfg.top_k
-        logprobs, top = [], []
-        for m, stream in enumerate(state.streams):
-            lp = self._logprobs(state, m, rows)
-            masked = lp.masked_fill(stream.model.vocab.forbidden_after(texts, may_end), -math.inf)
-            values, ids = masked.topk(min(top_k, masked.shape[1]), dim=-1)
-            logprobs.append(lp)
-            top.append((values.tolist(), ids.tolist()))
-        candidates = [self._candidates(row, top) if row in rows else [] for row in range(len(state.active))]
-        self._look_up(candidates, logprobs, state.streams)
+        logprobs = [self._logprobs(state, m, rows) for m in range(len(self.models))]
+        found, agree = self._candidates(logprobs, rows, texts, may_end, top_k)
+        candidates: list[list[Candidate]] = [[] for _ in state.active]
+        for row, cands in zip(rows, found):
+            candidates[row] = cands
+        self._rescore_lookups(candidates, logprobs, state.streams)
         chosen = {}
-        for row, seq in zip(rows, seqs):
+        for row, seq, agreed in zip(rows, seqs, agree):
             generator = state.generators[state.source_of[seq]] if state.generators else None
             chosen[seq] = self._choose(candidates[row], bytes(state.text[seq]), generator)
-            top1 = {c.key for c in candidates[row] if any(c.ids[m] == top[m][1][row][0] and c.proposed[m]
-                                                          for m in range(len(self.models)))}
-            state.agree[seq] += len(top1) == 1
+            state.agree[seq] += agreed
         return chosen
 
     def _beam_step(self, state: FusionState) -> None:
@@ -284,12 +294,13 @@ class FusionDecoder(Decoder):
 
     def _logprobs(self, state: FusionState, m: int, rows: list[int]) -> torch.Tensor:
         """Member ``m``'s next-token log-probabilities for every live row ([rows, vocab]; only
-        ``rows`` are used): one pass, or when speculating, read from the round's lookahead where
-        its passes ran this context (a pass for all rows otherwise)."""
+        ``rows`` are used): one pass (on the model's device), or when speculating, read from the
+        round's lookahead where its passes ran this context (a pass for all rows otherwise; on the
+        CPU, where the lookahead keeps them)."""
         stream = state.streams[m]
         if state.speculation is None:
             self._count_pass(state, m)
-            return stream.logprobs()
+            return stream.logprobs(on_device=True)
         lookahead = state.speculation.lookahead
         if any(lookahead.get(stream.model, stream.tokens[r]) is None for r in rows):
             self._count_pass(state, m)
@@ -336,57 +347,88 @@ class FusionDecoder(Decoder):
         return outputs
 
     # --- candidates ----------------------------------------------------------------------------
-    def _candidates(self, row: int, top) -> list[Candidate]:
-        n = len(self.models)
-        by_key: dict = {}
-        for m, (values, ids) in enumerate(top):
-            vocab = self.models[m].vocab
-            for lp, tid in zip(values[row], ids[row]):
-                if lp == -math.inf:
-                    continue
-                key = END if tid in vocab.end_ids else vocab.token_bytes[tid]
-                cand = by_key.get(key)
-                if cand is None:
-                    cand = by_key[key] = Candidate(key, [0.0] * n, [False] * n, [False] * n, [None] * n)
-                p = math.exp(lp)
-                if not cand.proposed[m] or p > cand.probs[m]:  # two ids with the same bytes: the likelier one
-                    cand.probs[m], cand.exact[m], cand.proposed[m], cand.ids[m] = p, True, True, tid
-        return list(by_key.values())
+    @cached_property
+    def key_tables(self) -> KeyTables:
+        """The members' candidate keys and lookups (built on first use: a second or so for Gemma's 262k tokens)."""
+        return KeyTables.build([model.vocab for model in self.models])
 
-    def _look_up(self, candidates: list[list[Candidate]], logprobs: list[torch.Tensor],
-                 streams: list[ModelStream]) -> None:
-        """Score every candidate a model did not propose, in one gather per model.
+    def _candidates(self, logprobs: list[torch.Tensor], rows: list[int], texts: list[bytes], may_end: torch.Tensor,
+                    top_k: int) -> tuple[list[list[Candidate]], list[bool]]:
+        """Each row's candidates and whether the members' top-1 tokens agree (add the same bytes).
 
-        Its probability is that of a token with exactly those bytes; if the model has none, that
-        of the first token of its spelling of them (the longest vocabulary token that is a prefix).
-        ``streams`` (each model's rows, in ``candidates`` order) serve methods that score with
-        further forward passes (``unite`` with ``lookup=exact``).
+        ``logprobs``: per member, [live rows, V_m] on any device; ``rows``: the live rows to rank, whose texts
+        are ``texts`` and ``may_end`` ([len(rows)] bool). Each member takes its top-k of the tokens that keep
+        the text valid UTF-8 (``ByteVocab.forbidden_after``). The candidates of a row are the keys of all of
+        them (``decoding/keys.py``), in the order member 0's top-k proposes them (best first), then the keys
+        member 1 adds, and so on: ties keep that order, the sort being stable. Member m scores a candidate
+        by its likelier token with that key when it proposed one, else by its lookup (``KeyTables.lookup``:
+        the likeliest token of exactly its bytes, or the first token of its spelling). All of this stays on
+        the members' devices; the [rows, candidates, members] result comes to the host in one transfer.
         """
-        for m, model in enumerate(self.models):
-            vocab = model.vocab
-            rows, ids, slots = [], [], []
-            for row, cands in enumerate(candidates):
-                for cand in cands:
-                    if cand.proposed[m]:
-                        continue
-                    if cand.key is END:
-                        options, exact = sorted(vocab.end_ids), True
-                    else:
-                        options = vocab.bytes_to_ids.get(cand.key)
-                        exact = bool(options)
-                        if not options:
-                            first = vocab.longest_prefix_token(cand.key)
-                            options = [] if first is None else [first]
-                    cand.exact[m] = exact
-                    for tid in options:
-                        rows.append(row)
-                        ids.append(tid)
-                        slots.append(cand)
-            if not ids:
-                continue
-            probs = logprobs[m][torch.tensor(rows), torch.tensor(ids)].exp().tolist()
-            for cand, p in zip(slots, probs):
-                cand.probs[m] = max(cand.probs[m], p)
+        home = logprobs[0].device
+        tops, selected = [], []
+        for m, lp in enumerate(logprobs):
+            device = lp.device
+            if rows != list(range(lp.shape[0])):
+                lp = lp[torch.tensor(rows, device=device)]
+            masked = lp.masked_fill(self.models[m].vocab.on(device).forbidden_after(texts, may_end), -math.inf)
+            values, ids = masked.topk(min(top_k, masked.shape[1]), dim=-1)  # [R, k_m], best first
+            keys = self.key_tables.on(device).key_of[m][ids].masked_fill(values == -math.inf, NO_KEY)
+            tops.append((values, ids, keys))
+            selected.append(lp)
+        union = first_occurrences(torch.cat([keys.to(home) for _, _, keys in tops], dim=1))  # [R, L]
+        top1 = torch.stack([keys[:, 0].to(home) for _, _, keys in tops], dim=1)  # [R, M]
+        # valid top-1 keys are >= 0, so the largest is one of them when any is
+        best = top1.max(dim=1, keepdim=True).values
+        agree = ((top1 == best) | (top1 == NO_KEY)).all(dim=1) & (best[:, 0] != NO_KEY)
+        values, ids, flags = [], [], []
+        for m, ((top_values, top_ids, keys), lp) in enumerate(zip(tops, selected)):
+            tables = self.key_tables.on(lp.device)
+            wanted = union.to(lp.device)
+            slot = wanted.clamp_min(0)
+            match = (wanted[:, :, None] == keys[:, None, :]) & (wanted[:, :, None] != NO_KEY)  # [R, L, k_m]
+            proposed = match.any(dim=-1)
+            first = match.int().argmax(dim=-1)  # the first match in top-k order: the likelier token with that key
+            options = tables.lookup[m][slot]  # [R, L, P_m]
+            looked_up = lp.gather(1, options.clamp_min(0).flatten(1)).view(options.shape).exp().amax(dim=-1)
+            looked_up = looked_up.masked_fill(options[:, :, 0] == NO_KEY, 0.0)
+            # a proposal keeps its log-probability (the host exponentiates it in double precision, as the
+            # scores always did); a lookup is its probability
+            values.append(torch.where(proposed, top_values.gather(1, first), looked_up).double().to(home))
+            ids.append(torch.where(proposed, top_ids.gather(1, first), NO_KEY).to(home))
+            flags.append(torch.where(proposed, PROPOSED, torch.where(tables.exact[m][slot], EXACT, NOT_EXACT)).to(home))
+        slots = torch.cat([union[:, :, None].double(), torch.stack(values, -1), torch.stack(ids, -1).double(),
+                           torch.stack(flags, -1).double()], dim=-1)  # [R, L, 1 + 3M]
+        tail = torch.zeros_like(slots[:, :1])  # [R, 1, 1 + 3M]: the agreement rides in the key channel
+        tail[:, 0, 0] = agree.double()
+        return self._unpack(torch.cat([slots, tail], dim=1))
+
+    def _unpack(self, packed: torch.Tensor) -> tuple[list[list[Candidate]], list[bool]]:
+        """Candidates and agreement from ``_candidates``'s [R, L + 1, 1 + 3M] result, brought to the host in
+        one transfer: per union slot its key, then per member the log-probability (proposed) or probability
+        (looked up), the proposed ids and the flags; the last slot's key is the agreement."""
+        n, key_bytes = len(self.models), self.key_tables.key_bytes
+        candidates, agree = [], []
+        for row in packed.tolist():
+            cands = []
+            for slot in row[:-1]:
+                if slot[0] == NO_KEY:  # the union is packed at the front of the row
+                    break
+                values, ids, flags = slot[1:1 + n], slot[1 + n:1 + 2 * n], slot[1 + 2 * n:]
+                own = [flag == PROPOSED for flag in flags]
+                cands.append(Candidate(key_bytes[int(slot[0])], [math.exp(v) if o else v for v, o in zip(values, own)],
+                                       [flag != NOT_EXACT for flag in flags], own,
+                                       [int(t) if o else None for t, o in zip(ids, own)]))
+            candidates.append(cands)
+            agree.append(bool(row[-1][0]))
+        return candidates, agree
+
+    def _rescore_lookups(self, candidates: list[list[Candidate]], logprobs: list[torch.Tensor],
+                         streams: list[ModelStream]) -> None:
+        """A method that scores the candidates a member did not propose otherwise than ``_candidates``
+        (``unite`` with ``lookup=exact``) replaces their probabilities here. ``candidates``: per live row
+        (empty for rows not ranked); ``logprobs``: per member, [live rows, V_m]; ``streams``: the members'
+        rows, in that order."""
 
     def _choose(self, candidates: list[Candidate], text: bytes,
                 generator: Optional[torch.Generator]) -> tuple[Candidate, list[tuple[float, Candidate]]]:

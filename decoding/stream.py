@@ -267,14 +267,15 @@ class ModelStream:
         """Tokens of ``row`` not yet run through the model (the next pass scores them all)."""
         return len(self.tokens[row]) - self.cached[row]
 
-    def logprobs(self, keep: int | None = None) -> torch.Tensor:
-        """Next-token log-probabilities of every row, on the CPU: [rows, vocab] after the last
-        position, or with ``keep`` after each of the last ``keep`` positions, [rows, keep, vocab].
-        Row r's pending tokens are its last ``pending(r)`` positions; earlier kept positions of a
-        shorter row are padding."""
+    def logprobs(self, keep: int | None = None, on_device: bool = False) -> torch.Tensor:
+        """Next-token log-probabilities of every row: [rows, vocab] after the last position, or with
+        ``keep`` after each of the last ``keep`` positions, [rows, keep, vocab]. Row r's pending tokens
+        are its last ``pending(r)`` positions; earlier kept positions of a shorter row are padding.
+        On the CPU, or with ``on_device`` where the model ran (the fused step ranks them there)."""
         self.forward_passes += 1
         n = keep or 1
-        out = (self._full_forward(n) if self.recompute else self._incremental_forward(n)).cpu()
+        out = self._full_forward(n) if self.recompute else self._incremental_forward(n)
+        out = out if on_device else out.cpu()
         return out[:, -1] if keep is None else out
 
     def prefix_logprobs(self) -> list[list[tuple[tuple[int, ...], torch.Tensor]]]:

@@ -7,6 +7,7 @@ Ensembling across tokenizers compares candidates by the bytes they add, never by
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
@@ -206,13 +207,15 @@ class ByteVocab:
         ``unfinished[b]``, the bytes of sequence b's cut-off final character (b"" when none), also
         narrows the byte right after a lead byte (E0, ED, F0, F4 allow less than 80..BF).
         """
-        pending = pending.to(torch.int16)[:, None]
+        device = self.length.device
+        pending = pending.to(device=device, dtype=torch.int16)[:, None]
         lead, length = self.lead_continuation[None, :], self.length[None, :]
         completes = (lead == pending) & self.tail_valid[None, :]
         stays_inside = (length <= pending) & (lead == length)
         allowed = self.is_text[None, :] & (completes | stays_inside)
         if unfinished is not None:
-            low, high = torch.tensor([utf8_next_byte_range(u) for u in unfinished], dtype=torch.int16).reshape(-1, 2).T
+            low, high = torch.tensor([utf8_next_byte_range(u) for u in unfinished], dtype=torch.int16,
+                                     device=device).reshape(-1, 2).T
             allowed &= (self.first_byte[None, :] >= low[:, None]) & (self.first_byte[None, :] <= high[:, None])
         return allowed
 
@@ -224,7 +227,7 @@ class ByteVocab:
             allowed = self.admissible(torch.tensor(pending), [text[len(complete_utf8_prefix(text)):] for text in texts])
         else:  # the common case, every text on a character boundary: one mask for all rows
             allowed = self.after_complete_text.expand(len(texts), -1).clone()
-        allowed[:, self.end_id_tensor] = may_end[:, None]
+        allowed[:, self.end_id_tensor] = may_end.to(allowed.device)[:, None]
         return allowed
 
     def forbidden_after(self, texts: list[bytes], may_end: torch.Tensor) -> torch.Tensor:
@@ -243,6 +246,19 @@ class ByteVocab:
     def after_complete_text(self) -> torch.Tensor:
         """[1, V] ``admissible`` mask after a text that ends on a complete character."""
         return self.admissible(torch.zeros(1, dtype=torch.int16), [b""])
+
+    def on(self, device: torch.device) -> "ByteVocab":
+        """This vocabulary with its tensors on ``device`` (copied once per device): its masks are then built
+        where the log-probabilities they mask are."""
+        device = torch.device(device)
+        if device == self.length.device:
+            return self
+        copies = self.__dict__.setdefault("_copies", {})
+        if device not in copies:
+            copies[device] = dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device)
+                                                          for f in dataclasses.fields(self)
+                                                          if isinstance(getattr(self, f.name), torch.Tensor)})
+        return copies[device]
 
     def longest_prefix_token(self, data: bytes) -> int | None:
         """The id of the longest vocabulary token that is a prefix of ``data``."""

@@ -409,14 +409,14 @@ def test_unite_exact_lookup_scores_candidates_by_their_prefix_probability(monkey
     sp, bpe = toy_model("sp", sharpness=2.0), toy_model("bpe", seed=2, sharpness=2.0)
     decoder = unite.UniteDecoder(unite.UniteDecoder.Config(name="unite", top_k=3, lookup="exact"), [sp, bpe],
                                  TOY_PROMPT)
-    seen, look_up = [], decoder._look_up
+    seen, look_up = [], decoder._rescore_lookups
 
     def spy(candidates, logprobs, streams):
         contexts = [[tuple(stream.tokens[r]) for r in range(stream.rows)] for stream in streams]
         look_up(candidates, logprobs, streams)
         seen.append((contexts, candidates))
 
-    decoder._look_up = spy
+    decoder._rescore_lookups = spy
     state = decoder.prepare(["ab", "aい"])
     for _ in range(4):
         decoder.step(state)

@@ -61,14 +61,15 @@ class UniteDecoder(FusionDecoder):
         if cfg.lookup not in LOOKUPS:
             raise FusemtError(f"decoding.lookup={cfg.lookup}: use one of {', '.join(LOOKUPS)}")
 
-    def _look_up(self, candidates, logprobs, streams) -> None:
-        super()._look_up(candidates, logprobs, streams)
+    def _rescore_lookups(self, candidates, logprobs, streams) -> None:
         if self.cfg.lookup != "exact":
             return
         for m, stream in enumerate(streams):
             slots = [(row, cand) for row, cands in enumerate(candidates) for cand in cands
                      if not cand.proposed[m] and cand.key is not END]
-            probs = exact_prefix_probs(stream, logprobs[m], [(row, cand.key) for row, cand in slots], CoverConfig())
+            # the cover beams read their distributions on the host (as the extra passes return them)
+            probs = exact_prefix_probs(stream, logprobs[m].cpu(), [(row, cand.key) for row, cand in slots],
+                                       CoverConfig())
             for (_, cand), p in zip(slots, probs):
                 cand.probs[m] = p
 
