@@ -349,8 +349,9 @@ class FusionDecoder(Decoder):
     # --- candidates ----------------------------------------------------------------------------
     @cached_property
     def key_tables(self) -> KeyTables:
-        """The members' candidate keys and lookups (built on first use: a second or so for Gemma's 262k tokens)."""
-        return KeyTables.build([model.vocab for model in self.models])
+        """The members' candidate keys and lookups (built on first use for a set of members: a second or so
+        for Gemma's 262k tokens)."""
+        return KeyTables.of([model.vocab for model in self.models])
 
     def _candidates(self, logprobs: list[torch.Tensor], rows: list[int], texts: list[bytes], may_end: torch.Tensor,
                     top_k: int) -> tuple[list[list[Candidate]], list[bool]]:

@@ -20,6 +20,7 @@ from decoding.vocab import ByteVocab
 
 END_KEY = 0
 NO_KEY = -1  # a token that adds no text (masked before top-k), a padding slot, a key with no lookup token
+RECENT_SETS = 4  # vocabulary sets whose tables are kept (``KeyTables.of``)
 
 
 @dataclass
@@ -31,6 +32,20 @@ class KeyTables:
     lookup: list[torch.Tensor]
     exact: list[torch.Tensor]  # per member n: [K] bool, ``lookup`` spells exactly the key (always for END)
     copies: dict = field(default_factory=dict, repr=False)  # device -> these tables on it
+
+    @classmethod
+    def of(cls, vocabs: list[ByteVocab]) -> "KeyTables":
+        """The tables of these vocabularies, built once for the last few sets: every decoder over the same
+        members (a sweep's or a pool's jobs in one process) shares them."""
+        ident = tuple(id(v) for v in vocabs)
+        for i, (held, tables) in enumerate(_RECENT):
+            if tuple(id(v) for v in held) == ident:  # ``held`` keeps them alive: an id is not reused meanwhile
+                _RECENT.insert(0, _RECENT.pop(i))
+                return tables
+        tables = cls.build(vocabs)
+        _RECENT.insert(0, (tuple(vocabs), tables))
+        del _RECENT[RECENT_SETS:]
+        return tables
 
     @classmethod
     def build(cls, vocabs: list[ByteVocab]) -> "KeyTables":
@@ -75,3 +90,6 @@ class KeyTables:
             self.copies[device] = KeyTables(self.key_bytes, *([t.to(device) for t in tables] for tables in
                                                                (self.key_of, self.lookup, self.exact)))
         return self.copies[device]
+
+
+_RECENT: list[tuple[tuple[ByteVocab, ...], KeyTables]] = []  # most recently used first

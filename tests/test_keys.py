@@ -8,7 +8,7 @@ import torch
 from conftest import build_decoder
 
 from decoding.fusion import END, Candidate
-from decoding.keys import END_KEY, NO_KEY, KeyTables
+from decoding.keys import END_KEY, NO_KEY, RECENT_SETS, KeyTables
 
 
 def spellings(vocab) -> dict[bytes, list[int]]:
@@ -53,6 +53,18 @@ def test_tables_equal_a_dictionary_walk_over_every_member(tiny_pair):
                 assert ids == {NO_KEY if first is None else first} and not bool(tables.exact[n][key])
                 looked_up += first is not None
     assert looked_up > 10  # each tokenizer has pieces the other spells only as several tokens
+
+
+def test_tables_are_built_once_per_set_of_vocabularies(tiny_pair):
+    """Decoders over the same members share one build; another set, or one pushed out of the few kept
+    (``RECENT_SETS``), gets its own."""
+    a, b = [model.vocab for model in tiny_pair]
+    first = build_decoder("unite", tiny_pair).key_tables
+    assert build_decoder("tokenwise", tiny_pair).key_tables is first
+    assert KeyTables.of([b, a]) is not first and KeyTables.of([a, b]) is first
+    for n in range(RECENT_SETS):
+        KeyTables.of([a] * (n + 1))
+    assert KeyTables.of([a, b]) is not first
 
 
 def reference_candidates(decoder, logprobs, rows, texts, may_end, top_k):
