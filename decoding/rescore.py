@@ -5,9 +5,10 @@ template, the tokens of the text and then the end of the turn (the log of the su
 the model's end tokens at that position); with the plain few-shot template, the text as the
 examples present a target (the separator between ``{tgt_lang}:`` and ``{target}``, usually one
 space) followed by the first stop string (the line end), all teacher-forced. Each source's prompt
-runs once (but its last token); its candidates continue from copies of that KV cache, right-padded
-(a causal model's logits at a token never see the padding after it), in chunks bounded by the
-logits they keep: a pool of N candidates costs one prompt pass, not N.
+runs once (but its last token), on top of the run's shared prompt prefix when that is cached; its
+candidates continue from copies of that KV cache, right-padded (a causal model's logits at a token
+never see the padding after it), in chunks bounded by the logits they keep: a pool of N candidates
+costs one prompt pass, not N.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from transformers import DynamicCache
 
 from decoding.prompt import PromptConfig, prompt_rows, render_prompt, stop_strings, uses_chat_template
+from decoding.stream import fill_rows
 
 LOGIT_BUDGET = 2**26  # floats of kept logits per forward pass (256 MB in fp32): bounds the chunk size
 
@@ -64,19 +66,32 @@ def sequence_logprobs(model, prompt: PromptConfig, sources: list[str],
     return out, passes
 
 
+def _prompt_layers(model, head: list[int]) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
+    """Keys and values of ``head`` but its last token, per layer; and the forward passes made. The part
+    the run's shared prompt prefix covers (``model.prompt_cache``, decoding/prefix.py) comes from it."""
+    device = model.device
+    cache = DynamicCache()  # full layers: nothing cropped to a sliding window
+    shared = model.prompt_cache.shared_len([head], reserve=1) if model.prompt_cache is not None else 0
+    if shared:
+        fill_rows(cache, model.prompt_cache.layers(shared), 1)
+    rest = torch.tensor([head[shared:-1]], device=device)
+    if rest.shape[1] == 0:
+        return model.prompt_cache.layers(shared), 0
+    model.forward(rest, torch.ones(1, len(head) - 1, device=device, dtype=torch.long),
+                  torch.arange(shared, len(head) - 1, device=device)[None], cache)
+    return [(layer.keys, layer.values) for layer in cache.layers], 1
+
+
 def _source_logprobs(model, head: list[int], conts: list[Continuation]) -> tuple[list[float], int]:
     """The log-probabilities of one source's continuations after its prompt ``head``; and the passes made."""
     device = model.device
-    prompt_cache = DynamicCache()  # full layers: nothing cropped to a sliding window
-    prefix = torch.tensor([head[:-1]], device=device)
-    model.forward(prefix, torch.ones_like(prefix), torch.arange(len(head) - 1, device=device)[None], prompt_cache)
-    layers = [(layer.keys, layer.values) for layer in prompt_cache.layers]
+    layers, passes = _prompt_layers(model, head)
     end_ids = torch.tensor(model.end_ids, device=device)
     pad = model.tokenizer.pad_token_id
     out = [0.0] * len(conts)
     # Longest continuations first, so each chunk keeps few padded logit rows.
     order = sorted(range(len(conts)), key=lambda k: -len(conts[k].ids))
-    passes, start = 1, 0
+    start = 0
     while start < len(order):
         width = len(conts[order[start]].ids) + 1  # the prompt's last token, then the continuation
         chunk = order[start:start + max(1, LOGIT_BUDGET // (width * model.vocab_size))]
@@ -87,10 +102,7 @@ def _source_logprobs(model, head: list[int], conts: list[Continuation]) -> tuple
         mask = torch.tensor([[1] * (len(head) - 1 + len(row)) + [0] * (width - len(row)) for row in rows],
                             device=device)
         positions = torch.arange(len(head) - 1, len(head) - 1 + width, device=device).expand(len(chunk), -1)
-        cache = DynamicCache()
-        for i, (keys, values) in enumerate(layers):
-            cache.update(keys.expand(len(chunk), -1, -1, -1).contiguous(),
-                         values.expand(len(chunk), -1, -1, -1).contiguous(), i)
+        cache = fill_rows(DynamicCache(), layers, len(chunk))
         # logprobs[:, t] predicts the continuation's token t (t = its length: what follows the text)
         logprobs = model.forward(input_ids, mask, positions, cache, logits_to_keep=width)
         for row, k in enumerate(chunk):

@@ -53,6 +53,14 @@ def common_prefix_len(a: Sequence, b: Sequence) -> int:
     return lo
 
 
+def fill_rows(cache: DynamicCache, layers: list[tuple[torch.Tensor, torch.Tensor]], rows: int) -> DynamicCache:
+    """``cache`` given ``layers``' keys and values ([1, heads, tokens, dim] per layer) in each of ``rows``
+    rows: how a shared prompt prefix starts every row of a batch."""
+    for i, (keys, values) in enumerate(layers):
+        cache.update(keys.expand(rows, -1, -1, -1).contiguous(), values.expand(rows, -1, -1, -1).contiguous(), i)
+    return cache
+
+
 def sliding_window(config) -> int | None:
     """The window of a decoder whose layers are full or sliding-window attention, with at least one
     sliding layer (Gemma 2/3, Mistral, ...); None otherwise (the column mask alone is then exact)."""
@@ -97,9 +105,7 @@ class ModelStream:
         n = prompt_cache.shared_len(self.tokens, reserve=1)  # the first pass needs a pending token per row
         if n == 0:
             return
-        for i, (keys, values) in enumerate(prompt_cache.layers(n)):
-            self.cache.update(keys.expand(self.rows, -1, -1, -1).contiguous(),
-                              values.expand(self.rows, -1, -1, -1).contiguous(), i)
+        fill_rows(self.cache, prompt_cache.layers(n), self.rows)
         self.column_pos = torch.arange(n).repeat(self.rows, 1)
         self.cached = [n] * self.rows
 

@@ -22,7 +22,7 @@ from tiny_models import tiny_gemma3, tiny_llama
 from decoding.errors import FusemtError
 from decoding.mbr import PairwiseUtility, argmax_first, build_pool
 from decoding.prefix import PromptCache
-from decoding.prompt import PromptConfig
+from decoding.prompt import FewShotExample, PromptConfig
 from decoding.rescore import continuation, prompt_ids, sequence_logprobs
 
 FIXTURE = ["今日は天気がいいです。", "今日はいい天気です。", "今日は天気がいいです。", "本日は晴天なり。",
@@ -203,6 +203,22 @@ def test_likelihood_equals_plain_forward_pass_on_tiny_models(chat):
     finally:
         for m in models:
             m.tokenizer.chat_template = None
+
+
+def test_likelihood_on_the_shared_prompt_prefix_equals_plain_forward_pass():
+    """With the run's prompt cache (few-shot examples several of Gemma 3's sliding windows long), each
+    source's prompt runs on top of the cached prefix: the scores stay those of a plain forward pass."""
+    models = [tiny_gemma3(), tiny_llama()]
+    prompt = PromptConfig(examples=[FewShotExample("The weather is nice today.", "今日は天気がいいです。"),
+                                    FewShotExample("Good morning.", "メールを送ってください。")])
+    for model in models:
+        model.prompt_cache = PromptCache(model)
+    try:
+        check_likelihoods(models, prompt, ["The weather is nice.", "Please send the mail."], TEXTS)
+        assert all(m.prompt_cache.prefix_passes == 1 and len(m.prompt_cache.head) > 16 for m in models)
+    finally:
+        for model in models:
+            model.prompt_cache = None
 
 
 def test_a_members_likelihood_does_not_depend_on_the_other_members():
