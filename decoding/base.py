@@ -88,11 +88,19 @@ def clip_trace(steps: list[TraceStep], stop_strings: list[str]) -> tuple[list[Tr
     return kept, raw[:cut], stop
 
 
-def traced_output(steps: list[TraceStep], stop_strings: list[str], stats: SegmentStats,
-                  warnings: list[str]) -> DecodeOutput:
-    """A sequence's output from its full trace: cut at the first stop string, text finalised."""
+# How much of each step an output keeps (the run's ``trace`` option): ``full`` every step with the
+# method's extras (the ranked candidates, union size, rounds, covers), ``top`` every step's chosen piece,
+# ids, log-probabilities and origin only, ``off`` no steps (the output keeps text, counts and stats).
+TRACE_LEVELS = ("full", "top", "off")
+
+
+def traced_output(steps: list[TraceStep], stop_strings: list[str], stats: SegmentStats, warnings: list[str],
+                  trace: str = "full") -> DecodeOutput:
+    """A sequence's output from its steps: cut at the first stop string, text finalised; the steps kept
+    as the output's trace unless ``trace`` is off."""
     kept, raw, _ = clip_trace(steps, stop_strings)
-    return DecodeOutput(text=finalize_text(raw), n_new_tokens=len(kept), trace=[s.to_json() for s in kept],
+    return DecodeOutput(text=finalize_text(raw), n_new_tokens=len(kept),
+                        trace=[] if trace == "off" else [s.to_json() for s in kept],
                         stats=stats.to_json(), warnings=warnings)
 
 
@@ -111,6 +119,9 @@ class Decoder(ABC):
     min_models: ClassVar[int] = 1
     max_models: ClassVar[int | None] = 1
     Stats: ClassVar[type[SegmentStats]]  # the per-segment stats record (decoding/stats.py): fields and how they combine
+    # The run's ``trace`` level (TRACE_LEVELS), set by the runner like a model's prompt cache: it changes
+    # what the outputs record, never the outputs, so methods skip the step work only the trace needs.
+    trace: str = "full"
 
     @dataclass
     class Config:

@@ -343,7 +343,7 @@ class FusionDecoder(Decoder):
             if state.search:
                 stats.beam = BeamStats(num_beams=self.cfg.num_beams, score=round(beam_score, 6))
             outputs.append(traced_output(state.steps[seq], state.stops, stats,
-                                         [TRUNCATED] if state.truncated[source] else []))
+                                         [TRUNCATED] if state.truncated[source] else [], self.trace))
         return outputs
 
     # --- candidates ----------------------------------------------------------------------------
@@ -452,29 +452,31 @@ class FusionDecoder(Decoder):
                ranked: list[tuple[float, Candidate]]) -> bool:
         """Append the choice to every model; return True when the sequence is finished."""
         done = self._ends(state, seq, choice)
-        logprob = {n: (math.log(p) if p > 0 else None) for n, p in zip(self.names, choice.probs)}
+        traced = self.trace != "off"  # the ids and log-probabilities only the trace records
+        logprob = {n: (math.log(p) if p > 0 else None) for n, p in zip(self.names, choice.probs)} if traced else {}
         extra = {"top": [["<end>" if c.key is END else c.key.decode("utf-8", "backslashreplace"), round(score, 4)]
                          for score, c in ranked[:3] if score > -math.inf],
-                 "union": len(ranked)}
+                 "union": len(ranked)} if self.trace == "full" else {}
         if choice.key is END:
             ids = {n: [choice.ids[m]] if choice.ids[m] is not None else [] for m, n in enumerate(self.names)}
-            state.steps[seq].append(trace_step(b"", ids=ids, logprob=logprob, origin=choice.origin(self.names),
-                                               end=True, extra=extra))
+            state.steps[seq].append(trace_step(b"", ids=ids if traced else {}, logprob=logprob,
+                                               origin=choice.origin(self.names), end=True, extra=extra))
             return done
         text = bytes(state.text[seq]) + choice.key
         appended, dropped = {}, {}
         for m, stream in enumerate(state.streams):
-            before, rollbacks = stream.generated(row), stream.rollbacks[row]
+            before, rollbacks = stream.generated(row) if traced else None, stream.rollbacks[row]
             if choice.proposed[m]:  # its own piece: kept if canonical, or over an unfinished character
                 stream.append(row, [choice.ids[m]])
             stream.sync_canonical(row, text)
-            after = stream.generated(row)
-            common = common_prefix_len(before, after)
             state.rollbacks[seq][m] += stream.rollbacks[row] - rollbacks
-            appended[self.names[m]] = after[common:]
-            if len(before) > common:
-                dropped[self.names[m]] = len(before) - common
-        if dropped:
+            if traced:
+                after = stream.generated(row)
+                common = common_prefix_len(before, after)
+                appended[self.names[m]] = after[common:]
+                if len(before) > common:
+                    dropped[self.names[m]] = len(before) - common
+        if dropped and self.trace == "full":
             extra["retokenized"] = dropped
         state.steps[seq].append(trace_step(choice.key, ids=appended, logprob=logprob, origin=choice.origin(self.names),
                                            extra=extra))

@@ -71,6 +71,7 @@ class GenerateDecoder(Decoder):
         stops = stop_strings(tok, self.prompt, model.spec.stop_strings)
         input_ids = state.batch["input_ids"].to(model.device)
         kwargs = self.generation_kwargs()
+        traced = self.trace != "off"
         # generate expands every row to max(num_beams, num_return_sequences) rows but never a cache it is given
         repeats = max(kwargs.get("num_beams", 1), kwargs.get("num_return_sequences", 1))
         cache = prefilled_cache(model, state.batch, repeats=repeats) if model.prompt_cache is not None else None
@@ -86,30 +87,30 @@ class GenerateDecoder(Decoder):
                                                    if stops else []),
             past_key_values=cache,
             return_dict_in_generate=True,
-            output_scores=True,
+            output_scores=True,  # its length is the forward passes; the trace's log-probabilities come from it
             **kwargs,
         )
         new = out.sequences[:, input_ids.shape[1]:]
         logprobs = model.model.compute_transition_scores(
             out.sequences, out.scores, getattr(out, "beam_indices", None), normalize_logits=True
-        )
+        ).tolist() if traced else [[None] * new.shape[1]] * new.shape[0]
         vocab = model.vocab
         per_source = new.shape[0] // input_ids.shape[0]  # num_return_sequences: each source's sequences are adjacent
         for row in range(new.shape[0]):
             steps = []
-            for tid, lp in zip(new[row].tolist(), logprobs[row].tolist()):
+            for tid, lp in zip(new[row].tolist(), logprobs[row]):
                 if tid == tok.pad_token_id and tid not in vocab.end_ids and not vocab.token_bytes[tid]:
                     break  # padding after this sequence finished
                 is_end = tid in vocab.end_ids
-                steps.append(trace_step(vocab.token_bytes[tid] or b"", ids={model.name: [tid]},
-                                        logprob={model.name: lp}, origin=model.name, end=is_end))
+                steps.append(trace_step(vocab.token_bytes[tid] or b"", ids={model.name: [tid]} if traced else {},
+                                        logprob={model.name: lp} if traced else {}, origin=model.name, end=is_end))
                 if is_end:
                     break
             warnings = ([f"prompt truncated to {model.spec.max_input_tokens} tokens"]
                         if state.batch["truncated"][row // per_source] else [])
             state.outputs.append(traced_output(steps, stops,
                                                SingleModelStats(forward_passes={model.name: len(out.scores)}),
-                                               warnings))
+                                               warnings, self.trace))
         return False
 
     def finish(self, state: GenerateState) -> list[DecodeOutput]:

@@ -35,22 +35,18 @@ class Candidate:
 
     text: str
     origins: dict[str, int] = field(default_factory=dict)
-    trace: list[dict] | None = None  # the steps of its first generation (None: taken from a finished run)
-    n_new_tokens: int = 0
 
     @property
     def count(self) -> int:
         return sum(self.origins.values())
 
 
-def build_pool(entries: list[tuple[str, str, list[dict] | None, int]]) -> list[Candidate]:
-    """(origin, text, trace, new tokens) in pool order -> distinct candidates, duplicates merged
-    (their origins and counts kept), in order of first appearance."""
+def build_pool(entries: list[tuple[str, str]]) -> list[Candidate]:
+    """(origin, text) in pool order -> distinct candidates, duplicates merged (their origins and counts
+    kept), in order of first appearance."""
     pool: dict[str, Candidate] = {}
-    for origin, text, trace, n_new in entries:
-        cand = pool.get(text)
-        if cand is None:
-            cand = pool[text] = Candidate(text=text, trace=trace, n_new_tokens=n_new)
+    for origin, text in entries:
+        cand = pool.setdefault(text, Candidate(text=text))
         cand.origins[origin] = cand.origins.get(origin, 0) + 1
     return list(pool.values())
 

@@ -252,13 +252,14 @@ class Speculation:
             for seq in on:
                 text, full = bytes(state.text[seq]), target[seq]
                 follows = full.startswith(text) and len(text) > len(start[seq])
-                step = state.steps[seq][-1]
-                step.extra["round"] = self.rounds[seq]
-                step.extra["draft"] = "drafted" if follows else "corrected"
-                if seq in first:  # the round's first step shows what was drafted, and by whom
-                    step.extra["drafter"] = self.names[member]
-                    step.extra["drafted_text"] = full[len(start[seq]):].decode("utf-8", "backslashreplace")
-                    first.discard(seq)
+                if method.trace == "full":
+                    step = state.steps[seq][-1]
+                    step.extra["round"] = self.rounds[seq]
+                    step.extra["draft"] = "drafted" if follows else "corrected"
+                    if seq in first:  # the round's first step shows what was drafted, and by whom
+                        step.extra["drafter"] = self.names[member]
+                        step.extra["drafted_text"] = full[len(start[seq]):].decode("utf-8", "backslashreplace")
+                first.discard(seq)
                 counter = self.drafted if follows else self.corrected
                 counter[seq] = counter.get(seq, 0) + 1
                 if seq not in done and follows and len(text) < len(full):

@@ -12,7 +12,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from decoding.base import Decoder, fingerprint_values, typed_config
+from decoding.base import TRACE_LEVELS, Decoder, fingerprint_values, typed_config
 from decoding.errors import FusemtError
 from decoding.methods import DECODERS, decoder_class, method_names
 from decoding.model import ModelSpec, cache_root, check_local_model
@@ -148,6 +148,7 @@ class RunConfig:
     run_name: str
     batch_size: int
     prompt_cache: bool  # reuse the shared prompt prefix's KV cache (decoding.prefix): same outputs, faster
+    trace: str  # what each row's trace records (decoding.base.TRACE_LEVELS): same outputs
     seed: int
     results_dir: Path
     render_input_text: bool
@@ -198,10 +199,12 @@ def build_run_config(cfg: DictConfig) -> RunConfig:
     check_prompt(prompt)
     if not isinstance(cfg.prompt_cache, bool):
         raise FusemtError(f"prompt_cache={cfg.prompt_cache}: must be true or false")
+    if cfg.trace not in TRACE_LEVELS:
+        raise FusemtError(f"trace={cfg.trace}: must be one of {', '.join(TRACE_LEVELS)}")
     sampling = _one_seed(method_cls, decoding, decoding_values, seed)
-    # What changes the outputs (not limit/shard/domains, batching, prompt_cache, metrics or logging): it names the
-    # default results file, so every swept hyperparameter gets its own file and a rerun of the same
-    # config resumes; lines written under another fingerprint are refused.
+    # What changes the outputs (not limit/shard/domains, batching, prompt_cache, trace, metrics or logging): it
+    # names the default results file, so every swept hyperparameter gets its own file and a rerun of the
+    # same config resumes; lines written under another fingerprint are refused.
     fingerprint_src = json.dumps({"models": [m.__dict__ for m in models], "method": method,
                                   "decoding": fingerprint_values(method_cls.Config, decoding_values),
                                   "prompt": _values(cfg, "prompt"), "seed": seed,
@@ -216,7 +219,7 @@ def build_run_config(cfg: DictConfig) -> RunConfig:
     return RunConfig(
         models=models, decoding_name=method, decoding=decoding, dataset=dataset, prompt=prompt, logger=logger,
         metrics=_values(cfg, "metrics"), run_name=run_name, batch_size=batch_size,
-        prompt_cache=cfg.prompt_cache,
+        prompt_cache=cfg.prompt_cache, trace=cfg.trace,
         seed=seed, results_dir=Path(cfg.paths.results_dir).expanduser(),
         render_input_text=bool(cfg.debug.render_input_text),
         fingerprint=fingerprint,

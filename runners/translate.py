@@ -120,6 +120,7 @@ def translate(run: RunConfig, sweep_group: str | None = None) -> dict:
             _print_prompts(models, segments, run)
         if todo:
             decoder = decoder_class(run.decoding_name)(run.decoding, models, run.prompt, **method_inputs)
+            decoder.trace = run.trace
             _decode_all(run, decoder, todo, results, logger)
         results.close()
         # Inside the try: a failure or a signal while scoring and writing still closes the W&B run.

@@ -148,8 +148,7 @@ def test_oracle_picks_best_chrf_against_reference_and_says_it_is_an_upper_bound(
 
 
 def test_pool_merges_duplicates_keeping_origins_and_counts():
-    pool = build_pool([("a:greedy", "x", None, 3), ("b:greedy", "y", None, 2), ("a:samples:4", "x", None, 4),
-                       ("a:samples:4", "x", None, 4)])
+    pool = build_pool([("a:greedy", "x"), ("b:greedy", "y"), ("a:samples:4", "x"), ("a:samples:4", "x")])
     assert [(c.text, c.origins, c.count) for c in pool] == [("x", {"a:greedy": 1, "a:samples:4": 2}, 3),
                                                            ("y", {"b:greedy": 1}, 1)]
 

@@ -307,7 +307,7 @@ class CharwiseDecoder(Decoder):
             if state.speculation:
                 stats.speculation = state.speculation.stats(seq, stats.forward_passes)
             outputs.append(traced_output(state.steps[seq], state.stops, stats,
-                                         [TRUNCATED] if state.truncated[seq] else []))
+                                         [TRUNCATED] if state.truncated[seq] else [], self.trace))
         return outputs
 
     # --- choosing ----------------------------------------------------------------------------------
@@ -413,7 +413,8 @@ class CharwiseDecoder(Decoder):
         state.resolved[seq] += choice.resolved
         origin = ("both" if len(self.names) == 2 else "all") if agree else \
             "+".join(n for n, t in zip(self.names, choice.tops) if t == choice.char) or "fused"
-        extra = {"p": {n: round(p, 6) for n, p in zip(self.names, choice.probs)},
+        traced = self.trace != "off"  # the ids and log-probabilities only the trace records
+        extra = {} if self.trace != "full" else {"p": {n: round(p, 6) for n, p in zip(self.names, choice.probs)},
                  "score": round(choice.score, 6),
                  "top": [["<end>" if c is END else c.decode("utf-8", "backslashreplace"), round(s, 6)]
                          for c, s in choice.ranked[:5] if s > -math.inf],
@@ -422,22 +423,23 @@ class CharwiseDecoder(Decoder):
                  "covers": {n: len(m.beams[seq].hypotheses()) for n, m in zip(self.names, state.members)},
                  "fastpath": choice.fast,
                  "resolved": choice.resolved}
-        logprob = {n: (math.log(p) if p > 0 else None) for n, p in zip(self.names, choice.probs)}
+        logprob = {n: (math.log(p) if p > 0 else None) for n, p in zip(self.names, choice.probs)} if traced else {}
         if choice.char is END:
-            state.steps[seq].append(trace_step(b"", ids={n: [] for n in self.names}, logprob=logprob, origin=origin,
-                                               end=True, extra=extra))
+            state.steps[seq].append(trace_step(b"", ids={n: [] for n in self.names} if traced else {}, logprob=logprob,
+                                               origin=origin, end=True, extra=extra))
             return True
         ids, retokenized = {}, {}
         for m, member in enumerate(state.members):
             beam = member.beams[seq]
-            before = beam.best_path()
+            before = beam.best_path() if traced else None
             beam.advance(choice.char)
-            after = beam.best_path()
-            common = common_prefix_len(before, after)
-            ids[self.names[m]] = list(after[common:])
-            if common < len(before):
-                retokenized[self.names[m]] = len(before) - common
-        if retokenized:
+            if traced:
+                after = beam.best_path()
+                common = common_prefix_len(before, after)
+                ids[self.names[m]] = list(after[common:])
+                if common < len(before):
+                    retokenized[self.names[m]] = len(before) - common
+        if retokenized and self.trace == "full":
             extra["retokenized"] = retokenized
         state.steps[seq].append(trace_step(choice.char, ids=ids, logprob=logprob, origin=origin, extra=extra))
         start = len(state.text[seq])

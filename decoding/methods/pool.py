@@ -179,6 +179,7 @@ class PoolDecoder(Decoder):
             for spec in self.cfg.generate:
                 per_source, kwargs = self.generation_kwargs(spec)
                 generation = _Generation(base, model, self.prompt, kwargs)
+                generation.trace = "off"  # a candidate keeps its text; the pool is the row's record
                 # Samples: one call per source with torch's generator seeded from (seed, source), so that
                 # they do not depend on batching, shards or resumes (decoding/sampling.py).
                 calls = [[source] for source in sources] if kwargs.get("do_sample") else [sources]
@@ -191,11 +192,11 @@ class PoolDecoder(Decoder):
                     outputs += outs
                 for k, out in enumerate(outputs):
                     s = k // per_source
-                    entries[s].append((f"{model.name}:{spec}", out.text, out.trace, out.n_new_tokens))
+                    entries[s].append((f"{model.name}:{spec}", out.text))
                     new_tokens[s] += out.n_new_tokens
         for s, seg in enumerate(segments or []):
             for origin, text in self.external.get(str(seg.id), []):
-                entries[s].append((origin, text, None, 0))
+                entries[s].append((origin, text))
         return PoolState(sources=sources, segments=list(segments or []), pools=[build_pool(e) for e in entries],
                          new_tokens=new_tokens, forward_passes=passes)
 
@@ -245,11 +246,12 @@ class PoolDecoder(Decoder):
                  "joint": None if joint is None else round(joint[k], 6),
                  "ref_chrf": None if ref_chrf is None else round(ref_chrf[k], 4), "chosen": k == best}
                 for k, c in enumerate(pool)]
+        extra = {"score": round(score[best], 6), "candidates": len(pool)} if self.trace == "full" else {}
         step = trace_step(chosen.text.encode("utf-8"), ids={}, logprob={m: logprob[m][best] for m in names},
-                          origin=next(iter(chosen.origins)), end=True,
-                          extra={"score": round(score[best], 6), "candidates": len(pool)})
+                          origin=next(iter(chosen.origins)), end=True, extra=extra)
         stats = PoolStats(candidates=len(pool), generations=sum(c.count for c in pool),
                           forward_passes=dict(state.forward_passes)).to_json()
         warnings = [ORACLE_WARNING] if select == "oracle" else []
-        return DecodeOutput(text=chosen.text, n_new_tokens=state.new_tokens[s], trace=[step.to_json()], stats=stats,
-                            warnings=warnings, pool=rows)
+        return DecodeOutput(text=chosen.text, n_new_tokens=state.new_tokens[s],
+                            trace=[] if self.trace == "off" else [step.to_json()], stats=stats, warnings=warnings,
+                            pool=rows)

@@ -174,7 +174,7 @@ class SpeculativeDecoder(Decoder):
                                      forward_passes={self.names[0]: state.rounds[seq],
                                                      self.names[1]: state.draft_passes[seq]})
             outputs.append(traced_output(state.steps[seq], state.stops, stats,
-                                         [TRUNCATED] if state.truncated[seq] else []))
+                                         [TRUNCATED] if state.truncated[seq] else [], self.trace))
         return outputs
 
     # --- one round ---------------------------------------------------------------------------
@@ -227,10 +227,11 @@ class SpeculativeDecoder(Decoder):
         state.target.append(row, new[n_acc:])
         if len(new) <= n_acc:  # the budget ended inside the accepted prefix
             state.target.rollback(row, n_acc - len(new))
-        draft_text = [self.draft_model.vocab.token_bytes[t] or b"" for t in draft_ids]
+        full, traced = self.trace == "full", self.trace != "off"
         round_info = {"round": state.rounds[seq],
-                      "proposed": [p.decode("utf-8", "backslashreplace") for p in draft_text],
-                      "accepted": n_acc}
+                      "proposed": [(self.draft_model.vocab.token_bytes[t] or b"").decode("utf-8", "backslashreplace")
+                                   for t in draft_ids],
+                      "accepted": n_acc} if full else {}
         ends = [j for j, tid in enumerate(new) if tid in vocab.end_ids]
         done = bool(ends)
         written = new[: ends[0] + 1] if ends else new
@@ -239,11 +240,12 @@ class SpeculativeDecoder(Decoder):
             is_end = tid in vocab.end_ids
             piece = b"" if is_end else vocab.token_bytes[tid] or b""
             # The round's last step carries what was proposed and how much of it was accepted.
-            extra = dict(round_info) if j == len(written) - 1 else {"round": state.rounds[seq]}
-            ids = {self.names[0]: [tid]}
-            if self.same_vocab and j < n_acc:
+            extra = {} if not full else dict(round_info) if j == len(written) - 1 else {"round": state.rounds[seq]}
+            ids = {self.names[0]: [tid]} if traced else {}
+            if traced and self.same_vocab and j < n_acc:
                 ids[self.names[1]] = [tid]
-            state.steps[seq].append(trace_step(piece, ids=ids, logprob={self.names[0]: float(scores[j, tid])},
+            logprob = {self.names[0]: float(scores[j, tid])} if traced else {}
+            state.steps[seq].append(trace_step(piece, ids=ids, logprob=logprob,
                                                origin="draft" if j < n_acc else "target", end=is_end, extra=extra))
             state.text[seq].extend(piece)
         if state.stops and len(state.steps[seq]) >= self.cfg.min_new_tokens:
