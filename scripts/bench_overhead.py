@@ -2,7 +2,7 @@
 
     python scripts/bench_overhead.py [--pair gemma3_smollm2] [--batch-sizes 1 8 32] [--steps 32]
                                      [--rounds 3] [--methods unite tokenwise charwise] [--variants]
-                                     [--growth 512] [--quick]
+                                     [--growth 512] [--trace full off] [--quick]
 
 For each batch size it runs each member alone under Hugging Face ``generate`` greedy and each fused
 method over the pair, every run forced to exactly ``--steps`` new tokens (characters for
@@ -22,6 +22,9 @@ HF ``generate`` host times summed (as the fused step runs both members). ``--var
 speculative (``decoding.speculate=4``) and beam (``decoding.num_beams=4``) variants of unite and
 tokenwise at batch 8 (host per generated token). ``--growth N``: one run of each method at batch 1
 forced to N steps; host per step over its last 32 steps / over steps 17..48 (``host_growth_N_vs_32``).
+``--trace``: the run's trace levels (decoding.base.TRACE_LEVELS); the first is the one every job and
+the last line use, each further one adds the fused methods at that level (``unite@off``) to the same
+interleaved rounds.
 
 ``--quick`` (a few minutes on 2 busy cores): 16 steps, 2 rounds, growth over 512 steps for unite only.
 On a CUDA device the hooks synchronise, so the split is exact there too.
@@ -40,6 +43,7 @@ import torch
 from bench_common import compose, interleaved
 from torch.overrides import TorchFunctionMode
 
+from decoding.base import TRACE_LEVELS
 from decoding.methods import decoder_class
 from decoding.model import load_model
 from runners.data import DatasetConfig, load_segments
@@ -141,6 +145,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--variants", action="store_true", help="also the speculative and beam variants (batch 8)")
     parser.add_argument("--growth", type=int, default=512, help="steps of the growth run (0: skip)")
+    parser.add_argument("--trace", nargs="+", choices=TRACE_LEVELS, default=["full"],
+                        help="trace levels: the first for every job, the others add the fused methods at that level")
     parser.add_argument("--quick", action="store_true", help="16 steps, 2 rounds, growth for unite only")
     args = parser.parse_args()
     if args.quick:
@@ -155,27 +161,31 @@ def main() -> None:
             cache[spec.name] = load_model(spec)
         return cache[spec.name]
 
-    def decoder(method: str, steps: int, *extra: str):
+    def decoder(method: str, steps: int, *extra: str, trace: str = args.trace[0]):
         run = compose(f"models={args.pair}", f"decoding={method}", f"decoding.max_new_tokens={steps}",
                       f"decoding.min_new_tokens={steps}", *extra)
-        return decoder_class(run.decoding_name)(run.decoding, [model(s) for s in run.models], run.prompt)
+        built = decoder_class(run.decoding_name)(run.decoding, [model(s) for s in run.models], run.prompt)
+        built.trace = trace
+        return built
 
     members = [m.name for m in compose(f"models={args.pair}", "decoding=unite").models]
     models = [model(s) for s in compose(f"models={args.pair}", "decoding=unite").models]
     meter = Meter(models, min(m.vocab_size for m in models))
     print(f"torch threads={torch.get_num_threads()} device={models[0].device} pair={args.pair} steps={args.steps} "
-          f"rounds={args.rounds} (ms per step: median [min-max] over rounds)")
+          f"rounds={args.rounds} trace={args.trace[0]} (ms per step: median [min-max] over rounds)")
 
     summary: dict[str, float] = {}
     for batch in args.batch_sizes:
         rows = sources[:batch]
         jobs = {name: decoder("greedy", args.steps, f"models.members=[{name}]") for name in members}
         jobs.update({method: decoder(method, args.steps) for method in args.methods})
+        jobs.update({f"{method}@{level}": decoder(method, args.steps, trace=level)
+                     for level in args.trace[1:] for method in args.methods})
         timed = interleaved({name: (lambda d=d: measured_run(d, rows, meter)) for name, d in jobs.items()}, args.rounds)
         runs = {name: [r for _, r in results] for name, results in timed.items()}
         for name in jobs:
             r = runs[name]
-            print(f"bs={batch} {name:>10}: wall {show(r, 'wall')}  forward {show(r, 'forward')}  host {show(r, 'host')}"
+            print(f"bs={batch} {name:>14}: wall {show(r, 'wall')}  forward {show(r, 'forward')}  host {show(r, 'host')}"
                   f"  vocab {show(r, 'vocab')}  py {show(r, 'py')}")
         hf = sum(median_ms(runs[name], "host") for name in members)
         print(f"bs={batch} hf host (members summed) {hf:.2f} ms/step")
