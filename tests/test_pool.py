@@ -391,7 +391,8 @@ def test_system_combination_runs_without_models(tmp_path):
 @pytest.mark.slow
 def test_likelihood_on_the_embedded_models_equals_a_plain_forward_pass():
     """Gemma 3 270M (plain few-shot template: leading space, line end) and SmolLM2 (chat template: end
-    tokens) each score the same candidates in their own tokenization, batched as in a run."""
+    tokens) each score the same candidates in their own tokenization, batched as in a run; the same
+    on top of the run's cached shared prompt prefix."""
     from conftest import compose_run
 
     from decoding.model import load_model
@@ -399,7 +400,16 @@ def test_likelihood_on_the_embedded_models_equals_a_plain_forward_pass():
     run = compose_run("models=gemma3_smollm2", "decoding=pool")
     models = [load_model(spec) for spec in run.models]
     texts = [["今日は天気がいいです。", "天気", "The weather is nice."], ["メールを送ってください。"]]
-    check_likelihoods(models, run.prompt, ["The weather is nice today.", "Please send me the mail."], texts)
+    sources = ["The weather is nice today.", "Please send me the mail."]
+    check_likelihoods(models, run.prompt, sources, texts)
+    for model in models:
+        model.prompt_cache = PromptCache(model)
+    try:
+        check_likelihoods(models, run.prompt, sources, texts)
+        assert all(m.prompt_cache.prefix_passes == 1 for m in models)
+    finally:
+        for model in models:
+            model.prompt_cache = None
     decoder = build_decoder("pool", models, run.prompt, generate=["greedy"], select="likelihood", max_new_tokens=24)
     out = decoder.decode(["The weather is nice today."])[0]
     assert {o for c in out.pool for o in c["origins"]} == {"gemma3_270m:greedy", "smollm2_135m:greedy"}
