@@ -70,13 +70,12 @@ def _prompt_layers(model, head: list[int]) -> tuple[list[tuple[torch.Tensor, tor
     """Keys and values of ``head`` but its last token, per layer; and the forward passes made. The part
     the run's shared prompt prefix covers (``model.prompt_cache``, decoding/prefix.py) comes from it."""
     device = model.device
-    cache = DynamicCache()  # full layers: nothing cropped to a sliding window
     shared = model.prompt_cache.shared_len([head], reserve=1) if model.prompt_cache is not None else 0
-    if shared:
-        fill_rows(cache, model.prompt_cache.layers(shared), 1)
+    layers = model.prompt_cache.layers(shared) if shared else []
+    if shared == len(head) - 1:  # all of it cached (or a one-token prompt: nothing to run)
+        return layers, 0
+    cache = fill_rows(DynamicCache(), layers, 1)  # full layers: nothing cropped to a sliding window
     rest = torch.tensor([head[shared:-1]], device=device)
-    if rest.shape[1] == 0:
-        return model.prompt_cache.layers(shared), 0
     model.forward(rest, torch.ones(1, len(head) - 1, device=device, dtype=torch.long),
                   torch.arange(shared, len(head) - 1, device=device)[None], cache)
     return [(layer.keys, layer.values) for layer in cache.layers], 1
