@@ -45,7 +45,7 @@ def test_trace_levels_keep_outputs_and_drop_only_the_record(pair, method, member
     assert all(o.trace == [] for o in off)
     for f, t in zip(full, top):
         assert [{k: v for k, v in step.items() if k in STEP_KEYS} for step in f.trace] == t.trace
-    if method != "greedy" and method != "beam":  # the single-model HF paths have no extras to drop
+    if method not in ("greedy", "beam"):  # the single-model HF paths have no extras to drop
         assert any(set(step) - STEP_KEYS for o in full for step in o.trace)
 
 
