@@ -104,11 +104,14 @@ def _source_logprobs(model, head: list[int], conts: list[Continuation]) -> tuple
         cache = fill_rows(DynamicCache(), layers, len(chunk))
         # logprobs[:, t] predicts the continuation's token t (t = its length: what follows the text)
         logprobs = model.forward(input_ids, mask, positions, cache, logits_to_keep=width)
+        totals = []
         for row, k in enumerate(chunk):
-            ids = torch.tensor(conts[k].ids, device=device, dtype=torch.long)
-            n = len(ids)
+            n = len(conts[k].ids)
+            ids = input_ids[row, 1:n + 1]  # the continuation's tokens, already on the device
             total = logprobs[row, :n].gather(-1, ids[:, None]).sum()
             if conts[k].score_end:
                 total = total + torch.logsumexp(logprobs[row, n, end_ids], dim=-1)
-            out[k] = float(total)
+            totals.append(total)
+        for k, total in zip(chunk, torch.stack(totals).tolist()):  # one transfer per chunk, not per candidate
+            out[k] = total
     return out, passes
