@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import bisect
 import codecs
+import heapq
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -121,12 +122,21 @@ class CharTables:
         self.root_index = {k: i for i, k in enumerate(root.chars.keys)}
         self.root_partials = root.partials
         lo, hi = bisect.bisect_left(self.keys, b"\x80"), bisect.bisect_left(self.keys, b"\xc0")
+        self.continuations = (lo, hi)  # the tokens that start with a continuation byte
         # Tokens made of continuation bytes only: completions of a character another token started.
         self.completions = {n: self._completions(lo, hi, n) for n in (1, 2, 3)}
         self.short_continuations = [(i, self.keys[i]) for i in range(lo, hi)
                                     if len(self.keys[i]) <= 2 and _is_continuation(self.keys[i])]
         self._plans: dict[bytes, Plan] = {}
         self._valid: dict[bytes, np.ndarray] = {}
+        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(``order``, ``end_ids``) on ``device`` (copied once per device): nodes are scored where the
+        log-probabilities are."""
+        if device not in self._on:
+            self._on[device] = (self.order.to(device), self.end_ids.to(device))
+        return self._on[device]
 
     # --- ranges ------------------------------------------------------------------------------------
     def range_of(self, prefix: bytes, lo: int = 0, hi: int | None = None) -> tuple[int, int]:
@@ -279,9 +289,11 @@ class CharMasses:
             nonzero = nonzero[np.argpartition(-self.dense[nonzero], k)[:k]]
         for i in nonzero:
             best[self.tables.root.keys[i]] = float(self.dense[i])
+        index, dense = self.tables.root_index, self.dense
         for char, m in self.extra.items():
-            best[char] = self.mass(char)
-        return sorted(best.items(), key=lambda cm: (-cm[1], cm[0] is None, cm[0] or b""))[:k]
+            i = index.get(char)
+            best[char] = m + (float(dense[i]) if i is not None else 0.0)
+        return heapq.nsmallest(k, best.items(), key=lambda cm: (-cm[1], cm[0] is None, cm[0] or b""))
 
 
 LIKELY = 0.1  # share of the mass above which a node inside the next character keeps its KV row
@@ -369,12 +381,24 @@ class CoverBeam:
     # --- scoring -----------------------------------------------------------------------------------
     def score(self, path: tuple[int, ...], logprobs: torch.Tensor) -> None:
         """Attach the next-token distribution after ``path`` (one forward pass) to its node."""
+        score_nodes([(self, path)], logprobs[None], [(0,)])
+
+    def span(self, path: tuple[int, ...]) -> tuple[int, int]:
+        """The sorted positions whose probabilities the node can ever need once scored: every token
+        for a closed token (any character may follow it); for a cover hypothesis the tokens that
+        start with its first open byte (its closings inside the text, and the tokens that extend its
+        open bytes); for a node inside the next character the tokens that start with a continuation
+        byte (those that complete or continue its character)."""
+        node, n = self.nodes[path], len(self.text)
+        if node.start < n:
+            return self.tables.range_of(bytes(self.text[node.start:node.start + 1]))
+        return (0, len(self.tables.keys)) if node.start == n else self.tables.continuations
+
+    def attach(self, path: tuple[int, ...], end: float, cum: np.ndarray, lo: int) -> None:
+        """Score the node: P(END | path), and the cumulative next-token probabilities over the sorted
+        positions ``lo..`` of its ``span``."""
         node = self.nodes[path]
-        probs = logprobs.double().exp()
-        node.end = float(probs[self.tables.end_ids].sum())
-        cum = np.zeros(len(self.tables.keys) + 1)
-        cum[1:] = probs[self.tables.order].cumsum(0).numpy()
-        node.cum, node.lo = cum, 0
+        node.end, node.cum, node.lo = end, cum, lo
         n = len(self.text)
         if node.start <= n:
             self._spawn_closings(node)
@@ -519,25 +543,26 @@ class RowBook:
         self.crops: dict[int, int] = {s: 0 for s in seqs}  # rows rolled back over cached tokens
 
     def score(self, requests: list[tuple[int, tuple[int, ...]]], keep: list[tuple[int, tuple[int, ...]]]
-              ) -> dict[tuple[int, tuple[int, ...]], torch.Tensor]:
-        """Next-token log-probabilities after each requested (sequence, path), in one call. A path
-        requested together with its one-token extension is read off that extension's row, one
-        position earlier (both tokens are run in that row)."""
+              ) -> tuple[torch.Tensor, dict[tuple[int, tuple[int, ...]], tuple[int, int]]]:
+        """Next-token log-probabilities after each requested (sequence, path), in one call: the
+        call's ``[rows, positions, vocab]`` (on the model's device) and each request's (row, position)
+        in it. A path requested together with its one-token extension is read off that extension's
+        row, one position earlier (both tokens are run in that row)."""
         requests = list(dict.fromkeys(requests))
         wanted = set(requests)
         parents = {(seq, path[:-1]): (seq, path) for seq, path in requests
                    if len(path) > 1 and (seq, path[:-1]) in wanted}
         own = [key for key in requests if key not in parents]
         self._place(own, keep, carries={path for seq, path in parents.values()})
-        logprobs = self.stream.logprobs(keep=2 if parents else None)
+        logprobs = self.stream.logprobs(keep=2 if parents else None, on_device=True)
         if not parents:
             logprobs = logprobs[:, None]
         for seq in {seq for seq, _ in requests}:
             self.calls[seq] += 1
         row_of = {(self.seq[r], self.paths[r]): r for r in range(len(self.paths) - 1, self.pinned - 1, -1)}
-        out = {key: logprobs[row_of[key], -1] for key in own}
-        out.update({key: logprobs[row_of[child], -2] for key, child in parents.items()})
-        return out
+        at = {key: (row_of[key], -1) for key in own}
+        at.update({key: (row_of[child], -2) for key, child in parents.items()})
+        return logprobs, at
 
     def score_chains(self, chains: dict[int, tuple[int, ...]], keep: list[tuple[int, tuple[int, ...]]]
                      ) -> dict[tuple[int, tuple[int, ...]], torch.Tensor]:
@@ -637,7 +662,7 @@ class CharModel:
         already holds are scored from it. False when there was nothing to score."""
         requests = [(seq, self.beams[seq], path) for seq, paths in selection.items() for path in paths]
         if lookahead is not None:
-            rest = []
+            rest, held = [], []
             for seq, beam, path in requests:
                 logprobs = lookahead.get(self.model, self.anchors[seq] + path)
                 if logprobs is None:
@@ -645,7 +670,10 @@ class CharModel:
                 elif path not in beam.nodes:
                     beam.prefetched[path] = logprobs
                 elif not beam.nodes[path].scored:
-                    beam.score(path, logprobs)
+                    held.append((beam, path, logprobs))
+            if held:
+                score_nodes([(beam, path) for beam, path, _ in held], torch.stack([lp for _, _, lp in held]),
+                            [(i,) for i in range(len(held))])
             requests = rest
         return score_level(self.book, requests, [(s, self.beams[s]) for s in live])
 
@@ -683,13 +711,43 @@ def score_level(book: RowBook, requests: list[tuple[int, CoverBeam, tuple[int, .
     for seq, beam, path in requests:
         wanted.setdefault((seq, path), []).append(beam)
     keep = [(seq, path) for seq, beam in live for path in beam.needed_paths()]
-    for key, logprobs in book.score(list(wanted), keep).items():
-        for beam in wanted[key]:
+    logprobs, at = book.score(list(wanted), keep)
+    nodes, where = [], []
+    for key, beams in wanted.items():
+        for beam in beams:
             if key[1] in beam.nodes:
-                beam.score(key[1], logprobs)
+                nodes.append((beam, key[1]))
+                where.append(at[key])
             else:  # a guess: kept until (unless) the node exists
-                beam.prefetched[key[1]] = logprobs
+                beam.prefetched[key[1]] = logprobs[at[key]]
+    score_nodes(nodes, logprobs, where)
     return True
+
+
+def score_nodes(nodes: list[tuple[CoverBeam, tuple[int, ...]]], logprobs: torch.Tensor,
+                at: list[tuple[int, ...]]) -> None:
+    """Score each (beam, path) node from ``logprobs[at[i]]`` (next-token log-probabilities of one
+    model; the beams share its tables): the probabilities of each node's ``span`` and of the end
+    tokens are gathered where ``logprobs`` lies, in one indexing for all nodes, and come to the host
+    in one transfer; the cumulative sums are then taken per node. A cover hypothesis or a node
+    inside the next character needs a few thousand positions, not the vocabulary."""
+    if not nodes:
+        return
+    tables = nodes[0][0].tables
+    order, end_ids = tables.on(logprobs.device)
+    spans = [beam.span(path) for beam, path in nodes]
+    columns = torch.cat([part for lo, hi in spans for part in (order[lo:hi], end_ids)])
+    sizes = [hi - lo + len(end_ids) for lo, hi in spans]
+    repeats = torch.tensor(sizes, device=logprobs.device)
+    leading = tuple(torch.tensor([a[d] for a in at], device=logprobs.device).repeat_interleave(
+        repeats, output_size=sum(sizes)) for d in range(len(at[0])))
+    probs = logprobs[leading + (columns,)].double().exp().cpu().numpy()
+    offset = 0
+    for (beam, path), (lo, hi), size in zip(nodes, spans, sizes):
+        cum = np.zeros(hi - lo + 1)
+        np.cumsum(probs[offset: offset + hi - lo], out=cum[1:])
+        beam.attach(path, float(probs[offset + hi - lo: offset + size].sum()), cum, lo)
+        offset += size
 
 
 def exact_prefix_probs(stream, logprobs: torch.Tensor, queries: list[tuple[int, bytes]],
@@ -700,12 +758,10 @@ def exact_prefix_probs(stream, logprobs: torch.Tensor, queries: list[tuple[int, 
     level for all queries; the stream is left as it was."""
     tables = char_tables(stream.model.vocab)
     book = RowBook(stream, list(range(stream.rows)), pinned=stream.rows)
-    beams = []
-    for row, data in queries:
-        beam = CoverBeam(tables, cfg)
-        beam.score((), logprobs[row])
+    beams = [(row, CoverBeam(tables, cfg)) for row, _ in queries]
+    score_nodes([(beam, ()) for _, beam in beams], logprobs, [(row,) for row, _ in beams])
+    for (_, beam), (_, data) in zip(beams, queries):
         beam.advance(data)
-        beams.append((row, beam))
     while score_level(book, [(row, beam, node.path) for row, beam in beams
                              for node in beam.frontier(next_char=False)], []):
         pass

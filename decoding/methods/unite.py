@@ -67,8 +67,7 @@ class UniteDecoder(FusionDecoder):
         for m, stream in enumerate(streams):
             slots = [(row, cand) for row, cands in enumerate(candidates) for cand in cands
                      if not cand.proposed[m] and cand.key is not END]
-            # the cover beams read their distributions on the host (as the extra passes return them)
-            probs = exact_prefix_probs(stream, logprobs[m].cpu(), [(row, cand.key) for row, cand in slots],
+            probs = exact_prefix_probs(stream, logprobs[m], [(row, cand.key) for row, cand in slots],
                                        CoverConfig())
             for (_, cand), p in zip(slots, probs):
                 cand.probs[m] = p
