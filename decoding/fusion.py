@@ -295,8 +295,7 @@ class FusionDecoder(Decoder):
     def _logprobs(self, state: FusionState, m: int, rows: list[int]) -> torch.Tensor:
         """Member ``m``'s next-token log-probabilities for every live row ([rows, vocab]; only
         ``rows`` are used): one pass (on the model's device), or when speculating, read from the
-        round's lookahead where its passes ran this context (a pass for all rows otherwise; on the
-        CPU, where the lookahead keeps them)."""
+        round's lookahead where its passes ran this context (a pass for all rows otherwise)."""
         stream = state.streams[m]
         if state.speculation is None:
             self._count_pass(state, m)
@@ -304,7 +303,7 @@ class FusionDecoder(Decoder):
         lookahead = state.speculation.lookahead
         if any(lookahead.get(stream.model, stream.tokens[r]) is None for r in rows):
             self._count_pass(state, m)
-            for r, lp in enumerate(stream.logprobs()):
+            for r, lp in enumerate(stream.logprobs(on_device=True)):
                 lookahead.put(stream.model, stream.tokens[r], lp)
         served = {r: lookahead.get(stream.model, stream.tokens[r]) for r in rows}
         return torch.stack([served[r] if r in served else torch.zeros_like(served[rows[0]])

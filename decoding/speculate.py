@@ -127,17 +127,22 @@ class Drafter:
         drafting = [n > 0 for n in lengths]
         passes = [0] * rows
         for depth in range(max(lengths, default=0)):
-            logprobs = stream.logprobs()  # [rows, vocab]
+            logprobs = stream.logprobs(on_device=True)  # [rows, vocab], where the drafter ran
+            device = logprobs.device
             so_far = [bytes(d) for d in drafted]
-            masked = logprobs.masked_fill(vocab.forbidden_after(so_far, torch.tensor([not utf8_pending(t)
-                                                                                      for t in so_far])), -math.inf)
+            masked = logprobs.masked_fill(vocab.on(device).forbidden_after(
+                so_far, torch.tensor([not utf8_pending(t) for t in so_far])), -math.inf)
             if self.temperature > 0:
-                probs = warp(masked, self.temperature, self.top_p)
-                picks = [int(torch.multinomial(probs[row], 1, generator=generators[row])) if drafting[row] else -1
-                         for row in range(rows)]
+                # the rows' generators are CPU generators: the (rare) sampling path draws on the host
+                probs = warp(masked, self.temperature, self.top_p).cpu()
+                picks = torch.tensor([int(torch.multinomial(probs[row], 1, generator=generators[row]))
+                                      if drafting[row] else 0 for row in range(rows)], device=device)
             else:
-                picks = masked.argmax(-1).tolist()
-            picked_logprobs = logprobs.gather(-1, torch.tensor(picks).clamp_min(0)[:, None]).squeeze(-1).tolist()
+                picks = masked.argmax(-1)
+            # the picks and their log-probabilities come to the host together (ids are exact in float64)
+            picked = torch.stack([picks.double(), logprobs.gather(-1, picks[:, None]).squeeze(-1).double()])
+            picks, picked_logprobs = picked.tolist()
+            picks = [int(tid) for tid in picks]
             for row in range(rows):
                 if lookahead is not None:
                     lookahead.put(stream.model, stream.tokens[row], logprobs[row])

@@ -286,9 +286,10 @@ class ModelStream:
 
     def prefix_logprobs(self) -> list[list[tuple[tuple[int, ...], torch.Tensor]]]:
         """One pass keeping every position: per row, (context, next-token log-probabilities after it)
-        for each prefix of its tokens that the pass ran (its pending tokens; the last one when none)."""
+        for each prefix of its tokens that the pass ran (its pending tokens; the last one when none),
+        on the model's device (speculation keeps them there until a step reads them)."""
         counts = [max(self.pending(r), 1) for r in range(self.rows)]
-        out = self.logprobs(keep=max(counts))
+        out = self.logprobs(keep=max(counts), on_device=True)
         width = out.shape[1]
         return [[(tuple(self.tokens[r][: len(self.tokens[r]) - j]), out[r, width - 1 - j]) for j in range(counts[r])]
                 for r in range(self.rows)]
