@@ -123,6 +123,16 @@ class Decoder(ABC):
     # what the outputs record, never the outputs, so methods skip the step work only the trace needs.
     trace: str = "full"
 
+    @property
+    def traces_steps(self) -> bool:
+        """The outputs keep their steps (ids, log-probabilities, origin): ``trace`` is not ``off``."""
+        return self.trace != "off"
+
+    @property
+    def traces_extras(self) -> bool:
+        """The steps keep the method's extras (candidates, probabilities, rounds): ``trace=full``."""
+        return self.trace == "full"
+
     @dataclass
     class Config:
         name: str = ""

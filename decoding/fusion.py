@@ -451,11 +451,11 @@ class FusionDecoder(Decoder):
                ranked: list[tuple[float, Candidate]]) -> bool:
         """Append the choice to every model; return True when the sequence is finished."""
         done = self._ends(state, seq, choice)
-        traced = self.trace != "off"  # the ids and log-probabilities only the trace records
+        traced = self.traces_steps  # the ids and log-probabilities only the trace records
         logprob = {n: (math.log(p) if p > 0 else None) for n, p in zip(self.names, choice.probs)} if traced else {}
         extra = {"top": [["<end>" if c.key is END else c.key.decode("utf-8", "backslashreplace"), round(score, 4)]
                          for score, c in ranked[:3] if score > -math.inf],
-                 "union": len(ranked)} if self.trace == "full" else {}
+                 "union": len(ranked)} if self.traces_extras else {}
         if choice.key is END:
             ids = {n: [choice.ids[m]] if choice.ids[m] is not None else [] for m, n in enumerate(self.names)}
             state.steps[seq].append(trace_step(b"", ids=ids if traced else {}, logprob=logprob,
@@ -475,7 +475,7 @@ class FusionDecoder(Decoder):
                 appended[self.names[m]] = after[common:]
                 if len(before) > common:
                     dropped[self.names[m]] = len(before) - common
-        if dropped and self.trace == "full":
+        if dropped and self.traces_extras:
             extra["retokenized"] = dropped
         state.steps[seq].append(trace_step(choice.key, ids=appended, logprob=logprob, origin=choice.origin(self.names),
                                            extra=extra))

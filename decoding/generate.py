@@ -71,7 +71,7 @@ class GenerateDecoder(Decoder):
         stops = stop_strings(tok, self.prompt, model.spec.stop_strings)
         input_ids = state.batch["input_ids"].to(model.device)
         kwargs = self.generation_kwargs()
-        traced = self.trace != "off"
+        traced = self.traces_steps
         # generate expands every row to max(num_beams, num_return_sequences) rows but never a cache it is given
         repeats = max(kwargs.get("num_beams", 1), kwargs.get("num_return_sequences", 1))
         cache = prefilled_cache(model, state.batch, repeats=repeats) if model.prompt_cache is not None else None

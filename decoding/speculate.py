@@ -257,7 +257,7 @@ class Speculation:
             for seq in on:
                 text, full = bytes(state.text[seq]), target[seq]
                 follows = full.startswith(text) and len(text) > len(start[seq])
-                if method.trace == "full":
+                if method.traces_extras:
                     step = state.steps[seq][-1]
                     step.extra["round"] = self.rounds[seq]
                     step.extra["draft"] = "drafted" if follows else "corrected"

@@ -413,8 +413,8 @@ class CharwiseDecoder(Decoder):
         state.resolved[seq] += choice.resolved
         origin = ("both" if len(self.names) == 2 else "all") if agree else \
             "+".join(n for n, t in zip(self.names, choice.tops) if t == choice.char) or "fused"
-        traced = self.trace != "off"  # the ids and log-probabilities only the trace records
-        extra = {} if self.trace != "full" else {"p": {n: round(p, 6) for n, p in zip(self.names, choice.probs)},
+        traced = self.traces_steps  # the ids and log-probabilities only the trace records
+        extra = {} if not self.traces_extras else {"p": {n: round(p, 6) for n, p in zip(self.names, choice.probs)},
                  "score": round(choice.score, 6),
                  "top": [["<end>" if c is END else c.decode("utf-8", "backslashreplace"), round(s, 6)]
                          for c, s in choice.ranked[:5] if s > -math.inf],
@@ -439,7 +439,7 @@ class CharwiseDecoder(Decoder):
                 ids[self.names[m]] = list(after[common:])
                 if common < len(before):
                     retokenized[self.names[m]] = len(before) - common
-        if retokenized and self.trace == "full":
+        if retokenized and self.traces_extras:
             extra["retokenized"] = retokenized
         state.steps[seq].append(trace_step(choice.char, ids=ids, logprob=logprob, origin=origin, extra=extra))
         start = len(state.text[seq])

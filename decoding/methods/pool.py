@@ -246,12 +246,12 @@ class PoolDecoder(Decoder):
                  "joint": None if joint is None else round(joint[k], 6),
                  "ref_chrf": None if ref_chrf is None else round(ref_chrf[k], 4), "chosen": k == best}
                 for k, c in enumerate(pool)]
-        extra = {"score": round(score[best], 6), "candidates": len(pool)} if self.trace == "full" else {}
+        extra = {"score": round(score[best], 6), "candidates": len(pool)} if self.traces_extras else {}
         step = trace_step(chosen.text.encode("utf-8"), ids={}, logprob={m: logprob[m][best] for m in names},
                           origin=next(iter(chosen.origins)), end=True, extra=extra)
         stats = PoolStats(candidates=len(pool), generations=sum(c.count for c in pool),
                           forward_passes=dict(state.forward_passes)).to_json()
         warnings = [ORACLE_WARNING] if select == "oracle" else []
         return DecodeOutput(text=chosen.text, n_new_tokens=state.new_tokens[s],
-                            trace=[] if self.trace == "off" else [step.to_json()], stats=stats, warnings=warnings,
+                            trace=[step.to_json()] if self.traces_steps else [], stats=stats, warnings=warnings,
                             pool=rows)

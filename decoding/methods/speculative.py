@@ -227,7 +227,7 @@ class SpeculativeDecoder(Decoder):
         state.target.append(row, new[n_acc:])
         if len(new) <= n_acc:  # the budget ended inside the accepted prefix
             state.target.rollback(row, n_acc - len(new))
-        full, traced = self.trace == "full", self.trace != "off"
+        full, traced = self.traces_extras, self.traces_steps
         round_info = {"round": state.rounds[seq],
                       "proposed": [(self.draft_model.vocab.token_bytes[t] or b"").decode("utf-8", "backslashreplace")
                                    for t in draft_ids],
