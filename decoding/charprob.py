@@ -727,27 +727,40 @@ def score_level(book: RowBook, requests: list[tuple[int, CoverBeam, tuple[int, .
 def score_nodes(nodes: list[tuple[CoverBeam, tuple[int, ...]]], logprobs: torch.Tensor,
                 at: list[tuple[int, ...]]) -> None:
     """Score each (beam, path) node from ``logprobs[at[i]]`` (next-token log-probabilities of one
-    model; the beams share its tables): the probabilities of each node's ``span`` and of the end
-    tokens are gathered where ``logprobs`` lies, in one indexing for all nodes, and come to the host
-    in one transfer; the cumulative sums are then taken per node. A cover hypothesis or a node
-    inside the next character needs a few thousand positions, not the vocabulary."""
+    model; the beams share its tables), where ``logprobs`` lies: closed tokens (any character may
+    follow) get the cumulative sums over the whole sorted vocabulary, computed there for all of them
+    at once; every other node needs only its ``span``, a few thousand positions, gathered with the
+    end tokens of every node in one flat indexing. Two transfers to the host per call."""
     if not nodes:
         return
     tables = nodes[0][0].tables
-    order, end_ids = tables.on(logprobs.device)
+    device, vocab = logprobs.device, logprobs.shape[-1]
+    order, end_ids = tables.on(device)
+    flat = logprobs.reshape(-1, vocab)
+    rows = np.ravel_multi_index(tuple(np.array(d) for d in zip(*at)), logprobs.shape[:-1], mode="wrap").tolist()
     spans = [beam.span(path) for beam, path in nodes]
-    columns = torch.cat([part for lo, hi in spans for part in (order[lo:hi], end_ids)])
-    sizes = [hi - lo + len(end_ids) for lo, hi in spans]
-    repeats = torch.tensor(sizes, device=logprobs.device)
-    leading = tuple(torch.tensor([a[d] for a in at], device=logprobs.device).repeat_interleave(
-        repeats, output_size=sum(sizes)) for d in range(len(at[0])))
-    probs = logprobs[leading + (columns,)].double().exp().cpu().numpy()
-    offset = 0
-    for (beam, path), (lo, hi), size in zip(nodes, spans, sizes):
-        cum = np.zeros(hi - lo + 1)
-        np.cumsum(probs[offset: offset + hi - lo], out=cum[1:])
-        beam.attach(path, float(probs[offset + hi - lo: offset + size].sum()), cum, lo)
-        offset += size
+    whole = [i for i, span in enumerate(spans) if span == (0, len(tables.keys))]
+    cum_whole = None
+    if whole:
+        picked = flat[torch.tensor([rows[i] for i in whole], device=device)[:, None], order[None, :]]
+        cum_whole = torch.zeros(len(whole), len(tables.keys) + 1, dtype=torch.float64, device=device)
+        torch.cumsum(picked.double().exp_(), dim=1, out=cum_whole[:, 1:])
+        cum_whole = cum_whole.cpu().numpy()
+    whole_set = set(whole)
+    parts = [positions + row * vocab for i, (row, (lo, hi)) in enumerate(zip(rows, spans))
+             for positions in ((end_ids,) if i in whole_set else (order[lo:hi], end_ids))]
+    probs = flat.reshape(-1).take(torch.cat(parts)).double().exp_().cpu().numpy()
+    offset, n_end, next_whole = 0, len(end_ids), 0
+    for i, ((beam, path), (lo, hi)) in enumerate(zip(nodes, spans)):
+        if i in whole_set:
+            cum = cum_whole[next_whole]
+            next_whole += 1
+        else:
+            cum = np.zeros(hi - lo + 1)
+            np.cumsum(probs[offset: offset + hi - lo], out=cum[1:])
+            offset += hi - lo
+        beam.attach(path, float(probs[offset: offset + n_end].sum()), cum, lo)
+        offset += n_end
 
 
 def exact_prefix_probs(stream, logprobs: torch.Tensor, queries: list[tuple[int, bytes]],
