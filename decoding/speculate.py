@@ -133,7 +133,7 @@ class Drafter:
             masked = logprobs.masked_fill(vocab.on(device).forbidden_after(
                 so_far, torch.tensor([not utf8_pending(t) for t in so_far])), -math.inf)
             if self.temperature > 0:
-                # the rows' generators are CPU generators: the (rare) sampling path draws on the host
+                # the rows' generators are CPU generators: sampling draws on the host
                 probs = warp(masked, self.temperature, self.top_p).cpu()
                 picks = torch.tensor([int(torch.multinomial(probs[row], 1, generator=generators[row]))
                                       if drafting[row] else 0 for row in range(rows)], device=device)

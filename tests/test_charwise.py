@@ -293,6 +293,24 @@ def test_batch_of_8_equals_8_single_runs():
     assert [[s["p"] for s in o.trace] for o in batched] == [[s["p"] for s in o.trace] for o in single]
 
 
+def test_scoring_nodes_over_their_spans_equals_the_whole_vocabulary(monkeypatch):
+    """``score_nodes`` gathers only the sorted positions a node can still need (``CoverBeam.span``): a
+    span too narrow would read other tokens' sums. Every span widened to the whole vocabulary gives
+    the same characters and probabilities (up to the sums' rounding)."""
+    from decoding.charprob import CoverBeam
+    sp, bpe = toy_model("sp", sharpness=2.0), toy_model("bpe", seed=2, sharpness=2.0)
+    sources = ["ab", "aい", "b a", "あ", "a あ"]
+    options = {"max_new_tokens": 12, "fast_path": False}
+    spanned = charwise([sp, bpe], sources, **options)
+    monkeypatch.setattr(CoverBeam, "span", lambda self, path: (0, len(self.tables.keys)))
+    whole = charwise([sp, bpe], sources, **options)
+    assert [raw(o) for o in spanned] == [raw(o) for o in whole]
+    for a, b in zip(spanned, whole):
+        assert len(a.trace) == len(b.trace)
+        for s, t in zip(a.trace, b.trace):
+            assert all(close(s["p"][name], t["p"][name]) for name in s["p"]), s
+
+
 @pytest.mark.parametrize("rule", ["mixture", "product"])
 def test_cached_decoding_equals_recompute(rule):
     sp, bpe = toy_model("sp", sharpness=2.0), toy_model("bpe", seed=2, sharpness=2.0)
