@@ -129,6 +129,7 @@ class CharTables:
                                     if len(self.keys[i]) <= 2 and _is_continuation(self.keys[i])]
         self._plans: dict[bytes, Plan] = {}
         self._valid: dict[bytes, np.ndarray] = {}
+        self._partial: dict[bytes, list[tuple[int, bytes]]] = {}
         self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,6 +202,16 @@ class CharTables:
                 self._plans.clear()
             plan = self._plans[open_bytes] = self._walk(open_bytes, *self.range_of(open_bytes))
         return plan
+
+    def partial_continuations(self, started: bytes) -> list[tuple[int, bytes]]:
+        """The short continuation-byte tokens that leave the character ``started`` still unfinished
+        (cached per first bytes)."""
+        found = self._partial.get(started)
+        if found is None:
+            need = utf8_char_len(started[0]) - len(started)
+            found = self._partial[started] = [(pos, key) for pos, key in self.short_continuations
+                                              if len(key) < need and is_partial_char(started + key)]
+        return found
 
     def valid_completions(self, started: bytes) -> np.ndarray:
         """Mask over ``completions[n]`` of the byte strings that complete the character ``started``."""
@@ -345,7 +356,8 @@ class CoverBeam:
         otherwise only the cover hypotheses of the text (all that P(prefix text) needs)."""
         if next_char:
             self.masses()
-            while ready := [n.path for n in self.nodes.values() if not n.scored and n.path in self.prefetched]:
+            while self.prefetched and (ready := [n.path for n in self.nodes.values()
+                                                 if not n.scored and n.path in self.prefetched]):
                 for path in ready:
                     self.score(path, self.prefetched.pop(path))
                 self.masses()
@@ -431,9 +443,10 @@ class CoverBeam:
         children: list[tuple[int, bytes]] = []
         if node.start < n:  # cover hypothesis: tokens that extend its open bytes
             plan = tables.plan(bytes(self.text[node.start:]))
-            for key, m in zip(plan.chars.keys, plan.chars.masses(node.cum, node.lo)):
-                if m > 0:
-                    out.extra[key] = out.extra.get(key, 0.0) + w * float(m)
+            masses = plan.chars.masses(node.cum, node.lo)
+            for i in np.flatnonzero(masses > 0).tolist():
+                key = plan.chars.keys[i]
+                out.extra[key] = out.extra.get(key, 0.0) + w * float(masses[i])
             children = plan.partials
         elif node.start == n:  # closed token: any first character, or the end
             out.dense += w * tables.root.masses(node.cum, node.lo)
@@ -442,18 +455,18 @@ class CoverBeam:
         else:  # ahead node: tokens that complete its character
             need = utf8_char_len(node.started[0]) - len(node.started)
             groups, valid = tables.completions[need], tables.valid_completions(node.started)
-            for key, m, ok in zip(groups.keys, groups.masses(node.cum, node.lo), valid):
-                if ok and m > 0:
-                    char = node.started + key
-                    out.extra[char] = out.extra.get(char, 0.0) + w * float(m)
-            children = [(pos, key) for pos, key in tables.short_continuations
-                        if len(key) < need and is_partial_char(node.started + key)]
+            masses = groups.masses(node.cum, node.lo)
+            for i in np.flatnonzero(valid & (masses > 0)).tolist():
+                char = node.started + groups.keys[i]
+                out.extra[char] = out.extra.get(char, 0.0) + w * float(masses[i])
+            children = tables.partial_continuations(node.started)
         for pos, rest in children:
             p = node.prob(pos)
             if p > 0:
                 path = node.path + (int(tables.order[pos]),)
-                started = node.started + rest if node.start > n else rest
-                self.nodes.setdefault(path, Node(path, w * p, n + len(started), started=started))
+                if path not in self.nodes:
+                    started = node.started + rest if node.start > n else rest
+                    self.nodes[path] = Node(path, w * p, n + len(started), started=started)
 
     # --- the text grows ----------------------------------------------------------------------------
     def advance(self, data: bytes) -> None:

@@ -135,9 +135,13 @@ class Bounds:
         """The unscored nodes inside the next character that one character can be compatible with
         at once (their first bytes are prefixes of each other), of the largest total weight."""
         ahead = [node for node in self.pending if node.started]
+        by_start: dict[bytes, list[int]] = {}
+        for i, node in enumerate(ahead):
+            by_start.setdefault(node.started, []).append(i)
         best, best_weight = [], 0.0
-        for node in ahead:
-            chain = [other for other in ahead if node.started.startswith(other.started)]
+        for started in by_start:  # a partial character has at most 3 bytes: its prefixes key the chain
+            members = sorted(i for k in range(1, len(started) + 1) for i in by_start.get(started[:k], ()))
+            chain = [ahead[i] for i in members]
             weight = sum(other.weight for other in chain)
             if weight > best_weight:
                 best, best_weight = chain, weight
