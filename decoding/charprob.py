@@ -300,10 +300,8 @@ class CharMasses:
             nonzero = nonzero[np.argpartition(-self.dense[nonzero], k)[:k]]
         for i in nonzero:
             best[self.tables.root.keys[i]] = float(self.dense[i])
-        index, dense = self.tables.root_index, self.dense
-        for char, m in self.extra.items():
-            i = index.get(char)
-            best[char] = m + (float(dense[i]) if i is not None else 0.0)
+        for char in self.extra:
+            best[char] = self.mass(char)
         return heapq.nsmallest(k, best.items(), key=lambda cm: (-cm[1], cm[0] is None, cm[0] or b""))
 
 
