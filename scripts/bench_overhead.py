@@ -16,6 +16,10 @@ spell of the machine hits all of them alike). For every run it measures
              forward call with a tensor whose last dimension is at least the smallest member's
              vocabulary: log-softmax, masks, top-k, lookups, copies; timed by a TorchFunctionMode)
     py       host - vocab: Python and small-tensor work, the part a GPU cannot absorb
+    kv       the part of py spent in operations on 4-D tensors outside a forward call: KV-cache rows
+             copied, reordered or extended ([rows, heads, columns, dim]) and attention masks built
+             ([rows, 1, queries, columns]); copies a GPU runs on the device, shown apart so that
+             ``py - kv`` is the Python and small-tensor work proper
 
 and prints the medians over the rounds with their spread [min-max]. ``hf`` figures are the members'
 HF ``generate`` host times summed (as the fused step runs both members). ``--variants`` also times the
@@ -30,7 +34,8 @@ interleaved rounds.
 On a CUDA device the hooks synchronise, so the split is exact there too.
 
 Last line: ``host_ms_bs8_unite= host_ms_bs8_tokenwise= host_ms_bs8_charwise= host_ms_bs32_unite= ...
-hf_host_ms_bs8= hf_host_ms_bs32= py_ms_bs8_<method>= py_ms_bs32_<method>= host_growth_512_vs_32=``.
+hf_host_ms_bs8= hf_host_ms_bs32= py_ms_bs8_<method>= py_ms_bs32_<method>= kv_ms_bs8_<method>= kv_ms_bs32_<method>=
+host_growth_512_vs_32=``.
 """
 
 from __future__ import annotations
@@ -52,12 +57,13 @@ METHODS = ("unite", "tokenwise", "charwise")
 
 
 class Meter(TorchFunctionMode):
-    """Seconds inside the members' forward calls and in vocabulary-sized tensor operations outside them."""
+    """Seconds inside the members' forward calls, and outside them in vocabulary-sized tensor operations
+    and in KV-cache-shaped ones (4-D)."""
 
     def __init__(self, models, min_vocab: int):
         super().__init__()
         self.min_vocab = min_vocab
-        self.forward_s = self.vocab_s = 0.0
+        self.forward_s = self.vocab_s = self.kv_s = 0.0
         self.depth, self.started = 0, 0.0
         self.cuda = any(m.device.type == "cuda" for m in models)
         for m in models:
@@ -87,19 +93,32 @@ class Meter(TorchFunctionMode):
             return any(self._vocab_sized(v) for v in value)
         return False
 
+    def _kv_shaped(self, value) -> bool:
+        if isinstance(value, torch.Tensor):
+            return value.dim() == 4
+        if isinstance(value, (list, tuple)):
+            return any(self._kv_shaped(v) for v in value)
+        return False
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.depth or not self._vocab_sized(args):
+        if self.depth:
+            return func(*args, **kwargs)
+        vocab = self._vocab_sized(args)
+        if not vocab and not self._kv_shaped(args):
             return func(*args, **kwargs)
         self._sync()
         t0 = time.perf_counter()
         out = func(*args, **kwargs)
         self._sync()
-        self.vocab_s += time.perf_counter() - t0
+        if vocab:
+            self.vocab_s += time.perf_counter() - t0
+        else:
+            self.kv_s += time.perf_counter() - t0
         return out
 
-    def totals(self) -> tuple[float, float]:
-        return self.forward_s, self.vocab_s
+    def totals(self) -> tuple[float, float, float]:
+        return self.forward_s, self.vocab_s, self.kv_s
 
 
 def measured_run(decoder, sources: list[str], meter: Meter, per_step: bool = False) -> dict:
@@ -109,21 +128,23 @@ def measured_run(decoder, sources: list[str], meter: Meter, per_step: bool = Fal
     with meter:
         going = True
         while going:
-            f0, v0 = meter.totals()
+            f0, v0, k0 = meter.totals()
             t0 = time.perf_counter()
             going = decoder.step(state)
             elapsed = time.perf_counter() - t0
-            f1, v1 = meter.totals()
+            f1, v1, k1 = meter.totals()
             wall += elapsed
-            steps.append((elapsed, f1 - f0, v1 - v0))
-    outputs = decoder.finish(state)
-    n = max(o.n_new_tokens for o in outputs)  # the batch runs as many steps as its longest row
-    total = [sum(s[i] for s in steps) for i in range(3)]
-    run = {"steps": n, "wall": total[0] / n, "forward": total[1] / n, "vocab": total[2] / n}
+            steps.append((elapsed, f1 - f0, v1 - v0, k1 - k0))
+    decoder.finish(state)
+    # every row is forced to exactly max_new_tokens steps (min_new_tokens = max_new_tokens); an output's
+    # n_new_tokens would undercount them, being cut at its first stop string
+    n = decoder.cfg.max_new_tokens
+    total = [sum(s[i] for s in steps) for i in range(4)]
+    run = {"steps": n, "wall": total[0] / n, "forward": total[1] / n, "vocab": total[2] / n, "kv": total[3] / n}
     run["host"] = run["wall"] - run["forward"]
     run["py"] = run["host"] - run["vocab"]
     if per_step:
-        run["per_step"] = [w - f for w, f, _ in steps]
+        run["per_step"] = [w - f for w, f, _, _ in steps]
     return run
 
 
@@ -186,7 +207,7 @@ def main() -> None:
         for name in jobs:
             r = runs[name]
             print(f"bs={batch} {name:>14}: wall {show(r, 'wall')}  forward {show(r, 'forward')}  host {show(r, 'host')}"
-                  f"  vocab {show(r, 'vocab')}  py {show(r, 'py')}")
+                  f"  vocab {show(r, 'vocab')}  py {show(r, 'py')}  kv {show(r, 'kv')}")
         hf = sum(median_ms(runs[name], "host") for name in members)
         print(f"bs={batch} hf host (members summed) {hf:.2f} ms/step")
         if batch in (8, 32):
@@ -194,6 +215,7 @@ def main() -> None:
             for method in args.methods:
                 summary[f"host_ms_bs{batch}_{method}"] = median_ms(runs[method], "host")
                 summary[f"py_ms_bs{batch}_{method}"] = median_ms(runs[method], "py")
+                summary[f"kv_ms_bs{batch}_{method}"] = median_ms(runs[method], "kv")
     if args.variants:
         rows = sources[:8]
         jobs = {}
@@ -205,7 +227,7 @@ def main() -> None:
         for name, results in timed.items():
             r = [x for _, x in results]
             print(f"bs=8 {name:>20}: per token: wall {show(r, 'wall')}  forward {show(r, 'forward')}  "
-                  f"host {show(r, 'host')}  vocab {show(r, 'vocab')}  py {show(r, 'py')}")
+                  f"host {show(r, 'host')}  vocab {show(r, 'vocab')}  py {show(r, 'py')}  kv {show(r, 'kv')}")
     if args.growth:
         growth = 0.0
         for method in (["unite"] if args.quick else args.methods):
@@ -217,7 +239,8 @@ def main() -> None:
                   f"of {args.growth}: growth {late / early:.3f}")
         summary[f"host_growth_{args.growth}_vs_32"] = growth
     order = [f"host_ms_bs{b}_{m}" for b in (8, 32) for m in args.methods] + [f"hf_host_ms_bs{b}" for b in (8, 32)] \
-        + [f"py_ms_bs{b}_{m}" for b in (8, 32) for m in args.methods] + [f"host_growth_{args.growth}_vs_32"]
+        + [f"py_ms_bs{b}_{m}" for b in (8, 32) for m in args.methods] \
+        + [f"kv_ms_bs{b}_{m}" for b in (8, 32) for m in args.methods] + [f"host_growth_{args.growth}_vs_32"]
     print(" ".join(f"{key}={summary[key]:.3f}" if "growth" in key else f"{key}={summary[key]:.2f}"
                    for key in order if key in summary))
 
