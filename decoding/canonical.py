@@ -81,17 +81,20 @@ class TailRule:
             return PreTokenRule(tokenizer)
         return None
 
-    def encode(self, text: str) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=False).ids
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """The encodings of ``texts``, in one call of the fast tokenizer's batch API."""
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)] if texts else []
 
-    def encode_from(self, text: bytes, cut: Optional[Cut], ids: list[int], token_bytes) -> Optional[list[int]]:
-        """``encode(text)`` given a cut of an anchor that ``text`` extends and ``ids`` that start with the
-        cut's ids: those ids, then the encoding of the rest; None when it does not spell ``text``."""
-        base = cut.offset if cut else 0
-        tail = self.encode(text[base:].decode("utf-8", errors="replace"))
-        if b"".join(token_bytes[t] or b"" for t in tail) != text[base:]:
-            return None
-        return (ids[:cut.ids] if cut else []) + tail
+    def encode_from(self, texts: list[bytes], cuts: list[Optional[Cut]], ids: list[list[int]],
+                    token_bytes) -> list[Optional[list[int]]]:
+        """Per text, its encoding given a cut of an anchor that it extends and ``ids`` that start with the
+        cut's ids: those ids, then the encoding of the rest (the rests of all texts in one batch call);
+        None when that does not spell the text."""
+        bases = [cut.offset if cut else 0 for cut in cuts]
+        tails = self.encode([text[base:].decode("utf-8", errors="replace") for text, base in zip(texts, bases)])
+        return [None if b"".join(token_bytes[t] or b"" for t in tail) != text[base:]
+                else (own[:cut.ids] if cut else []) + tail
+                for text, cut, own, base, tail in zip(texts, cuts, ids, bases, tails)]
 
     def advance(self, text: bytes, cut: Optional[Cut], ids: list[int], token_bytes) -> Optional[Cut]:
         """The latest safe cut of ``text`` given its encoding ``ids`` (searched after ``cut``; ``cut`` when none is)."""

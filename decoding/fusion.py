@@ -224,7 +224,8 @@ class FusionDecoder(Decoder):
     def advance(self, state: FusionState, seqs: list[int]) -> list[int]:
         """One fused step for the live sequences ``seqs``; returns those that finished."""
         chosen = self._rank(state, seqs)
-        return [seq for seq in seqs if self._apply(state, state.active.index(seq), seq, *chosen[seq])]
+        done = self._apply(state, [(state.active.index(seq), seq, *chosen[seq]) for seq in seqs])
+        return [seq for seq, finished in zip(seqs, done) if finished]
 
     def _rank(self, state: FusionState, seqs: list[int]) -> dict[int, tuple[Candidate, list[tuple[float, Candidate]]]]:
         """Each sequence's choice (argmax, or a sample) and its candidates by fused score, best first."""
@@ -267,8 +268,9 @@ class FusionDecoder(Decoder):
             stream.select_rows(parents)
         state.active = [self._fork(state, ext.parent.slot) for _, ext in picked]
         outcome: dict[int, tuple[list[Live], list[tuple[float, int]]]] = {s: ([], []) for s, _ in picked}
-        for row, ((source, ext), slot) in enumerate(zip(picked, state.active)):
-            self._apply(state, row, slot, ext.candidate, ext.ranked)
+        self._apply(state, [(row, slot, ext.candidate, ext.ranked)
+                            for row, ((_, ext), slot) in enumerate(zip(picked, state.active))])
+        for (source, ext), slot in zip(picked, state.active):
             length = ext.parent.length + 1
             if ext.finishes:
                 outcome[source][1].append((search.normalised(ext.score, length), slot))
@@ -322,8 +324,7 @@ class FusionDecoder(Decoder):
             if stream.model is drafter_model:
                 continue
             own = {row: list(stream.generated(row)) for row in rows}
-            for row, text in zip(rows, drafted):
-                stream.sync_canonical(row, text)
+            stream.sync_canonical_rows(rows, drafted)
             self._count_pass(state, m)
             state.speculation.lookahead.run(stream)
             for row in rows:
@@ -447,39 +448,50 @@ class FusionDecoder(Decoder):
         return ranked[0][1], ranked
 
     # --- appending -------------------------------------------------------------------------
-    def _apply(self, state: FusionState, row: int, seq: int, choice: Candidate,
-               ranked: list[tuple[float, Candidate]]) -> bool:
-        """Append the choice to every model; return True when the sequence is finished."""
-        done = self._ends(state, seq, choice)
+    def _apply(self, state: FusionState, picks: list[tuple[int, int, Candidate, list[tuple[float, Candidate]]]]
+               ) -> list[bool]:
+        """Append each pick (row, sequence, choice, ranked candidates) to every model, a member's rows synced to
+        their texts together (one batch call of its tokenizer); per pick, whether its sequence is finished."""
+        done = [self._ends(state, seq, choice) for _, seq, choice, _ in picks]
         traced = self.traces_steps  # the ids and log-probabilities only the trace records
-        logprob = {n: (math.log(p) if p > 0 else None) for n, p in zip(self.names, choice.probs)} if traced else {}
-        extra = {"top": [["<end>" if c.key is END else c.key.decode("utf-8", "backslashreplace"), round(score, 4)]
-                         for score, c in ranked[:3] if score > -math.inf],
-                 "union": len(ranked)} if self.traces_extras else {}
-        if choice.key is END:
-            ids = {n: [choice.ids[m]] if choice.ids[m] is not None else [] for m, n in enumerate(self.names)}
-            state.steps[seq].append(trace_step(b"", ids=ids if traced else {}, logprob=logprob,
-                                               origin=choice.origin(self.names), end=True, extra=extra))
-            return done
-        text = bytes(state.text[seq]) + choice.key
-        appended, dropped = {}, {}
+        going = [(row, seq, choice) for row, seq, choice, _ in picks if choice.key is not END]
+        texts = [bytes(state.text[seq]) + choice.key for _, seq, choice in going]
+        appended: list[dict] = [{} for _ in going]
+        dropped: list[dict] = [{} for _ in going]
         for m, stream in enumerate(state.streams):
-            before, rollbacks = stream.generated(row) if traced else None, stream.rollbacks[row]
-            if choice.proposed[m]:  # its own piece: kept if canonical, or over an unfinished character
-                stream.append(row, [choice.ids[m]])
-            stream.sync_canonical(row, text)
-            state.rollbacks[seq][m] += stream.rollbacks[row] - rollbacks
-            if traced:
-                after = stream.generated(row)
-                common = common_prefix_len(before, after)
-                appended[self.names[m]] = after[common:]
-                if len(before) > common:
-                    dropped[self.names[m]] = len(before) - common
-        if dropped and self.traces_extras:
-            extra["retokenized"] = dropped
-        state.steps[seq].append(trace_step(choice.key, ids=appended, logprob=logprob, origin=choice.origin(self.names),
-                                           extra=extra))
-        state.text[seq].extend(choice.key)
+            rows = [row for row, _, _ in going]
+            before = [stream.generated(row) for row in rows] if traced else []
+            rollbacks = [stream.rollbacks[row] for row in rows]
+            for row, _, choice in going:
+                if choice.proposed[m]:  # its own piece: kept if canonical, or over an unfinished character
+                    stream.append(row, [choice.ids[m]])
+            stream.sync_canonical_rows(rows, texts)
+            for i, (row, seq, _) in enumerate(going):
+                state.rollbacks[seq][m] += stream.rollbacks[row] - rollbacks[i]
+                if traced:
+                    after = stream.generated(row)
+                    common = common_prefix_len(before[i], after)
+                    appended[i][self.names[m]] = after[common:]
+                    if len(before[i]) > common:
+                        dropped[i][self.names[m]] = len(before[i]) - common
+        synced = {seq: i for i, (_, seq, _) in enumerate(going)}
+        for _, seq, choice, ranked in picks:
+            logprob = ({n: (math.log(p) if p > 0 else None) for n, p in zip(self.names, choice.probs)}
+                       if traced else {})
+            extra = {"top": [["<end>" if c.key is END else c.key.decode("utf-8", "backslashreplace"), round(score, 4)]
+                             for score, c in ranked[:3] if score > -math.inf],
+                     "union": len(ranked)} if self.traces_extras else {}
+            if choice.key is END:
+                ids = {n: [choice.ids[m]] if choice.ids[m] is not None else [] for m, n in enumerate(self.names)}
+                state.steps[seq].append(trace_step(b"", ids=ids if traced else {}, logprob=logprob,
+                                                   origin=choice.origin(self.names), end=True, extra=extra))
+                continue
+            i = synced[seq]
+            if dropped[i] and self.traces_extras:
+                extra["retokenized"] = dropped[i]
+            state.steps[seq].append(trace_step(choice.key, ids=appended[i], logprob=logprob,
+                                               origin=choice.origin(self.names), extra=extra))
+            state.text[seq].extend(choice.key)
         return done
 
     def _ends(self, state: FusionState, seq: int, choice: Candidate) -> bool:

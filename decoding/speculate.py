@@ -223,8 +223,7 @@ class Speculation:
         """The drafting member's drafts after the texts (rows in the streams' order), from its own
         canonical encoding of each text."""
         stream = self.streams[member]
-        for row, text in enumerate(texts):
-            stream.sync_canonical(row, text)
+        stream.sync_canonical_rows(list(range(len(texts))), texts)
         own = [list(stream.generated(row)) for row in range(len(texts))]
         draft = self.drafter.draft(stream, self.models[member].vocab, texts, lengths, lookahead=self.lookahead)
         if self.shared:  # back to the text: the drafted tokens' KV waits in the shadow until fused steps accept them

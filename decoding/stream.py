@@ -34,6 +34,9 @@ from decoding.prompt import prompt_rows, render_prompt
 from decoding.vocab import complete_utf8_prefix, utf8_pending
 
 RETOKENIZE_WINDOW = 4  # own tokens re-tokenised together with newly appended bytes (append_bytes)
+# pending tokens of a batch (rows x widest) that an accelerator's pass takes at about the cost of one
+# token per row (ModelStream._run_ahead)
+ACCELERATOR_FREE_TOKENS = 1024
 
 
 def common_prefix_len(a: Sequence, b: Sequence) -> int:
@@ -178,9 +181,17 @@ class ModelStream:
     def encode(self, text: bytes) -> list[int] | None:
         """This model's tokenizer's encoding of ``text``; None when it does not spell exactly those
         bytes (a tokenizer that normalises the text, or ``text`` that is not valid UTF-8)."""
-        vocab = self.model.vocab
-        ids = self.model.tokenizer.encode(text.decode("utf-8", errors="replace"), add_special_tokens=False)
-        return ids if b"".join(vocab.token_bytes[t] or b"" for t in ids) == text else None
+        return self.encode_many([text])[0]
+
+    def encode_many(self, texts: list[bytes]) -> list[list[int] | None]:
+        """``encode`` of each text, in one batch call of the tokenizer."""
+        if not texts:
+            return []
+        token_bytes = self.model.vocab.token_bytes
+        encoded = self.model.tokenizer([t.decode("utf-8", errors="replace") for t in texts],
+                                       add_special_tokens=False)["input_ids"]
+        return [ids if b"".join(token_bytes[t] or b"" for t in ids) == text else None
+                for ids, text in zip(encoded, texts)]
 
     def sync_to_ids(self, row: int, ids: list[int]) -> tuple[list[int], int]:
         """Make this row's generated tokens equal ``ids``: roll back past the common prefix, append
@@ -212,30 +223,42 @@ class ModelStream:
         A tokenizer that normalises text (its encoding does not spell the bytes) falls back to
         ``sync_to_bytes``.
         """
-        vocab, generated = self.model.vocab, self.generated(row)
-        complete = len(complete_utf8_prefix(text))
-        cut = self.cut[row] if self.cut[row] is not None and text.startswith(self.cut[row].text) else None
-        keep, spelled = self._spelling_prefix(row, text, cut)
-        first, start = keep, spelled  # generated[first:keep] is kept, text[:start] encoded
-        if spelled > complete:  # own tokens reach into the unfinished character: keep them
-            while start > complete or (start < len(text) and text[start] & 0xC0 == 0x80):
-                first -= 1
-                start -= len(vocab.token_bytes[generated[first]])
-        else:
-            start = spelled = complete
-        cut = cut if cut is not None and start >= len(cut.text) else None
-        rule, token_bytes = self.tail_rule, vocab.token_bytes
-        head = (self.encode(text[:start]) if rule is None
-                else rule.encode_from(text[:start], cut, generated, token_bytes))
-        if head is None:
-            before = list(generated)
-            self.sync_to_bytes(row, text)
-            after = self.generated(row)
-            common = common_prefix_len(before, after)
-            return after[common:], len(before) - common
-        synced = self.sync_to_ids(row, head + generated[first:keep] + vocab.segment(text[spelled:]))
-        if rule is not None:
-            self.cut[row] = rule.advance(text[:start], cut, head, token_bytes)
+        return self.sync_canonical_rows([row], [text])[0]
+
+    def sync_canonical_rows(self, rows: list[int], texts: list[bytes]) -> list[tuple[list[int], int]]:
+        """``sync_canonical`` of each row to its text; the texts to encode go to the tokenizer in one
+        batch call (a step syncs every row of the batch)."""
+        vocab, rule, token_bytes = self.model.vocab, self.tail_rule, self.model.vocab.token_bytes
+        plans = []  # per row: generated tokens [first:keep] are kept, text[:start] encoded, text[spelled:] spelled
+        for row, text in zip(rows, texts):
+            complete = len(complete_utf8_prefix(text))
+            cut = self.cut[row] if self.cut[row] is not None and text.startswith(self.cut[row].text) else None
+            keep, spelled = self._spelling_prefix(row, text, cut)
+            first, start = keep, spelled
+            if spelled > complete:  # own tokens reach into the unfinished character: keep them
+                generated = self.generated(row)
+                while start > complete or (start < len(text) and text[start] & 0xC0 == 0x80):
+                    first -= 1
+                    start -= len(token_bytes[generated[first]])
+            else:
+                start = spelled = complete
+            plans.append((first, keep, start, spelled, cut if cut is not None and start >= len(cut.text) else None))
+        heads = (self.encode_many([text[:plan[2]] for text, plan in zip(texts, plans)]) if rule is None
+                 else rule.encode_from([text[:plan[2]] for text, plan in zip(texts, plans)],
+                                       [plan[4] for plan in plans], [self.generated(row) for row in rows], token_bytes))
+        synced = []
+        for row, text, (first, keep, start, spelled, cut), head in zip(rows, texts, plans, heads):
+            if head is None:
+                before = self.generated(row)
+                self.sync_to_bytes(row, text)
+                after = self.generated(row)
+                common = common_prefix_len(before, after)
+                synced.append((after[common:], len(before) - common))
+                continue
+            generated = self.generated(row)
+            synced.append(self.sync_to_ids(row, head + generated[first:keep] + vocab.segment(text[spelled:])))
+            if rule is not None:
+                self.cut[row] = rule.advance(text[:start], cut, head, token_bytes)
         return synced
 
     def _spelling_prefix(self, row: int, text: bytes, cut: Cut | None = None) -> tuple[int, int]:
@@ -318,12 +341,11 @@ class ModelStream:
 
     def _chunk(self, rows: list[int], pending: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Ids and positions of the rows' pending tokens, left-padded to the widest (position -1)."""
-        width = max(len(p) for p in pending)
-        ids = torch.full((len(rows), width), self._pad_id(), dtype=torch.long)
-        chunk_pos = torch.full((len(rows), width), -1, dtype=torch.long)
-        for i, (r, new) in enumerate(zip(rows, pending)):
-            ids[i, width - len(new):] = torch.tensor(new)
-            chunk_pos[i, width - len(new):] = torch.arange(self.cached[r], self.cached[r] + len(new))
+        width, pad = max(len(p) for p in pending), self._pad_id()
+        # built as Python lists and made tensors once: a few small tensor operations per row cost more
+        ids = torch.tensor([[pad] * (width - len(new)) + new for new in pending], dtype=torch.long)
+        chunk_pos = torch.tensor([[-1] * (width - len(new)) + list(range(self.cached[r], self.cached[r] + len(new)))
+                                  for r, new in zip(rows, pending)], dtype=torch.long)
         return ids, chunk_pos
 
     def _run_ahead(self, pending: list[list[int]], keep: int) -> None:
@@ -339,13 +361,19 @@ class ModelStream:
         padded, split = self.rows * widths[-1], len(wide) * extra + self.rows * narrow
         if not wide or self.cache.get_seq_length() == 0 or split + self.rows > 0.75 * padded:
             return
+        device = self.model.device
+        # A CPU's pass costs in proportion to its tokens; an accelerator's, at decoding widths, hardly
+        # depends on them but a second call costs its launches and HF's per-layer Python again (host
+        # time): there only a chunk too large to be nearly free is split (a bound reasoned, not measured).
+        if device.type != "cpu" and padded <= ACCELERATOR_FREE_TOKENS:
+            return
         ids, chunk_pos = self._chunk(wide, [pending[r][: len(pending[r]) - narrow] for r in wide])
         index = torch.tensor(wide)
-        device = self.model.device
         sub_pos = torch.cat([self.column_pos[index], chunk_pos], dim=1)
         sub = DynamicCache()
-        for i, layer in enumerate(self.cache.layers):
-            sub.update(layer.keys[index.to(layer.keys.device)], layer.values[index.to(layer.keys.device)], i)
+        at = index.to(self.cache.layers[0].keys.device)
+        for i, layer in enumerate(self.cache.layers):  # index_select: as select_rows, faster than indexing
+            sub.update(layer.keys.index_select(0, at), layer.values.index_select(0, at), i)
         start, width = self.column_pos.shape[1], ids.shape[1]
         mask = self._attention_masks(start, width, sub_pos)
         self.model.forward(ids.to(device), mask, chunk_pos.clamp_min(0).to(device), sub, 1)
@@ -353,7 +381,7 @@ class ModelStream:
             for name in ("keys", "values"):
                 full = getattr(layer, name)
                 new = full.new_zeros(full.shape[0], full.shape[1], width, full.shape[3])
-                new[index.to(full.device)] = getattr(ahead, name)[:, :, -width:]
+                new.index_copy_(0, at, getattr(ahead, name)[:, :, -width:])
                 setattr(layer, name, torch.cat([full, new], dim=2))
         columns = torch.full((self.rows, width), -1, dtype=torch.long)
         columns[index] = chunk_pos

@@ -41,9 +41,10 @@ def byte_level():
 
 
 def grow_and_compare(tokenizer, texts: list[str], seed: int = 0) -> list[int]:
-    """Grows each text a few characters at a time, encoding from the cut as ModelStream does, and
-    asserts equality with encoding the whole text (None where it does not spell the text, as
-    ``ModelStream.encode``). Returns the tail lengths encoded."""
+    """Grows all texts together a few characters at a time, encoding each from its cut as ModelStream
+    does (all of them in one batch call per round), and asserts equality with encoding each whole
+    text alone (None where it does not spell the text, as ``ModelStream.encode``). Returns the tail
+    lengths encoded."""
     rule = TailRule.of(tokenizer)
     vocab = ByteVocab.from_tokenizer(tokenizer, len(tokenizer))
     rnd, tails = random.Random(seed), []
@@ -51,19 +52,21 @@ def grow_and_compare(tokenizer, texts: list[str], seed: int = 0) -> list[int]:
     def spelled(ids, data):
         return ids if b"".join(vocab.token_bytes[t] or b"" for t in ids) == data else None
 
-    for text in texts:
-        data, cut, ids, end = text.encode(), None, [], 0
-        while end < len(data):
-            end += rnd.randint(1, 6)
-            while end < len(data) and data[end] & 0xC0 == 0x80:
-                end += 1
-            head = data[:end]
+    data = [text.encode() for text in texts]
+    cuts, ids, ends = [None] * len(texts), [[] for _ in texts], [0] * len(texts)
+    while growing := [i for i in range(len(texts)) if ends[i] < len(data[i])]:
+        for i in growing:
+            ends[i] += rnd.randint(1, 6)
+            while ends[i] < len(data[i]) and data[i][ends[i]] & 0xC0 == 0x80:
+                ends[i] += 1
+        heads = [data[i][:ends[i]] for i in growing]
+        encoded = rule.encode_from(heads, [cuts[i] for i in growing], [ids[i] for i in growing], vocab.token_bytes)
+        for i, head, tail in zip(growing, heads, encoded):
             whole = spelled(tokenizer.encode(head.decode(), add_special_tokens=False), head)
-            tail = rule.encode_from(head, cut, ids, vocab.token_bytes)
-            assert tail == whole, (head, cut)
-            tails.append(len(head) - (cut.offset if cut else 0))
+            assert tail == whole, (head, cuts[i])
+            tails.append(len(head) - (cuts[i].offset if cuts[i] else 0))
             if tail is not None:
-                ids, cut = tail, rule.advance(head, cut, tail, vocab.token_bytes)
+                ids[i], cuts[i] = tail, rule.advance(head, cuts[i], tail, vocab.token_bytes)
     return tails
 
 
