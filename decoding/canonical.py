@@ -90,8 +90,7 @@ class TailRule:
     def encode_from(self, texts: list[bytes], cuts: list[Optional[Cut]], ids: list[list[int]],
                     token_bytes) -> list[Optional[list[int]]]:
         """Per text, its encoding given a cut of an anchor that it extends and ``ids`` that start with the
-        cut's ids: those ids, then the encoding of the rest (the rests of all texts in one batch call);
-        None when that does not spell the text."""
+        cut's ids: those ids, then the encoding of the rest; None when that does not spell the text."""
         bases = [cut.offset if cut else 0 for cut in cuts]
         tails = self.encode([text[base:].decode("utf-8", errors="replace") for text, base in zip(texts, bases)])
         return [None if b"".join(token_bytes[t] or b"" for t in tail) != text[base:]

@@ -451,15 +451,15 @@ class FusionDecoder(Decoder):
     def _apply(self, state: FusionState, picks: list[tuple[int, int, Candidate, list[tuple[float, Candidate]]]]
                ) -> list[bool]:
         """Append each pick (row, sequence, choice, ranked candidates) to every model, a member's rows synced to
-        their texts together (one batch call of its tokenizer); per pick, whether its sequence is finished."""
+        their texts together (``ModelStream.sync_canonical_rows``); per pick, whether its sequence is finished."""
         done = [self._ends(state, seq, choice) for _, seq, choice, _ in picks]
         traced = self.traces_steps  # the ids and log-probabilities only the trace records
         going = [(row, seq, choice) for row, seq, choice, _ in picks if choice.key is not END]
         texts = [bytes(state.text[seq]) + choice.key for _, seq, choice in going]
         appended: list[dict] = [{} for _ in going]
         dropped: list[dict] = [{} for _ in going]
+        rows = [row for row, _, _ in going]
         for m, stream in enumerate(state.streams):
-            rows = [row for row, _, _ in going]
             before = [stream.generated(row) for row in rows] if traced else []
             rollbacks = [stream.rollbacks[row] for row in rows]
             for row, _, choice in going:
@@ -474,7 +474,7 @@ class FusionDecoder(Decoder):
                     appended[i][self.names[m]] = after[common:]
                     if len(before[i]) > common:
                         dropped[i][self.names[m]] = len(before[i]) - common
-        synced = {seq: i for i, (_, seq, _) in enumerate(going)}
+        index_of = {seq: i for i, (_, seq, _) in enumerate(going)}
         for _, seq, choice, ranked in picks:
             logprob = ({n: (math.log(p) if p > 0 else None) for n, p in zip(self.names, choice.probs)}
                        if traced else {})
@@ -486,7 +486,7 @@ class FusionDecoder(Decoder):
                 state.steps[seq].append(trace_step(b"", ids=ids if traced else {}, logprob=logprob,
                                                    origin=choice.origin(self.names), end=True, extra=extra))
                 continue
-            i = synced[seq]
+            i = index_of[seq]
             if dropped[i] and self.traces_extras:
                 extra["retokenized"] = dropped[i]
             state.steps[seq].append(trace_step(choice.key, ids=appended[i], logprob=logprob,

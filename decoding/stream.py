@@ -181,7 +181,8 @@ class ModelStream:
     def encode(self, text: bytes) -> list[int] | None:
         """This model's tokenizer's encoding of ``text``; None when it does not spell exactly those
         bytes (a tokenizer that normalises the text, or ``text`` that is not valid UTF-8)."""
-        return self.encode_many([text])[0]
+        return self._spelling(self.model.tokenizer.encode(text.decode("utf-8", errors="replace"),
+                                                          add_special_tokens=False), text)
 
     def encode_many(self, texts: list[bytes]) -> list[list[int] | None]:
         """``encode`` of each text, in one batch call of the tokenizer: the path of tokenizers without a
@@ -189,11 +190,14 @@ class ModelStream:
         8 of 600 characters, SmolLM2's, 0.86 ms against 1.5 one by one here)."""
         if not texts:
             return []
-        token_bytes = self.model.vocab.token_bytes
         encoded = self.model.tokenizer([t.decode("utf-8", errors="replace") for t in texts],
                                        add_special_tokens=False)["input_ids"]
-        return [ids if b"".join(token_bytes[t] or b"" for t in ids) == text else None
-                for ids, text in zip(encoded, texts)]
+        return [self._spelling(ids, text) for ids, text in zip(encoded, texts)]
+
+    def _spelling(self, ids: list[int], text: bytes) -> list[int] | None:
+        """``ids`` when they spell exactly ``text``, else None."""
+        token_bytes = self.model.vocab.token_bytes
+        return ids if b"".join(token_bytes[t] or b"" for t in ids) == text else None
 
     def sync_to_ids(self, row: int, ids: list[int]) -> tuple[list[int], int]:
         """Make this row's generated tokens equal ``ids``: roll back past the common prefix, append
@@ -228,36 +232,37 @@ class ModelStream:
         return self.sync_canonical_rows([row], [text])[0]
 
     def sync_canonical_rows(self, rows: list[int], texts: list[bytes]) -> list[tuple[list[int], int]]:
-        """``sync_canonical`` of each row to its text; the texts to encode go to the tokenizer in one
-        batch call (a step syncs every row of the batch)."""
+        """``sync_canonical`` of each of ``rows`` (distinct) to its text, as a step syncs every row of its
+        batch: every row planned, then the texts encoded (one batch call for a tokenizer without a tail
+        rule; tails one call each, ``TailRule.encode``), then each row rolled back and appended."""
+        assert len(set(rows)) == len(rows) == len(texts), "one text per row, each row once"
         vocab, rule, token_bytes = self.model.vocab, self.tail_rule, self.model.vocab.token_bytes
-        plans = []  # per row: generated tokens [first:keep] are kept, text[:start] encoded, text[spelled:] spelled
+        plans = []  # per row: generated[first:keep] is kept, text[:start] encoded, text[spelled:] spelled
         for row, text in zip(rows, texts):
+            generated = self.generated(row)
             complete = len(complete_utf8_prefix(text))
             cut = self.cut[row] if self.cut[row] is not None and text.startswith(self.cut[row].text) else None
             keep, spelled = self._spelling_prefix(row, text, cut)
             first, start = keep, spelled
             if spelled > complete:  # own tokens reach into the unfinished character: keep them
-                generated = self.generated(row)
                 while start > complete or (start < len(text) and text[start] & 0xC0 == 0x80):
                     first -= 1
                     start -= len(token_bytes[generated[first]])
             else:
                 start = spelled = complete
-            plans.append((first, keep, start, spelled, cut if cut is not None and start >= len(cut.text) else None))
-        heads = (self.encode_many([text[:plan[2]] for text, plan in zip(texts, plans)]) if rule is None
-                 else rule.encode_from([text[:plan[2]] for text, plan in zip(texts, plans)],
-                                       [plan[4] for plan in plans], [self.generated(row) for row in rows], token_bytes))
+            cut = cut if cut is not None and start >= len(cut.text) else None
+            plans.append((generated, first, keep, start, spelled, cut))
+        heads = [text[:plan[3]] for text, plan in zip(texts, plans)]
+        encoded = (self.encode_many(heads) if rule is None
+                   else rule.encode_from(heads, [plan[5] for plan in plans], [plan[0] for plan in plans], token_bytes))
         synced = []
-        for row, text, (first, keep, start, spelled, cut), head in zip(rows, texts, plans, heads):
+        for row, text, (generated, first, keep, start, spelled, cut), head in zip(rows, texts, plans, encoded):
             if head is None:
-                before = self.generated(row)
                 self.sync_to_bytes(row, text)
                 after = self.generated(row)
-                common = common_prefix_len(before, after)
-                synced.append((after[common:], len(before) - common))
+                common = common_prefix_len(generated, after)
+                synced.append((after[common:], len(generated) - common))
                 continue
-            generated = self.generated(row)
             synced.append(self.sync_to_ids(row, head + generated[first:keep] + vocab.segment(text[spelled:])))
             if rule is not None:
                 self.cut[row] = rule.advance(text[:start], cut, head, token_bytes)
@@ -373,8 +378,8 @@ class ModelStream:
         index = torch.tensor(wide)
         sub_pos = torch.cat([self.column_pos[index], chunk_pos], dim=1)
         sub = DynamicCache()
-        at = index.to(self.cache.layers[0].keys.device)
         for i, layer in enumerate(self.cache.layers):  # index_select: as select_rows, faster than indexing
+            at = index.to(layer.keys.device)
             sub.update(layer.keys.index_select(0, at), layer.values.index_select(0, at), i)
         start, width = self.column_pos.shape[1], ids.shape[1]
         mask = self._attention_masks(start, width, sub_pos)
@@ -383,7 +388,7 @@ class ModelStream:
             for name in ("keys", "values"):
                 full = getattr(layer, name)
                 new = full.new_zeros(full.shape[0], full.shape[1], width, full.shape[3])
-                new.index_copy_(0, at, getattr(ahead, name)[:, :, -width:])
+                new.index_copy_(0, index.to(full.device), getattr(ahead, name)[:, :, -width:])
                 setattr(layer, name, torch.cat([full, new], dim=2))
         columns = torch.full((self.rows, width), -1, dtype=torch.long)
         columns[index] = chunk_pos

@@ -16,10 +16,11 @@ spell of the machine hits all of them alike). For every run it measures
              forward call with a tensor whose last dimension is at least the smallest member's
              vocabulary: log-softmax, masks, top-k, lookups, copies; timed by a TorchFunctionMode)
     py       host - vocab: Python and small-tensor work, the part a GPU cannot absorb
-    kv       the part of py spent in operations on 4-D tensors outside a forward call: KV-cache rows
-             copied, reordered or extended ([rows, heads, columns, dim]) and attention masks built
-             ([rows, 1, queries, columns]); copies a GPU runs on the device, shown apart so that
-             ``py - kv`` is the Python and small-tensor work proper
+    kv       the part of py spent in operations outside a forward call that take a 4-D tensor as a
+             positional argument: KV-cache rows copied, reordered or extended ([rows, heads, columns,
+             dim]) and the steps of mask building that work on [rows, 1, queries, columns] masks; copies
+             a GPU runs on the device, shown apart so that ``py - kv`` is the Python and small-tensor
+             work proper (on CUDA every timed operation synchronises, which adds to the host time)
 
 and prints the medians over the rounds with their spread [min-max]. ``hf`` figures are the members'
 HF ``generate`` host times summed (as the fused step runs both members). ``--variants`` also times the

@@ -42,9 +42,9 @@ def byte_level():
 
 def grow_and_compare(tokenizer, texts: list[str], seed: int = 0) -> list[int]:
     """Grows all texts together a few characters at a time, encoding each from its cut as ModelStream
-    does (all of them in one batch call per round), and asserts equality with encoding each whole
-    text alone (None where it does not spell the text, as ``ModelStream.encode``). Returns the tail
-    lengths encoded."""
+    does (one ``encode_from`` call per round for all of them), and asserts equality with encoding each
+    whole text alone (None where it does not spell the text, as ``ModelStream.encode``). Returns the
+    tail lengths encoded."""
     rule = TailRule.of(tokenizer)
     vocab = ByteVocab.from_tokenizer(tokenizer, len(tokenizer))
     rnd, tails = random.Random(seed), []

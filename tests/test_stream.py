@@ -87,6 +87,23 @@ def test_sync_canonical_follows_the_text_byte_by_byte_and_rolls_back_only_the_ch
     assert stream.generated(0) == model.tokenizer.encode(TEXT, add_special_tokens=False)
 
 
+@pytest.mark.parametrize("rule", ["tail", "whole"])
+def test_rows_synced_together_equal_rows_synced_one_by_one(model, rule):
+    texts = [TEXT, "ルールを守る", " The weather 今日", "メ"]
+    together, alone = (ModelStream(model, [[2, 3]] * len(texts), recompute=True) for _ in range(2))
+    if rule == "whole":  # a tokenizer without a tail rule: whole texts, one batch call
+        together.tail_rule = alone.tail_rule = None
+    data, ends, rng = [t.encode() for t in texts], [0] * len(texts), random.Random(1)
+    while rows := [r for r in range(len(texts)) if ends[r] < len(data[r])]:
+        for r in rows:  # pieces end anywhere, inside characters too
+            ends[r] = min(ends[r] + rng.randrange(1, 5), len(data[r]))
+        synced = together.sync_canonical_rows(rows[::-1], [data[r][:ends[r]] for r in rows[::-1]])
+        assert synced == [alone.sync_canonical(r, data[r][:ends[r]]) for r in rows[::-1]]
+        assert together.tokens == alone.tokens and together.cut == alone.cut
+    assert [together.generated(r) for r in range(len(texts))] == \
+           [model.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+
+
 def test_own_piece_is_kept_over_an_unfinished_character_then_replaced():
     model = tiny_llama()
     vocab = model.vocab
