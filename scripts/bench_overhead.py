@@ -87,26 +87,21 @@ class Meter(TorchFunctionMode):
             self._sync()
             self.forward_s += time.perf_counter() - self.started
 
-    def _vocab_sized(self, value) -> bool:
+    @classmethod
+    def _any_tensor(cls, value, test) -> bool:
+        """Whether ``value`` is, or (in lists and tuples) holds, a tensor that passes ``test``."""
         if isinstance(value, torch.Tensor):
-            return value.dim() > 0 and value.shape[-1] >= self.min_vocab
+            return test(value)
         if isinstance(value, (list, tuple)):
-            return any(self._vocab_sized(v) for v in value)
-        return False
-
-    def _kv_shaped(self, value) -> bool:
-        if isinstance(value, torch.Tensor):
-            return value.dim() == 4
-        if isinstance(value, (list, tuple)):
-            return any(self._kv_shaped(v) for v in value)
+            return any(cls._any_tensor(v, test) for v in value)
         return False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self.depth:
             return func(*args, **kwargs)
-        vocab = self._vocab_sized(args)
-        if not vocab and not self._kv_shaped(args):
+        vocab = self._any_tensor(args, lambda t: t.dim() > 0 and t.shape[-1] >= self.min_vocab)
+        if not vocab and not self._any_tensor(args, lambda t: t.dim() == 4):
             return func(*args, **kwargs)
         self._sync()
         t0 = time.perf_counter()
