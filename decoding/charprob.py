@@ -709,7 +709,7 @@ class CharModel:
     def canonical_path(self, text: bytes) -> tuple[int, ...] | None:
         """This model's own encoding of ``text`` (after its anchor), if it spells exactly those bytes."""
         ids = self.model.tokenizer.encode(text.decode("utf-8"), add_special_tokens=False)
-        return tuple(ids) if b"".join(self.model.vocab.token_bytes[i] or b"" for i in ids) == text else None
+        return tuple(ids) if self.model.vocab.spell(ids) == text else None
 
 
 def score_level(book: RowBook, requests: list[tuple[int, CoverBeam, tuple[int, ...]]],

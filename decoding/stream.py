@@ -165,7 +165,7 @@ class ModelStream:
         while start > 0 and (vocab.token_bytes[generated[start]] or b"\x00")[0] & 0xC0 == 0x80:
             start -= 1
         old_tail = generated[start:]
-        tail_bytes = b"".join(vocab.token_bytes[t] or b"" for t in old_tail) + data
+        tail_bytes = vocab.spell(old_tail) + data
         new, drop = None, 0
         if not utf8_pending(tail_bytes):
             new_tail = self.encode(tail_bytes)
@@ -181,8 +181,8 @@ class ModelStream:
     def encode(self, text: bytes) -> list[int] | None:
         """This model's tokenizer's encoding of ``text``; None when it does not spell exactly those
         bytes (a tokenizer that normalises the text, or ``text`` that is not valid UTF-8)."""
-        return self._spelling(self.model.tokenizer.encode(text.decode("utf-8", errors="replace"),
-                                                          add_special_tokens=False), text)
+        ids = self.model.tokenizer.encode(text.decode("utf-8", errors="replace"), add_special_tokens=False)
+        return ids if self.model.vocab.spell(ids) == text else None
 
     def encode_many(self, texts: list[bytes]) -> list[list[int] | None]:
         """``encode`` of each text, in one batch call of the tokenizer: the path of tokenizers without a
@@ -192,12 +192,7 @@ class ModelStream:
             return []
         encoded = self.model.tokenizer([t.decode("utf-8", errors="replace") for t in texts],
                                        add_special_tokens=False)["input_ids"]
-        return [self._spelling(ids, text) for ids, text in zip(encoded, texts)]
-
-    def _spelling(self, ids: list[int], text: bytes) -> list[int] | None:
-        """``ids`` when they spell exactly ``text``, else None."""
-        token_bytes = self.model.vocab.token_bytes
-        return ids if b"".join(token_bytes[t] or b"" for t in ids) == text else None
+        return [ids if self.model.vocab.spell(ids) == text else None for ids, text in zip(encoded, texts)]
 
     def sync_to_ids(self, row: int, ids: list[int]) -> tuple[list[int], int]:
         """Make this row's generated tokens equal ``ids``: roll back past the common prefix, append

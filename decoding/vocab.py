@@ -260,6 +260,10 @@ class ByteVocab:
                                                           if isinstance(getattr(self, f.name), torch.Tensor)})
         return copies[device]
 
+    def spell(self, ids) -> bytes:
+        """The bytes these token ids add to the text (a token that adds none, as an end token: nothing)."""
+        return b"".join(self.token_bytes[t] or b"" for t in ids)
+
     def longest_prefix_token(self, data: bytes) -> int | None:
         """The id of the longest vocabulary token that is a prefix of ``data``."""
         for n in range(min(len(data), self.max_token_bytes), 0, -1):

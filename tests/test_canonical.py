@@ -50,7 +50,7 @@ def grow_and_compare(tokenizer, texts: list[str], seed: int = 0) -> list[int]:
     rnd, tails = random.Random(seed), []
 
     def spelled(ids, data):
-        return ids if b"".join(vocab.token_bytes[t] or b"" for t in ids) == data else None
+        return ids if vocab.spell(ids) == data else None
 
     data = [text.encode() for text in texts]
     cuts, ids, ends = [None] * len(texts), [[] for _ in texts], [0] * len(texts)

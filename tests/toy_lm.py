@@ -102,7 +102,7 @@ class ScriptedLM(torch.nn.Module):
                                   tuple(context))
         if self.vocab is None:
             return logprobs
-        text = b"".join(self.vocab.token_bytes[t] or b"" for t in context)
+        text = self.vocab.spell(context)
         allowed = self.vocab.allowed_after([text], torch.tensor([not utf8_pending(text)]))[0]
         return torch.log_softmax(logprobs.masked_fill(~allowed, -torch.inf), dim=-1)
 

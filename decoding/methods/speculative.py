@@ -184,7 +184,7 @@ class SpeculativeDecoder(Decoder):
             return list(draft_ids)
         vocab = self.draft_model.vocab
         ends = [i for i, t in enumerate(draft_ids) if t in vocab.end_ids]
-        text = b"".join(vocab.token_bytes[t] or b"" for t in draft_ids[: ends[0] if ends else None])
+        text = vocab.spell(draft_ids[: ends[0] if ends else None])
         so_far = bytes(state.text[state.active[row]])
         complete = not utf8_pending(so_far + text)
         if not complete:  # leave out a character cut off at the end of the proposal
@@ -194,8 +194,7 @@ class SpeculativeDecoder(Decoder):
         if text:
             encoded = self.target_model.tokenizer.encode(text.decode("utf-8", errors="replace"),
                                                          add_special_tokens=False)
-            spelled = b"".join(target_vocab.token_bytes[t] or b"" for t in encoded) == text
-            props = encoded if spelled else target_vocab.segment(text)
+            props = encoded if target_vocab.spell(encoded) == text else target_vocab.segment(text)
         if ends and complete:  # the draft proposes to stop: so does the target's proposal
             props.append(self.target_model.tokenizer.eos_token_id)
         return props[: self.cfg.max_draft_tokens]
