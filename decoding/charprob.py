@@ -27,7 +27,13 @@ Data structures
     node, every first character of a token, and END; from an ahead node, the tokens that complete
     its character. Tokens that end inside the next character create ahead nodes, which need a
     forward pass of their own: scoring proceeds in levels (at most one per byte of a character,
-    usually one or two), every level one batched call per model.
+    usually one or two), every level one batched call per model. What a scored node adds is kept
+    in arrays, not per character or per token in Python: its ahead children (``Children``: one per
+    token that ends inside a character, hundreds for a byte-level BPE, nearly all below the pruning
+    floor) become ``Node`` objects only when one is needed on its own, in the place in the beam's
+    order it was given; its masses of characters outside the root (``CharMasses.add``) are summed
+    per character with numpy, in the order they were added. The results are bit for bit those of
+    a node and a dictionary entry each.
   * ``advance(bytes)``: the text grows; nodes whose bytes the new text continues stay, scored ones
     spawn their closing children (T + a token that ends inside the new text), unscored ones stay
     pending with their weight as an upper bound until they are scored. Pruning (the named
@@ -49,7 +55,7 @@ import bisect
 import codecs
 import heapq
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -100,13 +106,26 @@ class Groups:
 
 
 @dataclass
+class Pieces:
+    """Tokens that stop inside a character: their sorted positions, ids and the bytes each adds to it."""
+
+    positions: np.ndarray
+    ids: np.ndarray
+    rests: list[bytes]
+
+    @classmethod
+    def of(cls, items: list[tuple[int, bytes]], order: np.ndarray) -> "Pieces":
+        positions = np.array([pos for pos, _ in items], dtype=np.int64)
+        return cls(positions, order[positions], [rest for _, rest in items])
+
+
+@dataclass
 class Plan:
     """How the tokens that start with an open byte string continue: grouped by the next character,
-    and the tokens that stop inside it (positions in the sorted vocabulary, with the bytes after
-    the open string)."""
+    and the tokens that stop inside it (with the bytes after the open string)."""
 
     chars: Groups
-    partials: list[tuple[int, bytes]]
+    partials: Pieces
 
 
 class CharTables:
@@ -115,11 +134,15 @@ class CharTables:
     def __init__(self, vocab: ByteVocab):
         ids = sorted((i for i, b in enumerate(vocab.token_bytes) if b), key=lambda i: vocab.token_bytes[i])
         self.order = torch.tensor(ids, dtype=torch.long)  # sorted position -> token id
+        self._order = self.order.numpy()
         self.keys: list[bytes] = [vocab.token_bytes[i] for i in ids]
         self.end_ids = torch.tensor(sorted(vocab.end_ids), dtype=torch.long)
         root = self._walk(b"", 0, len(self.keys))
         self.root = root.chars
         self.root_index = {k: i for i, k in enumerate(root.chars.keys)}
+        # Every character the tables have met, numbered: the root characters first, in their order.
+        self.chars: list[bytes] = list(root.chars.keys)
+        self.char_index = dict(self.root_index)
         self.root_partials = root.partials
         lo, hi = bisect.bisect_left(self.keys, b"\x80"), bisect.bisect_left(self.keys, b"\xc0")
         self.continuations = (lo, hi)  # the tokens that start with a continuation byte
@@ -128,8 +151,9 @@ class CharTables:
         self.short_continuations = [(i, self.keys[i]) for i in range(lo, hi)
                                     if len(self.keys[i]) <= 2 and _is_continuation(self.keys[i])]
         self._plans: dict[bytes, Plan] = {}
-        self._valid: dict[bytes, np.ndarray] = {}
-        self._partial: dict[bytes, list[tuple[int, bytes]]] = {}
+        self._completion_ids: dict[bytes, np.ndarray] = {}
+        self._group_ids: dict[int, tuple[Groups, np.ndarray]] = {}
+        self._partial: dict[bytes, Pieces] = {}
         self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,7 +203,7 @@ class CharTables:
             if size and is_char(key):
                 chars.append((key, i, end))
             i = end
-        return Plan(Groups.of(chars), partials)
+        return Plan(Groups.of(chars), Pieces.of(partials, self._order))
 
     def _completions(self, lo: int, hi: int, n: int) -> Groups:
         """Tokens whose first ``n`` bytes are continuation bytes, grouped by those bytes."""
@@ -203,23 +227,44 @@ class CharTables:
             plan = self._plans[open_bytes] = self._walk(open_bytes, *self.range_of(open_bytes))
         return plan
 
-    def partial_continuations(self, started: bytes) -> list[tuple[int, bytes]]:
+    def partial_continuations(self, started: bytes) -> Pieces:
         """The short continuation-byte tokens that leave the character ``started`` still unfinished
         (cached per first bytes)."""
         found = self._partial.get(started)
         if found is None:
             need = utf8_char_len(started[0]) - len(started)
-            found = self._partial[started] = [(pos, key) for pos, key in self.short_continuations
-                                              if len(key) < need and is_partial_char(started + key)]
+            found = self._partial[started] = Pieces.of([(pos, key) for pos, key in self.short_continuations
+                                                        if len(key) < need and is_partial_char(started + key)],
+                                                       self._order)
         return found
 
-    def valid_completions(self, started: bytes) -> np.ndarray:
-        """Mask over ``completions[n]`` of the byte strings that complete the character ``started``."""
-        mask = self._valid.get(started)
-        if mask is None:
+    def char_id(self, char: bytes) -> int:
+        """The number of a character (given on first sight)."""
+        found = self.char_index.get(char)
+        if found is None:
+            found = self.char_index[char] = len(self.chars)
+            self.chars.append(char)
+        return found
+
+    def char_ids(self, groups: Groups) -> np.ndarray:
+        """The numbers of the characters ``groups`` are keyed by (cached per groups)."""
+        entry = self._group_ids.get(id(groups))
+        if entry is None or entry[0] is not groups:
+            if len(self._group_ids) > 200_000:
+                self._group_ids.clear()
+            entry = self._group_ids[id(groups)] = (groups, np.array([self.char_id(k) for k in groups.keys],
+                                                                    dtype=np.int64))
+        return entry[1]
+
+    def completion_ids(self, started: bytes) -> np.ndarray:
+        """Over ``completions[n]``: the number of the character ``started`` + its key, or -1 where that is
+        not one character (cached per first bytes)."""
+        ids = self._completion_ids.get(started)
+        if ids is None:
             groups = self.completions[utf8_char_len(started[0]) - len(started)]
-            mask = self._valid[started] = np.array([is_char(started + k) for k in groups.keys], dtype=bool)
-        return mask
+            ids = self._completion_ids[started] = np.array(
+                [self.char_id(started + k) if is_char(started + k) else -1 for k in groups.keys], dtype=np.int64)
+        return ids
 
 
 _TABLES: dict[int, tuple[ByteVocab, CharTables]] = {}
@@ -250,6 +295,7 @@ class Node:
     spawned: int = 0  # text offset up to which its closing children exist
     expanded: int = -1  # text length its next-character expansion was added at
     judged: bool = False  # checked against the tokenizer's own encoding (canonical covers only)
+    rank: int = 0  # its place in the beam's order (``CoverBeam.nodes`` is kept in rank order)
 
     @property
     def scored(self) -> bool:
@@ -267,26 +313,58 @@ class Node:
         return float(self.cum[hi - self.lo] - self.cum[lo - self.lo])
 
 
-@dataclass
 class CharMasses:
-    """Unnormalised next-character masses of one model (relative to its beam's scale): root
-    characters as a dense vector over ``CharTables.root``, other characters in a dict, and END."""
+    """Unnormalised next-character masses of one model (relative to its beam's scale): from closed
+    tokens, root characters as a dense vector over ``CharTables.root``; from the other nodes, arrays
+    of (character number, mass) in the order the nodes added them, summed per character when asked
+    (in that order, so each sum is what adding them one by one gives); and END."""
 
-    tables: CharTables
-    dense: np.ndarray
-    extra: dict[bytes, float] = field(default_factory=dict)
-    end: float = 0.0
+    def __init__(self, tables: CharTables):
+        self.tables = tables
+        self.dense = np.zeros(len(tables.root.keys))
+        self.end = 0.0
+        self._parts: list[tuple[np.ndarray, np.ndarray]] = []
+        self._extra: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def add(self, ids: np.ndarray, masses: np.ndarray) -> None:
+        """Add ``masses`` to the characters numbered ``ids`` (one node's)."""
+        if len(ids):
+            self._parts.append((ids, masses))
+            self._extra = None
+
+    def _summed(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(character numbers in increasing order, their summed added masses, the order they were first added)."""
+        if self._extra is None:
+            if not self._parts:
+                empty = np.zeros(0, dtype=np.int64)
+                self._extra = (empty, np.zeros(0), empty)
+            else:
+                ids = np.concatenate([i for i, _ in self._parts])
+                chars, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
+                # bincount adds each character's masses one by one, in the order given
+                sums = np.bincount(inverse, weights=np.concatenate([m for _, m in self._parts]), minlength=len(chars))
+                self._extra = (chars, sums, np.argsort(first, kind="stable"))
+        return self._extra
+
+    def _added(self, char: bytes) -> float:
+        chars, sums, _ = self._summed()
+        i = self.tables.char_index.get(char)
+        if i is None or not len(chars):
+            return 0.0
+        at = int(np.searchsorted(chars, i))
+        return float(sums[at]) if at < len(chars) and chars[at] == i else 0.0
 
     def mass(self, char: bytes | None) -> float:
         if char is None:
             return self.end
         i = self.tables.root_index.get(char)
-        return (float(self.dense[i]) if i is not None else 0.0) + self.extra.get(char, 0.0)
+        return (float(self.dense[i]) if i is not None else 0.0) + self._added(char)
 
     @property
     def total(self) -> float:
         """Mass of every character and END (invalid, special and pruned mass left out)."""
-        return float(self.dense.sum()) + sum(self.extra.values()) + self.end
+        _, sums, first = self._summed()
+        return float(self.dense.sum()) + sum(sums[first].tolist()) + self.end
 
     def prob(self, char: bytes | None) -> float:
         total = self.total
@@ -300,12 +378,40 @@ class CharMasses:
             nonzero = nonzero[np.argpartition(-self.dense[nonzero], k)[:k]]
         for i in nonzero:
             best[self.tables.root.keys[i]] = float(self.dense[i])
-        for char in self.extra:
-            best[char] = self.mass(char)
+        chars, sums, _ = self._summed()
+        roots = chars < len(self.dense)
+        masses = np.where(roots, self.dense[np.where(roots, chars, 0)], 0.0) + sums
+        if len(masses) > k:  # only those at least the k-th largest can be among the k best
+            kept = np.flatnonzero(masses >= np.partition(masses, len(masses) - k)[len(masses) - k])
+            chars, masses = chars[kept], masses[kept]
+        for i, mass in zip(chars.tolist(), masses.tolist()):
+            best[self.tables.chars[i]] = mass
         return heapq.nsmallest(k, best.items(), key=lambda cm: (-cm[1], cm[0] is None, cm[0] or b""))
 
 
 LIKELY = 0.1  # share of the mass above which a node inside the next character keeps its KV row
+
+
+@dataclass
+class Children:
+    """The nodes inside the next character that one scored node spawns (its tokens that stop inside
+    that character), kept as arrays: a closed token has one per token of the vocabulary that ends
+    inside a character (hundreds for a byte-level BPE), nearly all far below the pruning floor, and
+    all but a few dropped when the character is chosen. A child becomes a ``Node`` only when it is
+    needed as one (``CoverBeam._take``), with the rank it was given here, so the beam's order (and
+    every sum over its nodes) is what it would be had every child been a node from the start."""
+
+    parent: tuple[int, ...]
+    ids: np.ndarray
+    weights: np.ndarray
+    ranks: np.ndarray
+    started: list[bytes]  # each child's first bytes of the next character
+    start: int  # the text length when they were spawned (a child ends len(started) bytes past it)
+    waiting: np.ndarray  # not yet a node
+
+    def node(self, i: int) -> Node:
+        return Node(self.parent + (int(self.ids[i]),), float(self.weights[i]), self.start + len(self.started[i]),
+                    started=self.started[i], rank=int(self.ranks[i]))
 
 
 @dataclass
@@ -327,6 +433,8 @@ class CoverBeam:
         self.root: tuple[int, ...] = ()  # the node the text's covers start from (the anchor, or a restart)
         self.text = bytearray()
         self.nodes: dict[tuple[int, ...], Node] = {(): Node((), 1.0, 0)}
+        self.children: dict[tuple[int, ...], Children] = {}  # by parent: its children not yet nodes
+        self.ranks = 1  # the next node's rank
         self.log_scale = 0.0  # log of the factor every weight was divided by
         self._masses: CharMasses | None = None
         # distributions scored ahead of their node (a guessed token inside the next character)
@@ -354,13 +462,19 @@ class CoverBeam:
         otherwise only the cover hypotheses of the text (all that P(prefix text) needs)."""
         if next_char:
             self.masses()
-            while self.prefetched and (ready := [n.path for n in self.nodes.values()
-                                                 if not n.scored and n.path in self.prefetched]):
+            while self.prefetched:
+                for path in self.prefetched:
+                    self.node(path)
+                ready = [n.path for n in self.nodes.values() if not n.scored and n.path in self.prefetched]
+                if not ready:
+                    break
                 for path in ready:
                     self.score(path, self.prefetched.pop(path))
                 self.masses()
-        nodes = self.nodes.values() if next_char else self.hypotheses()
         floor = self.cfg.prune_threshold * self.bound()
+        if next_char:
+            self._take(lambda weights: (weights > 0) & (weights >= floor))
+        nodes = self.nodes.values() if next_char else self.hypotheses()
         return [node for node in nodes if not node.scored and node.weight > 0 and node.weight >= floor]
 
     def needed_paths(self) -> list[tuple[int, ...]]:
@@ -370,6 +484,7 @@ class CoverBeam:
         anchor (every sequence keeps a row)."""
         bound, n = self.bound(), len(self.text)
         floor = self.cfg.prune_threshold * bound
+        self._take(lambda weights: weights >= floor)
         return [()] + [node.path if node.scored else node.path[:-1] for node in self.nodes.values()
                 if (node.scored and (node.start <= n or node.weight >= LIKELY * bound))
                 or (not node.scored and node.weight >= floor)]
@@ -378,10 +493,44 @@ class CoverBeam:
         """The complete tokens of the most probable cover hypothesis."""
         return max(self.hypotheses(), key=lambda h: h.weight * h.mass if h.scored else 0.0).path
 
+    def node(self, path: tuple[int, ...]) -> Node | None:
+        """The node of ``path`` (made from its parent's children if it is one of them), or None."""
+        node = self.nodes.get(path)
+        block = self.children.get(path[:-1]) if node is None and path else None
+        if block is not None:
+            found = np.flatnonzero((block.ids == path[-1]) & block.waiting)
+            if len(found):
+                self._take_from(block, found)
+                node = self.nodes[path]
+        return node
+
+    def _take(self, wanted: Callable[[np.ndarray], np.ndarray]) -> None:
+        """Make nodes of the children whose weights ``wanted`` selects."""
+        for block in list(self.children.values()):
+            self._take_from(block, np.flatnonzero(wanted(block.weights) & block.waiting))
+
+    def _take_from(self, block: Children, indices: np.ndarray) -> None:
+        if not len(indices):
+            return
+        last = next(reversed(self.nodes.values())).rank if self.nodes else -1
+        for i in indices.tolist():
+            node = block.node(i)
+            if node.path not in self.nodes:
+                self.nodes[node.path] = node
+        block.waiting[indices] = False
+        if not block.waiting.any():
+            del self.children[block.parent]
+        if block.ranks[indices[0]] < last:  # back in rank order
+            self.nodes = dict(sorted(self.nodes.items(), key=lambda item: item[1].rank))
+
+    def _add(self, node: Node) -> None:
+        node.rank, self.ranks = self.ranks, self.ranks + 1
+        self.nodes[node.path] = node
+
     def masses(self) -> CharMasses:
         """Next-character masses from every scored node (new ahead nodes are added unscored)."""
         if self._masses is None:
-            self._masses = CharMasses(self.tables, np.zeros(len(self.tables.root.keys)))
+            self._masses = CharMasses(self.tables)
         for node in list(self.nodes.values()):
             if node.scored and node.expanded != len(self.text):
                 node.expanded = len(self.text)
@@ -422,7 +571,7 @@ class CoverBeam:
             for pos in self.tables.exact(text[node.start:j]):
                 path = node.path + (int(self.tables.order[pos]),)
                 if path not in self.nodes:
-                    self.nodes[path] = Node(path, node.weight * node.prob(pos), j, spawned=j)
+                    self._add(Node(path, node.weight * node.prob(pos), j, spawned=j))
         node.spawned = n
 
     def _open(self, node: Node) -> None:
@@ -438,13 +587,11 @@ class CoverBeam:
     def _expand(self, node: Node, out: CharMasses) -> None:
         """Add a scored node's next-character masses to ``out``; create its ahead children."""
         n, tables, w = len(self.text), self.tables, node.weight
-        children: list[tuple[int, bytes]] = []
         if node.start < n:  # cover hypothesis: tokens that extend its open bytes
             plan = tables.plan(bytes(self.text[node.start:]))
             masses = plan.chars.masses(node.cum, node.lo)
-            for i in np.flatnonzero(masses > 0).tolist():
-                key = plan.chars.keys[i]
-                out.extra[key] = out.extra.get(key, 0.0) + w * float(masses[i])
+            found = np.flatnonzero(masses > 0)
+            out.add(tables.char_ids(plan.chars)[found], w * masses[found])
             children = plan.partials
         elif node.start == n:  # closed token: any first character, or the end
             out.dense += w * tables.root.masses(node.cum, node.lo)
@@ -452,19 +599,21 @@ class CoverBeam:
             children = tables.root_partials
         else:  # ahead node: tokens that complete its character
             need = utf8_char_len(node.started[0]) - len(node.started)
-            groups, valid = tables.completions[need], tables.valid_completions(node.started)
-            masses = groups.masses(node.cum, node.lo)
-            for i in np.flatnonzero(valid & (masses > 0)).tolist():
-                char = node.started + groups.keys[i]
-                out.extra[char] = out.extra.get(char, 0.0) + w * float(masses[i])
+            ids = tables.completion_ids(node.started)
+            masses = tables.completions[need].masses(node.cum, node.lo)
+            found = np.flatnonzero((ids >= 0) & (masses > 0))
+            out.add(ids[found], w * masses[found])
             children = tables.partial_continuations(node.started)
-        for pos, rest in children:
-            p = node.prob(pos)
-            if p > 0:
-                path = node.path + (int(tables.order[pos]),)
-                if path not in self.nodes:
-                    started = node.started + rest if node.start > n else rest
-                    self.nodes[path] = Node(path, w * p, n + len(started), started=started)
+        if not len(children.positions):
+            return
+        probs = node.cum[children.positions + 1 - node.lo] - node.cum[children.positions - node.lo]
+        kept = np.flatnonzero(probs > 0)
+        if len(kept):
+            head = node.started if node.start > n else b""
+            self.children[node.path] = Children(
+                node.path, children.ids[kept], w * probs[kept], self.ranks + np.arange(len(kept)),
+                [head + children.rests[i] for i in kept.tolist()], n, np.ones(len(kept), dtype=bool))
+            self.ranks += len(kept)
 
     # --- the text grows ----------------------------------------------------------------------------
     def advance(self, data: bytes) -> None:
@@ -473,6 +622,10 @@ class CoverBeam:
         old = len(self.text)
         self.text += data
         n = len(self.text)
+        for block in list(self.children.values()):  # children of another character are dropped unmade
+            going_on = np.array([data.startswith(started) for started in block.started], dtype=bool)
+            self._take_from(block, np.flatnonzero(going_on & block.waiting))
+        self.children.clear()
         for node in list(self.nodes.values()):
             if node.start > old and not (node.start <= n and data.startswith(node.started)):
                 del self.nodes[node.path]  # an ahead node for another character
@@ -497,7 +650,8 @@ class CoverBeam:
         tokenizer's encoding of the text, as the token-level streams do: a new root at the text's end,
         from which its next-character probabilities are conditional on the text it was given."""
         self.root = tuple(self.restart(bytes(self.text)))
-        self.nodes = {self.root: Node(self.root, 1.0, len(self.text))}
+        self.nodes, self.children = {}, {}
+        self._add(Node(self.root, 1.0, len(self.text)))
         self.restarts += 1
 
     def _keep_canonical(self) -> None:
@@ -678,9 +832,9 @@ class CharModel:
                 logprobs = lookahead.get(self.model, self.anchors[seq] + path)
                 if logprobs is None:
                     rest.append((seq, beam, path))
-                elif path not in beam.nodes:
+                elif (node := beam.node(path)) is None:
                     beam.prefetched[path] = logprobs
-                elif not beam.nodes[path].scored:
+                elif not node.scored:
                     held.append((beam, path, logprobs))
             if held:
                 score_nodes([(beam, path) for beam, path, _ in held], torch.stack([lp for _, _, lp in held]),
@@ -726,7 +880,7 @@ def score_level(book: RowBook, requests: list[tuple[int, CoverBeam, tuple[int, .
     nodes, where = [], []
     for key, beams in wanted.items():
         for beam in beams:
-            if key[1] in beam.nodes:
+            if beam.node(key[1]) is not None:
                 nodes.append((beam, key[1]))
                 where.append(at[key])
             else:  # a guess: kept until (unless) the node exists

@@ -5,14 +5,16 @@ enumeration of every tokenization; a few slow tests run the embedded Gemma 3 + S
 """
 
 import dataclasses
+import heapq
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import compose_run
 from toy_lm import TOY_CHARS, TOY_PROMPT, brute_char_greedy, brute_end_prob, brute_prefix_prob, script, toy_model
 
-from decoding.charprob import CharModel, CoverConfig, split_anchor
+from decoding.charprob import CharMasses, CharModel, CoverBeam, CoverConfig, char_tables, split_anchor
 from decoding.methods import decoder_class
 from decoding.methods.charwise import CharwiseDecoder
 from decoding.prompt import render_prompt
@@ -309,6 +311,71 @@ def test_scoring_nodes_over_their_spans_equals_the_whole_vocabulary(monkeypatch)
         assert len(a.trace) == len(b.trace)
         for s, t in zip(a.trace, b.trace):
             assert all(close(s["p"][name], t["p"][name]) for name in s["p"]), s
+
+
+@pytest.mark.parametrize("options", [{}, {"rule": "product", "beam_size": 2, "prune_threshold": 0.01},
+                                     {"fast_path": False}])
+def test_children_kept_as_arrays_equal_children_made_nodes_at_once(monkeypatch, options):
+    """A cover beam keeps the nodes inside the next character as arrays (``Children``) until one is needed
+    on its own, then makes it a node at the rank it was given. Making every child a node as soon as it is
+    spawned, as the beam once did, gives the same outputs, traces and stats, bit for bit; and the beam's
+    nodes stay in rank order (every sum over them adds in the same order)."""
+    sp, bpe = toy_model("sp", sharpness=1.0), toy_model("bpe", seed=5, sharpness=1.0)  # flat: many children
+    sources = ["ab", "aい", "b a", "あ", "a あ"]
+    frontier = CoverBeam.frontier
+
+    def frontier_in_rank_order(self, *args, **kwargs):
+        found = frontier(self, *args, **kwargs)
+        ranks = [node.rank for node in self.nodes.values()]
+        assert ranks == sorted(ranks)
+        return found
+
+    monkeypatch.setattr(CoverBeam, "frontier", frontier_in_rank_order)
+    kept = charwise([sp, bpe], sources, max_new_tokens=12, **options)
+    expand = CoverBeam._expand
+
+    def expand_and_make_every_child(self, node, out):
+        expand(self, node, out)
+        self._take(lambda weights: np.ones(len(weights), dtype=bool))
+        assert not self.children
+
+    monkeypatch.setattr(CoverBeam, "_expand", expand_and_make_every_child)
+    made = charwise([sp, bpe], sources, max_new_tokens=12, **options)
+    assert [dataclasses.asdict(o) for o in kept] == [dataclasses.asdict(o) for o in made]
+
+
+def test_char_masses_sum_each_characters_masses_in_the_order_they_were_added():
+    """``CharMasses`` keeps the masses nodes add as arrays and sums them per character with numpy: the
+    masses, the total and the top characters equal adding them one by one in a dict, to the last bit."""
+    tables = char_tables(toy_model("bpe").vocab)
+    rng = np.random.default_rng(0)
+    roots = list(range(len(tables.root.keys)))
+    ids = roots + [tables.char_id(c.encode()) for c in "漢字試験"]  # characters no token starts with
+    masses = CharMasses(tables)
+    masses.dense[:] = rng.random(len(roots)) * (rng.random(len(roots)) < 0.5)
+    masses.end = 0.3
+    added: dict[bytes, float] = {}
+    for _ in range(6):
+        part = rng.choice(ids, size=8)
+        values = rng.random(8) * 10.0 ** rng.uniform(-9, 0, 8)  # wide magnitudes: the order of the sums shows
+        masses.add(part, values)
+        for i, v in zip(part.tolist(), values.tolist()):
+            added[tables.chars[i]] = added.get(tables.chars[i], 0.0) + v
+
+    def mass(char):
+        i = tables.root_index.get(char)
+        return (float(masses.dense[i]) if i is not None else 0.0) + added.get(char, 0.0)
+
+    assert [masses.mass(tables.chars[i]) for i in ids] == [mass(tables.chars[i]) for i in ids]
+    assert masses.total == float(masses.dense.sum()) + sum(added.values()) + masses.end
+    every = {None: masses.end} | {tables.root.keys[i]: mass(tables.root.keys[i]) for i in np.flatnonzero(masses.dense)}
+    every |= {char: mass(char) for char in added}
+    for k in (1, 3, 10, 100):
+        assert masses.top(k) == heapq.nsmallest(k, every.items(), key=lambda cm: (-cm[1], cm[0] is None, cm[0] or b""))
+    tie = CharMasses(tables)  # equal masses at the k-th place: the smaller bytes, as a sort over all of them
+    tie.add(np.array([tables.char_id("漢".encode()), tables.char_id("字".encode()), tables.char_id("試".encode())]),
+            np.array([0.5, 0.25, 0.25]))
+    assert tie.top(2) == [("漢".encode(), 0.5), (min("字".encode(), "試".encode()), 0.25)]
 
 
 @pytest.mark.parametrize("rule", ["mixture", "product"])
