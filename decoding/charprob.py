@@ -154,13 +154,14 @@ class CharTables:
         self._completion_ids: dict[bytes, np.ndarray] = {}
         self._group_ids: dict[int, tuple[Groups, np.ndarray]] = {}
         self._partial: dict[bytes, Pieces] = {}
-        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._on: dict[torch.device, tuple[torch.Tensor, ...]] = {}
 
-    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(``order``, ``end_ids``) on ``device`` (copied once per device): nodes are scored where the
-        log-probabilities are."""
+    def on(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """(``order``, ``end_ids``, the root groups' ``lo`` and ``hi``, the root pieces' positions) on
+        ``device`` (copied once per device): nodes are scored where the log-probabilities are."""
         if device not in self._on:
-            self._on[device] = (self.order.to(device), self.end_ids.to(device))
+            self._on[device] = tuple(torch.as_tensor(t).to(device) for t in (
+                self.order, self.end_ids, self.root.lo, self.root.hi, self.root_partials.positions))
         return self._on[device]
 
     # --- ranges ------------------------------------------------------------------------------------
@@ -279,16 +280,31 @@ def char_tables(vocab: ByteVocab) -> CharTables:
 
 
 @dataclass
+class ClosedSums:
+    """A closed token's cumulative next-token probabilities over the whole sorted vocabulary, left
+    where they were computed (row ``row`` of a level's ``sums``, on the model's device). The host
+    gets only what the next character's masses need (``root``: the masses of the root characters;
+    ``pieces``: the probabilities of ``CharTables.root_partials``), in the level's transfer; once
+    the character is chosen, the slice of the tokens that start with its first byte (``fetch_sums``)."""
+
+    sums: torch.Tensor
+    row: int
+    root: np.ndarray
+    pieces: np.ndarray
+
+
+@dataclass
 class Node:
     """A token path after the anchor, its weight (P(path), divided by the beam's scale) and where
     its bytes end in the text. Scored nodes hold cumulative next-token probabilities over the sorted
-    positions ``lo..`` (only the range they still need once they are cover hypotheses)."""
+    positions ``lo..`` (only the range they still need once they are cover hypotheses; a closed
+    token's stay on the device, ``ClosedSums``, until the next character is chosen)."""
 
     path: tuple[int, ...]
     weight: float
     start: int  # text offset where the path's bytes end (past the text for an ahead node)
     started: bytes = b""  # ahead node: the first bytes of the next character, inside its last token
-    cum: np.ndarray | None = None
+    cum: np.ndarray | ClosedSums | None = None
     lo: int = 0
     end: float = 0.0  # P(END | path)
     mass: float = 1.0  # cover hypothesis: M(open bytes), the mass of the tokens that extend them
@@ -594,7 +610,7 @@ class CoverBeam:
             out.add(tables.char_ids(plan.chars)[found], w * masses[found])
             children = plan.partials
         elif node.start == n:  # closed token: any first character, or the end
-            out.dense += w * tables.root.masses(node.cum, node.lo)
+            out.dense += w * node.cum.root
             out.end += w * node.end
             children = tables.root_partials
         else:  # ahead node: tokens that complete its character
@@ -606,7 +622,8 @@ class CoverBeam:
             children = tables.partial_continuations(node.started)
         if not len(children.positions):
             return
-        probs = node.cum[children.positions + 1 - node.lo] - node.cum[children.positions - node.lo]
+        probs = (node.cum.pieces if node.start == n else
+                 node.cum[children.positions + 1 - node.lo] - node.cum[children.positions - node.lo])
         kept = np.flatnonzero(probs > 0)
         if len(kept):
             head = node.started if node.start > n else b""
@@ -615,10 +632,25 @@ class CoverBeam:
                 [head + children.rests[i] for i in kept.tolist()], n, np.ones(len(kept), dtype=bool))
             self.ranks += len(kept)
 
+    def release(self) -> None:
+        """The sequence has ended: let go of its closed tokens' sums on the device (a level's sums, for
+        all its closed tokens, live as long as one of them holds them)."""
+        for node in self.nodes.values():
+            if isinstance(node.cum, ClosedSums):
+                node.cum = None
+
     # --- the text grows ----------------------------------------------------------------------------
+    def closed_ranges(self, data: bytes) -> list[tuple[Node, int, int]]:
+        """The closed tokens whose sums are still on the device, with the positions they need once
+        ``data`` is appended: the tokens that start with its first byte (its closings, and the tokens
+        that extend it, are among them)."""
+        lo, hi = self.tables.range_of(data[:1])
+        return [(node, lo, hi) for node in self.nodes.values() if isinstance(node.cum, ClosedSums)]
+
     def advance(self, data: bytes) -> None:
         """Append ``data`` (a character, or any bytes for a forced prefix) to the text, keep the nodes
         it is consistent with, spawn closings, prune and rescale."""
+        fetch_sums(self.closed_ranges(data))  # (unless the step fetched them for every sequence at once)
         old = len(self.text)
         self.text += data
         n = len(self.text)
@@ -900,17 +932,19 @@ def score_nodes(nodes: list[tuple[CoverBeam, tuple[int, ...]]], logprobs: torch.
         return
     tables = nodes[0][0].tables
     device, vocab = logprobs.device, logprobs.shape[-1]
-    order, end_ids = tables.on(device)
+    order, end_ids, root_lo, root_hi, pieces = tables.on(device)
     flat = logprobs.reshape(-1, vocab)
     rows = np.ravel_multi_index(tuple(np.array(d) for d in zip(*at)), logprobs.shape[:-1], mode="wrap").tolist()
     spans = [beam.span(path) for beam, path in nodes]
     whole = [i for i, span in enumerate(spans) if span == (0, len(tables.keys))]
-    cum_whole = None
     if whole:
         picked = flat[torch.tensor([rows[i] for i in whole], device=device)[:, None], order[None, :]]
-        cum_whole = torch.zeros(len(whole), len(tables.keys) + 1, dtype=torch.float64, device=device)
-        torch.cumsum(picked.double().exp_(), dim=1, out=cum_whole[:, 1:])
-        cum_whole = cum_whole.cpu().numpy()
+        sums = torch.zeros(len(whole), len(tables.keys) + 1, dtype=torch.float64, device=device)
+        torch.cumsum(picked.double().exp_(), dim=1, out=sums[:, 1:])
+        # what the next character's masses need, [whole, root characters + root pieces], in one transfer
+        needs = torch.cat([sums[:, root_hi] - sums[:, root_lo], sums[:, pieces + 1] - sums[:, pieces]], dim=1)
+        needs = needs.cpu().numpy()
+        n_root = len(tables.root.keys)
     whole_set = set(whole)
     parts = [positions + row * vocab for i, (row, (lo, hi)) in enumerate(zip(rows, spans))
              for positions in ((end_ids,) if i in whole_set else (order[lo:hi], end_ids))]
@@ -918,7 +952,11 @@ def score_nodes(nodes: list[tuple[CoverBeam, tuple[int, ...]]], logprobs: torch.
     offset, n_end, next_whole = 0, len(end_ids), 0
     for i, ((beam, path), (lo, hi)) in enumerate(zip(nodes, spans)):
         if i in whole_set:
-            cum = cum_whole[next_whole]
+            if beam.nodes[path].start == len(beam.text):
+                row = needs[next_whole]
+                cum = ClosedSums(sums, next_whole, row[:n_root], row[n_root:])
+            else:  # a node given the whole vocabulary though not closed (a test widens every span)
+                cum = sums[next_whole].cpu().numpy()
             next_whole += 1
         else:
             cum = np.zeros(hi - lo + 1)
@@ -926,6 +964,18 @@ def score_nodes(nodes: list[tuple[CoverBeam, tuple[int, ...]]], logprobs: torch.
             offset += hi - lo
         beam.attach(path, float(probs[offset: offset + n_end].sum()), cum, lo)
         offset += n_end
+
+
+def fetch_sums(needed: list[tuple[Node, int, int]]) -> None:
+    """Bring each closed token's sums over positions ``lo..hi`` to the host, for all of them in one
+    transfer (``CoverBeam.closed_ranges``)."""
+    if not needed:
+        return
+    host = torch.cat([node.cum.sums[node.cum.row, lo:hi + 1] for node, lo, hi in needed]).cpu().numpy()
+    offset = 0
+    for node, lo, hi in needed:
+        node.cum, node.lo = host[offset: offset + hi - lo + 1], lo
+        offset += hi - lo + 1
 
 
 def exact_prefix_probs(stream, logprobs: torch.Tensor, queries: list[tuple[int, bytes]],
@@ -938,6 +988,7 @@ def exact_prefix_probs(stream, logprobs: torch.Tensor, queries: list[tuple[int, 
     book = RowBook(stream, list(range(stream.rows)), pinned=stream.rows)
     beams = [(row, CoverBeam(tables, cfg)) for row, _ in queries]
     score_nodes([(beam, ()) for _, beam in beams], logprobs, [(row,) for row, _ in beams])
+    fetch_sums([needed for (_, beam), (_, data) in zip(beams, queries) for needed in beam.closed_ranges(data)])
     for (_, beam), (_, data) in zip(beams, queries):
         beam.advance(data)
     while score_level(book, [(row, beam, node.path) for row, beam in beams

@@ -344,6 +344,32 @@ def test_children_kept_as_arrays_equal_children_made_nodes_at_once(monkeypatch, 
     assert [dataclasses.asdict(o) for o in kept] == [dataclasses.asdict(o) for o in made]
 
 
+def test_closed_tokens_sums_come_to_the_host_once_per_step_for_every_sequence(monkeypatch):
+    """A closed token's sums over the whole vocabulary stay where they were computed (``ClosedSums``):
+    the level brings over its root characters' masses, and once the characters are chosen each member
+    brings the slices every sequence's closed tokens need in one transfer, so a beam's own ``advance``
+    finds nothing left to fetch. Output and trace are those of the same run fetching beam by beam."""
+    from decoding import charprob
+    sp, bpe = toy_model("sp", sharpness=1.0), toy_model("bpe", seed=5, sharpness=1.0)
+    sources = ["ab", "aい", "b a", "あ"]
+    fetch, left = charprob.fetch_sums, []
+    monkeypatch.setattr(charprob, "fetch_sums", lambda needed: (left.append(len(needed)), fetch(needed)))
+    batched = charwise([sp, bpe], sources, max_new_tokens=12)
+    assert left and not any(left)
+    decoder = CharwiseDecoder(CharwiseDecoder.Config(name="charwise", max_new_tokens=30, max_repeats=0), [sp, bpe],
+                              TOY_PROMPT)
+    state = decoder.prepare(sources)
+    while decoder.step(state):
+        pass
+    assert any(s[-1].end for s in state.steps)  # some sequences ended: their sums were let go too
+    assert not [node for member in state.members for beam in member.beams for node in beam.nodes.values()
+                if isinstance(node.cum, charprob.ClosedSums)]
+    monkeypatch.setattr("decoding.methods.charwise.fetch_sums", lambda needed: None)  # each beam fetches its own
+    by_beam = charwise([sp, bpe], sources, max_new_tokens=12)
+    assert any(left)
+    assert [dataclasses.asdict(o) for o in batched] == [dataclasses.asdict(o) for o in by_beam]
+
+
 def test_char_masses_sum_each_characters_masses_in_the_order_they_were_added():
     """``CharMasses`` keeps the masses nodes add as arrays and sums them per character with numpy: the
     masses, the total and the top characters equal adding them one by one in a dict, to the last bit."""

@@ -49,7 +49,7 @@ from typing import Optional
 import torch
 
 from decoding.base import TRUNCATED, DecodeOutput, Decoder, trace_step, traced_output
-from decoding.charprob import CharMasses, CharModel, CoverBeam, CoverConfig, Node
+from decoding.charprob import CharMasses, CharModel, CoverBeam, CoverConfig, Node, fetch_sums
 from decoding.errors import FusemtError
 from decoding.fusion import FusionDecoder, check_fusion_options, normalized_weights, unique_names
 from decoding.methods import register
@@ -246,6 +246,9 @@ class CharwiseDecoder(Decoder):
     def advance(self, state: CharwiseState, seqs: list[int]) -> list[int]:
         """One character for the live sequences ``seqs``: score levels of nodes until each is decided."""
         choices = self._decide(state, seqs)
+        for member in state.members:  # the sums the closed tokens need next, for every sequence in one transfer
+            fetch_sums([needed for seq, choice in choices.items() if choice.char is not END
+                        for needed in member.beams[seq].closed_ranges(choice.char)])
         return [seq for seq in seqs if self._apply(state, seq, choices[seq])]
 
     def verify(self, state: CharwiseState, seqs: list[int], drafted: list[bytes], drafter_model) -> None:
@@ -431,6 +434,8 @@ class CharwiseDecoder(Decoder):
         if choice.char is END:
             state.steps[seq].append(trace_step(b"", ids={n: [] for n in self.names} if traced else {}, logprob=logprob,
                                                origin=origin, end=True, extra=extra))
+            for member in state.members:
+                member.beams[seq].release()
             return True
         ids, retokenized = {}, {}
         for m, member in enumerate(state.members):
