@@ -241,7 +241,16 @@ class CharwiseDecoder(Decoder):
             if state.speculation:
                 state.speculation.select_rows([r for r, seq in enumerate(state.active) if seq not in finished])
             state.active = [seq for seq in state.active if seq not in finished]
+            self._let_go(state, finished)
         return bool(state.active)
+
+    @staticmethod
+    def _let_go(state: CharwiseState, seqs: list[int]) -> None:
+        """Sequences no longer live let go of what their beams hold on the device (``CoverBeam.release``);
+        not before: a speculative round's later levels still keep rows for every live sequence."""
+        for member in state.members:
+            for seq in seqs:
+                member.beams[seq].release()
 
     def advance(self, state: CharwiseState, seqs: list[int]) -> list[int]:
         """One character for the live sequences ``seqs``: score levels of nodes until each is decided."""
@@ -296,6 +305,7 @@ class CharwiseDecoder(Decoder):
                 char = targets[seq][len(tops[seq]) - 1]
                 if char is END:
                     state.active.remove(seq)
+                    self._let_go(state, [seq])
                     continue
                 for member in state.members:
                     member.beams[seq].advance(char)
@@ -434,8 +444,6 @@ class CharwiseDecoder(Decoder):
         if choice.char is END:
             state.steps[seq].append(trace_step(b"", ids={n: [] for n in self.names} if traced else {}, logprob=logprob,
                                                origin=origin, end=True, extra=extra))
-            for member in state.members:
-                member.beams[seq].release()
             return True
         ids, retokenized = {}, {}
         for m, member in enumerate(state.members):
