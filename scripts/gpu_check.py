@@ -15,6 +15,8 @@ at that step is below the dtype's noise, ``TIE``, and is counted):
   prompt_cache            Gemma greedy with the shared prompt prefix's KV cache reused = without it
   speculative             speculative (target Gemma, draft SmolLM2) = Gemma greedy
   speculative_ensemble    unite num_draft_tokens=4 = unite (Gemma + Qwen-shaped)
+  charwise_batch_vs_single charwise on Gemma + SmolLM2: a batch = single-row decodes (its closed tokens'
+                          vocabulary sums stay on the device until the step's characters are chosen)
 Figures (batch 8, forced lengths): ms per token of unite and of each member's HF greedy, their ratio,
 and host ms per step (wall time minus time inside the models' forward calls, synchronised).
 The last line is one summary: ``gpu_check: pass=N/M ... key=value ...``.
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import math
 import random
 import shutil
 import sys
@@ -196,6 +199,14 @@ def fused_margin(step: dict) -> float:
     return top[0][1] - top[1][1] if len(top) > 1 else float("inf")
 
 
+def char_margin(step: dict) -> float:
+    """A charwise step's top-two margin, in log-probability (its scores are probabilities)."""
+    top = [score for _, score in step.get("top") or []]
+    if len(top) < 2 or top[1] <= 0:
+        return float("inf")
+    return math.log(top[0]) - math.log(top[1])
+
+
 def greedy_margin(model, prompt_ids: list[int], out, k: int) -> float:
     """The model's top-two margin after the prompt and the first ``k`` tokens of an HF greedy output."""
     import torch
@@ -263,6 +274,10 @@ def run_checks(m: dict, prompt, small: bool, tie: float) -> dict[str, tuple[bool
     results["speculative_ensemble"] = compare(plain,
                                               decode("unite", [gemma, qwen], prompt, sources, n, num_draft_tokens=4),
                                               lambda i, ref, k: fused_margin(ref.trace[k]), tie)
+    chars = decode("charwise", [gemma, smol], prompt, sources, n)
+    results["charwise_batch_vs_single"] = compare(chars, [decode("charwise", [gemma, smol], prompt, [s], n)[0]
+                                                          for s in sources],
+                                                  lambda i, ref, k: char_margin(ref.trace[k]), tie)
     return results
 
 

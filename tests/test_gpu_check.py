@@ -42,7 +42,7 @@ def test_gpu_check_small_on_cpu(tmp_path):
     run = make_check(tiny_bundle(tmp_path / "bundle"), "--device", "cpu", "--small")
     assert run.returncode == 0, run.stdout + run.stderr
     summary = run.stdout.strip().splitlines()[-1]
-    assert summary.startswith("gpu_check: pass=6/6 device=cpu dtype=float32 small=1"), summary
+    assert summary.startswith("gpu_check: pass=7/7 device=cpu dtype=float32 small=1"), summary
     figures = dict(kv.split("=") for kv in summary.split()[1:])
     assert float(figures["ensemble_over_members_bs8"]) > 0 and float(figures["host_ms_bs8_unite"]) > 0
     detail = json.loads(run.stdout.split("PASS cached_vs_recompute: ")[1].splitlines()[0])
